@@ -1,0 +1,68 @@
+"""CUDA-aware MPI detection and the buffer policy that follows from it.
+
+mpi4py 4.1 has no query for CUDA awareness, so we ask the loaded libmpi for the
+MPIX_Query_cuda_support() extension (Open MPI, MPICH); absent symbol means "not CUDA-aware".
+With a CUDA-aware MPI, device tensors are handed to MPI as they are; otherwise they are
+staged through a host copy. CPU tensors are always sent zero-copy.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+
+def query_cuda_support(mpi_module) -> int:
+    """1 if the MPI library says it is CUDA-aware at run time, else 0."""
+    try:
+        lib = ctypes.CDLL(mpi_module.__file__)
+        fn = lib.MPIX_Query_cuda_support
+    except (OSError, AttributeError):
+        return 0
+    fn.restype = ctypes.c_int
+    try:
+        return int(fn())
+    except Exception:  # a broken extension must not stop training: fall back to staging
+        return 0
+
+
+class BufferPolicy:
+    """Decides, per tensor, what MPI is given: the tensor itself or a host copy."""
+
+    def __init__(self, cuda_aware: bool):
+        self.cuda_aware = bool(cuda_aware)
+
+    def describe(self) -> str:
+        if not torch.cuda.is_available():
+            return "CPU tensors, zero-copy"
+        return "CUDA-aware MPI: device buffers" if self.cuda_aware else "MPI not CUDA-aware: host staging"
+
+    def needs_staging(self, t: torch.Tensor) -> bool:
+        return t.device.type != "cpu" and not self.cuda_aware
+
+    def to_wire(self, t: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor MPI may read (the tensor itself when possible)."""
+        t = t.detach()
+        if self.needs_staging(t):
+            t = t.to("cpu")
+        return t.contiguous()
+
+    def recv_buffer(self, shape, dtype, device) -> torch.Tensor:
+        """Where MPI writes an incoming tensor."""
+        dev = torch.device(device)
+        if dev.type != "cpu" and not self.cuda_aware:
+            dev = torch.device("cpu")
+        return torch.empty(shape, dtype=dtype, device=dev)
+
+    def from_wire(self, t: torch.Tensor, device) -> torch.Tensor:
+        return t if t.device == torch.device(device) else t.to(device, non_blocking=False)
+
+
+def mpi_buffer(t: torch.Tensor):
+    """The bytes of a contiguous tensor as an object mpi4py accepts, without copying.
+
+    Every dtype (bfloat16 and bool included) travels as raw bytes, so MPI datatypes never
+    limit what we can send.
+    """
+    flat = t.reshape(-1).view(torch.uint8)
+    return flat.numpy() if flat.device.type == "cpu" else flat  # CUDA: __cuda_array_interface__

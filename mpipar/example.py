@@ -1,0 +1,23 @@
+"""What an example states — model, data, loss, optimizer, task — and nothing else; the shared
+trainer does the epochs, metrics, logging and parallel plumbing."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from torch import nn
+
+
+@dataclass
+class Example:
+    name: str
+    summary: str
+    layers: Callable[[argparse.Namespace], list] | None = None          # -> list[LayerSpec]
+    data: Callable[[argparse.Namespace], tuple] | None = None           # -> (train Split, test Split)
+    loss: Callable[[], nn.Module] | None = None
+    optimizer: Callable[[Iterable[nn.Parameter], argparse.Namespace], object] | None = None
+    task: str = "classification"                                        # or "regression"
+    defaults: dict = field(default_factory=dict)                        # flag defaults, e.g. epochs
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None   # example-specific flags
+    main: Callable | None = None   # custom flow (args, world) -> summary dict, for non-sequential plans

@@ -1,0 +1,58 @@
+"""Models as ordered lists of named layer builders, so a rank can build only its own layers.
+
+Each layer is initialised from its own seed (derived from the run seed and the layer's index),
+so any partition of the layers over ranks gets exactly the weights a single process would.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str
+    build: Callable[[], nn.Module]
+
+
+def layer_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index * 7919) % (2**63 - 1)
+
+
+def build_layer(spec: LayerSpec, index: int, seed: int, device="cpu") -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(layer_seed(seed, index))
+        return spec.build().to(device)
+
+
+def build_stage(specs: Sequence[LayerSpec], names: Sequence[str], seed: int, device="cpu") -> nn.Sequential:
+    """nn.Sequential of just the named layers (in model order); no other layer is allocated."""
+    wanted = set(names)
+    mods = {s.name: build_layer(s, i, seed, device) for i, s in enumerate(specs) if s.name in wanted}
+    return nn.Sequential(OrderedDict((n, mods[n]) for n in names))
+
+
+def build_full(specs: Sequence[LayerSpec], seed: int, device="cpu") -> nn.Sequential:
+    """The whole model in one process: the single-process reference."""
+    return build_stage(specs, [s.name for s in specs], seed, device)
+
+
+def param_counts(specs: Sequence[LayerSpec]) -> list[int]:
+    """Parameters per layer, counted on the meta device (nothing is allocated)."""
+    counts = []
+    with torch.device("meta"):
+        for s in specs:
+            counts.append(sum(p.numel() for p in s.build().parameters()))
+    return counts
+
+
+def check_unique(specs: Sequence[LayerSpec]) -> None:
+    seen = set()
+    for s in specs:
+        if s.name in seen:
+            raise ValueError(f"two layers are named {s.name!r}; layer names must be unique")
+        seen.add(s.name)

@@ -1,0 +1,192 @@
+"""The rank map: which rank holds which layers, written so people can read and write it.
+
+Grid: pp x dp x tp ranks. Rank order puts tp fastest, then dp, then pp
+(rank = (pp_rank * dp + dp_rank) * tp + tp_rank), so tensor-parallel peers, which talk most,
+are neighbours and land on the same host when the hostfile fills hosts in order.
+
+Partition: contiguous runs of layers per pipeline stage, from `--balance 3,3,2,2`, a JSON file
+(`{"stages": [["conv1", "conv2"], ...]}`), `layers` (even layer counts), `params` (even parameter
+counts) or `time` (even measured forward+backward time).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ConfigError, RankMapError
+
+
+@dataclass(frozen=True)
+class Grid:
+    pp: int = 1
+    dp: int = 1
+    tp: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    @classmethod
+    def parse(cls, text: str | None, world_size: int) -> "Grid":
+        """'pp=4,dp=2' -> Grid(4, 2, 1). Omitted: all ranks form pipeline stages."""
+        if not text:
+            return cls(pp=world_size)
+        vals = {}
+        for part in text.split(","):
+            key, _, val = part.partition("=")
+            key = key.strip()
+            if key not in ("pp", "dp", "tp") or not val.strip().isdigit() or int(val) < 1:
+                raise RankMapError(f"--grid {text!r}: write it as pp=P,dp=D,tp=T with positive integers")
+            vals[key] = int(val)
+        g = cls(**vals)
+        if g.size != world_size:
+            raise RankMapError(
+                f"--grid {text!r} needs pp*dp*tp = {g.pp}*{g.dp}*{g.tp} = {g.size} ranks, "
+                f"but the job has {world_size}; change -np or the grid")
+        return g
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        return rank // (self.dp * self.tp), (rank // self.tp) % self.dp, rank % self.tp
+
+    def rank_of(self, pp: int, dp: int, tp: int) -> int:
+        return (pp * self.dp + dp) * self.tp + tp
+
+
+def linear_partition(weights: Sequence[float], k: int) -> list[int]:
+    """Sizes of k contiguous groups minimising the heaviest group (exact DP; ties favour earlier cuts)."""
+    n = len(weights)
+    prefix = [0.0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    INF = float("inf")
+    best = [[INF] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for j in range(1, k + 1):
+        for i in range(j, n + 1):
+            for c in range(j - 1, i):
+                cost = max(best[j - 1][c], prefix[i] - prefix[c])
+                if cost < best[j][i] - 1e-12:
+                    best[j][i], cut[j][i] = cost, c
+    sizes, i = [], n
+    for j in range(k, 0, -1):
+        sizes.append(i - cut[j][i])
+        i = cut[j][i]
+    return sizes[::-1]
+
+
+def stages_from_sizes(names: Sequence[str], sizes: Sequence[int]) -> list[list[str]]:
+    out, i = [], 0
+    for s in sizes:
+        out.append(list(names[i:i + s]))
+        i += s
+    if i != len(names):
+        missing = list(names[i:]) if i < len(names) else []
+        what = f"leaves {', '.join(missing)} without a stage" if missing else f"asks for {i} layers"
+        raise RankMapError(f"--balance {','.join(map(str, sizes))} covers {i} of the model's {len(names)} layers "
+                           f"({what}); the numbers must add up to {len(names)}")
+    return out
+
+
+def parse_balance(spec: str | None, names: Sequence[str], n_stages: int,
+                  param_counts: Sequence[int] | None = None,
+                  layer_times: Sequence[float] | None = None) -> list[list[str]]:
+    """Turn a --balance value into stages (lists of layer names); validated."""
+    if n_stages > len(names):
+        raise RankMapError(f"{n_stages} pipeline stages but the model has only {len(names)} layers; "
+                           f"use at most {len(names)} stages")
+    spec = spec or "params"
+    if spec == "layers":
+        stages = stages_from_sizes(names, linear_partition([1] * len(names), n_stages))
+    elif spec == "params":
+        stages = stages_from_sizes(names, linear_partition(param_counts or [1] * len(names), n_stages))
+    elif spec == "time":
+        if layer_times is None:
+            raise ConfigError("--balance time needs a profiling pass (layer_times)")
+        stages = stages_from_sizes(names, linear_partition(layer_times, n_stages))
+    elif spec.endswith(".json"):
+        stages = load_json(spec)
+    else:
+        try:
+            sizes = [int(x) for x in spec.split(",")]
+        except ValueError:
+            raise RankMapError(f"--balance {spec!r}: expected sizes like 3,3,2,2, 'layers', 'params', 'time' "
+                               f"or a .json file") from None
+        if any(s < 0 for s in sizes):
+            raise RankMapError(f"--balance {spec!r}: sizes must be non-negative")
+        stages = stages_from_sizes(names, sizes)
+    validate(stages, names, n_stages)
+    return stages
+
+
+def load_json(path: str) -> list[list[str]]:
+    p = Path(path)
+    if not p.is_file():
+        raise RankMapError(f"rank map file {path} does not exist")
+    try:
+        doc = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise RankMapError(f"rank map file {path} is not valid JSON: {e}") from None
+    stages = doc.get("stages") if isinstance(doc, dict) else doc
+    if not isinstance(stages, list) or not all(isinstance(s, list) and all(isinstance(n, str) for n in s)
+                                              for s in stages):
+        raise RankMapError(f'rank map file {path}: expected {{"stages": [["layer", ...], ...]}}')
+    return stages
+
+
+def validate(stages: Sequence[Sequence[str]], names: Sequence[str], n_stages: int) -> None:
+    """Every layer in exactly one stage, stages contiguous and in model order, none empty."""
+    if len(stages) != n_stages:
+        raise RankMapError(f"the rank map has {len(stages)} stages but the grid has pp={n_stages}; "
+                           f"give {n_stages} stages or change --grid")
+    index = {n: i for i, n in enumerate(names)}
+    where: dict[str, int] = {}
+    for s, layers in enumerate(stages):
+        if not layers:
+            raise RankMapError(f"stage {s} has no layers; every stage needs at least one")
+        for n in layers:
+            if n not in index:
+                raise RankMapError(f"stage {s} names layer {n!r}, which the model does not have "
+                                   f"(layers: {', '.join(names)})")
+            if n in where:
+                raise RankMapError(f"layer {n!r} is in stage {where[n]} and stage {s} (overlap); "
+                                   f"put it in one stage")
+            where[n] = s
+    missing = [n for n in names if n not in where]
+    if missing:
+        raise RankMapError(f"layer(s) {', '.join(missing)} are in no stage (gap); assign each to a stage")
+    flat = [n for layers in stages for n in layers]
+    for a, b in zip(flat, flat[1:]):
+        if index[b] != index[a] + 1:
+            raise RankMapError(f"stages must hold contiguous layers in model order, but {b!r} follows {a!r}")
+
+
+@dataclass
+class RankMap:
+    grid: Grid
+    stages: list[list[str]]
+
+    def stage_of_rank(self, rank: int) -> int:
+        return self.grid.coords(rank)[0]
+
+    def layers_of_rank(self, rank: int) -> list[str]:
+        return self.stages[self.stage_of_rank(rank)]
+
+    def table(self, hosts: Sequence[str], params: Sequence[int]) -> str:
+        """The map as people read it: one row per rank."""
+        rows = [f"{'rank':>4} {'pp':>3} {'dp':>3} {'tp':>3} {'stage':>5}  {'layers':<28} {'params':>9}  host"]
+        for r in range(self.grid.size):
+            pp, dp, tp = self.grid.coords(r)
+            layers = self.stages[pp]
+            span = layers[0] if len(layers) == 1 else f"{layers[0]}..{layers[-1]}"
+            rows.append(f"{r:>4} {pp:>3} {dp:>3} {tp:>3} {pp:>5}  {span:<28} {human(params[r]):>9}  {hosts[r]}")
+        return "\n".join(rows)
+
+
+def human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{int(n)}"

@@ -1,0 +1,71 @@
+"""`python -m mpipar.run EXAMPLE [flags]` under mpirun: sets up the World, failure handling,
+rank map and banner, then hands the example to the shared trainer."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import registry
+from .errors import ConfigError
+
+
+def shared_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mpipar.run", description=__doc__)
+    p.add_argument("example", nargs="?", help="example name (see --list) or path to a .py file defining EXAMPLE")
+    p.add_argument("--list", action="store_true", help="list the examples and exit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=0, help="stop each epoch after this many steps (0: all)")
+    p.add_argument("--data-dir", default=None, help="full dataset location (default: the copy shipped in examples/data)")
+    p.add_argument("--out", default=None, help="output dir for metrics and plots (default runs/EXAMPLE)")
+    p.add_argument("--grid", default=None, help="pp=P,dp=D,tp=T (default: pp = number of ranks)")
+    p.add_argument("--balance", default=None, help="layers per stage: 3,3,2,2 | layers | params | time | FILE.json (default params)")
+    p.add_argument("--schedule", default="gpipe", help="pipeline schedule")
+    p.add_argument("--microbatches", type=int, default=1, help="micro-batches per global batch")
+    p.add_argument("--stall-timeout", type=float, default=120.0, help="abort when a rank waits longer (s)")
+    p.add_argument("--log-level", default="info", choices=["quiet", "info", "debug"])
+    p.add_argument("--save-params", default=None, help="dir: each stage writes its parameters (parity checks)")
+    p.add_argument("--inject-error", default=None, help="rank=R,step=S: raise on that rank at that step (tests)")
+    return p
+
+
+def parse(argv):
+    first, _ = shared_parser().parse_known_args(argv)
+    if first.list:
+        return first, None
+    if not first.example:
+        raise ConfigError("no example given; usage: python -m mpipar.run EXAMPLE [flags] (--list shows them)")
+    example = registry.load(first.example)
+    p = shared_parser()
+    if example.add_args:
+        example.add_args(p)
+    p.set_defaults(**example.defaults)
+    args = p.parse_args(argv)
+    args.out = args.out or str(Path("runs") / example.name)
+    return args, example
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--list" in argv:
+        for name, doc in registry.summaries():
+            print(f"{name:<28} {doc}")
+        return 0
+    from .comm import World
+    from .comm import failure
+    world = World()
+    failure.install(world.host, debug="debug" in argv)
+    args, example = parse(argv)
+    failure.start_watchdog(args.stall_timeout, world.host)
+    from .session import run_example
+    run_example(world, example, args)
+    from .comm.world import finalize
+    finalize()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

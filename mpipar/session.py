@@ -1,0 +1,81 @@
+"""One run of one example on this rank: grid, rank map, banner, training, summary."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .model import check_unique, param_counts
+from .rankmap import Grid, RankMap, human, parse_balance
+from .topology import Topology
+
+
+def threads_per_rank(hosts: list[str], host: str) -> int:
+    """Share this host's cores among the ranks on it (oversubscription otherwise thrashes)."""
+    return max(1, (os.cpu_count() or 1) // max(1, hosts.count(host)))
+
+
+def banner(world, hosts, example, args, grid) -> str:
+    cuda = "yes" if world.cuda_support else "no"
+    return (f"mpipar {__version__} | {world.mpi_library} | {world.size} ranks on {len(set(hosts))} host(s) | "
+            f"torch {torch.__version__} | CUDA-aware MPI: {cuda} ({world.policy.describe()})\n"
+            f"example {example.name}: {example.summary}\n"
+            f"grid pp={grid.pp} dp={grid.dp} tp={grid.tp} | schedule {args.schedule}, "
+            f"{args.microbatches} micro-batch(es) | global batch {args.batch_size} | seed {args.seed}")
+
+
+def partition(world, example, specs, args, grid, train):
+    names = [s.name for s in specs]
+    times = None
+    if args.balance == "time":
+        buf = torch.zeros(len(specs), dtype=torch.float64)
+        if world.rank == 0:  # one rank profiles, everyone uses its numbers: the map must agree
+            from .profile import layer_times
+            buf[:] = torch.tensor(layer_times(specs, train.x[:args.batch_size], args.seed))
+        times = world.bcast_(buf, 0).tolist()
+    return parse_balance(args.balance, names, grid.pp, param_counts(specs), times)
+
+
+def run_example(world, example, args) -> dict:
+    log = print if world.rank == 0 and args.log_level != "quiet" else (lambda *a, **k: None)
+    hosts = world.hosts()
+    torch.set_num_threads(threads_per_rank(hosts, world.host))
+    if example.main is not None:
+        return example.main(args, world, log)
+    grid = Grid.parse(args.grid, world.size)
+    specs = example.layers(args)
+    check_unique(specs)
+    if args.balance != "time":   # validate the map before loading any data
+        partition(world, example, specs, args, grid, None)
+    train, test = example.data(args)
+    rankmap = RankMap(grid, partition(world, example, specs, args, grid, train))
+    topo = Topology.build(world, grid)
+
+    from .train.trainer import PipelineTrainer
+    trainer = PipelineTrainer(topo, rankmap, example, specs, args, log)
+    mine = sum(p.numel() for p in trainer.module.parameters())
+    params = [int(v) for v in world.allgather_floats([mine])[:, 0]]
+    log(banner(world, hosts, example, args, grid))
+    log(f"data: {train.note}")
+    log(rankmap.table(hosts, params))
+
+    t0 = time.perf_counter()
+    rows = trainer.fit(train, test)
+    elapsed = time.perf_counter() - t0
+    if args.save_params and topo.dp_rank == 0 and topo.tp_rank == 0:
+        out = Path(args.save_params)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(trainer.state_dict(), out / f"stage{topo.pp_rank}.pt")
+    world.barrier()
+    last = rows[-1] if rows else {}
+    metric = next((k for k in last if k.startswith("test_") and k != "test_loss"), None)
+    summary = {"example": example.name, "ranks": world.size, "epochs": len(rows), "seconds": elapsed,
+               **{k: v for k, v in last.items() if k != "epoch"}}
+    log(f"summary: {example.name} on {world.size} ranks (pp={grid.pp} dp={grid.dp} tp={grid.tp}), "
+        f"{len(rows)} epochs in {elapsed:.1f} s: test loss {last.get('test_loss', float('nan')):.4g}"
+        + (f", {metric.replace('test_', 'test ')} {last[metric]:.4g}" if metric else "")
+        + f", {last.get('samples_per_s', 0):.0f} samples/s; total params {human(sum(params[r] for r in range(world.size) if grid.coords(r)[1:] == (0, 0)))}")
+    return summary

@@ -1,0 +1,59 @@
+"""Per-epoch metrics: summed on the reporting rank, printed by rank 0, written as JSONL."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+class Tally:
+    """Sums over an epoch of (loss * n, correct, n) so means are exact whatever the batching."""
+
+    def __init__(self, loss_fn, task: str):
+        self.loss_fn, self.task = loss_fn, task
+        self.loss = self.correct = self.n = 0.0
+
+    @torch.no_grad()
+    def add(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        n = len(y)
+        self.loss += float(self.loss_fn(out.detach().float(), y)) * n
+        if self.task == "classification":
+            self.correct += float((out.argmax(-1) == y).sum())
+        self.n += n
+
+    def vector(self) -> list[float]:
+        return [self.loss, self.correct, self.n]
+
+
+def summarize(vec, task: str, prefix: str) -> dict:
+    loss, correct, n = vec
+    row = {f"{prefix}_loss": loss / max(n, 1)}
+    if task == "classification":
+        row[f"{prefix}_accuracy"] = correct / max(n, 1)
+    else:
+        row[f"{prefix}_rmse"] = math.sqrt(loss / max(n, 1))
+    return row
+
+
+def format_row(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}"]
+    for k, v in row.items():
+        if k == "epoch":
+            continue
+        parts.append(f"{k.replace('_', ' ')} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return "  ".join(parts)
+
+
+class MetricsFile:
+    """metrics.jsonl in the output dir: one JSON object per epoch (written by rank 0 only)."""
+
+    def __init__(self, out_dir: Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl"
+        self.path.write_text("")
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
