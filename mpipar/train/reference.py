@@ -24,7 +24,7 @@ def train_reference(example, specs, train, args, curve=None):
             loss = loss_fn(model(x), y)
             loss.backward()
             opt.step()
-            total, n = total + float(loss) * len(y), n + len(y)
+            total, n = total + float(loss.detach()) * len(y), n + len(y)
         if curve is not None:
             curve.append(total / max(n, 1))
     return model

@@ -1,0 +1,100 @@
+"""mpipar.run end to end: parity with single-process training, per-rank allocation, and bad
+inputs that must end the whole job quickly with one clear line (never hang)."""
+import re
+import time
+
+import pytest
+import torch
+
+from mpipar import registry
+from mpipar.model import param_counts
+from mpipar.run import parse
+from mpipar.train.reference import train_reference
+from mpirun import ROOT, mpirun
+
+torch.set_num_threads(1)
+
+
+def check_parity(tmp_path, np_, argv):
+    """Run argv on np_ ranks with --save-params; compare with single-process training."""
+    save = tmp_path / "params"
+    p = mpirun(np_, "-m", "mpipar.run", *argv, "--save-params", str(save), "--out", str(tmp_path / "out"),
+               timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    args, example = parse(argv)
+    specs = example.layers(args)
+    train, _ = example.data(args)
+    ref = train_reference(example, specs, train, args).state_dict()
+    got = {}
+    for f in sorted(save.glob("stage*.pt")):
+        got.update(torch.load(f, weights_only=True))
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], msg=lambda m: f"{k}: {m}")
+    return p.stdout
+
+
+def table_params(stdout):
+    rows = re.findall(r"^\s+(\d+)\s+\d+\s+\d+\s+\d+\s+\d+\s+(\S+)\s+([\d.]+(?: [kMG])?)\s+\S+$", stdout, re.M)
+    return {int(r): (span, size) for r, span, size in rows}
+
+
+def test_list_is_instant_and_names_examples():
+    p = mpirun(1, "-m", "mpipar.run", "--list", timeout=60)
+    assert p.returncode == 0 and "mlp" in p.stdout and "split-cnn" in p.stdout
+
+
+def test_mlp_parity_on_4_ranks_with_microbatches(tmp_path):
+    out = check_parity(tmp_path, 4, ["mlp", "--epochs", "2", "--steps", "12", "--microbatches", "4"])
+    assert "summary: mlp on 4 ranks" in out and "epoch 2" in out
+    # each rank allocated only its two layers: the banner's count is exactly theirs
+    args, example = parse(["mlp"])
+    counts = param_counts(example.layers(args))
+    rows = table_params(out)
+    for r in range(4):
+        want = counts[2 * r] + counts[2 * r + 1]
+        assert rows[r][0] == f"fc{2 * r + 1}..fc{2 * r + 2}"
+        assert rows[r][1] == (f"{want / 1e3:.1f} k" if want >= 1e3 else str(want))
+    # and saved only those layers
+    for r in range(4):
+        keys = torch.load(tmp_path / "params" / f"stage{r}.pt", weights_only=True).keys()
+        assert {k.split(".")[0] for k in keys} == {f"fc{2 * r + 1}", f"fc{2 * r + 2}"}
+
+
+def test_split_cnn_parity_on_4_ranks(tmp_path):
+    out = check_parity(tmp_path, 4, ["split-cnn", "--epochs", "1", "--steps", "20", "--batch-size", "32",
+                                     "--width", "8", "--n-train", "640"])
+    assert "test accuracy" in out and "samples/s" in out
+
+
+# -- bad inputs: one clear line, non-zero exit, fast ------------------------------------------
+
+BAD = [
+    ("gap", 4, ["mlp", "--balance", "2,2,2,1"], "RankMapError: --balance 2,2,2,1 covers 7 of the model's 8 layers"),
+    ("overlap", 2, ["mlp", "--balance", str(ROOT / "tests/fixtures/overlap.json")], "(overlap)"),
+    ("empty stage", 4, ["mlp", "--balance", "4,0,2,2"], "stage 1 has no layers"),
+    ("grid != world", 4, ["mlp", "--grid", "pp=2,dp=3"], "needs pp*dp*tp = 2*3*1 = 6 ranks, but the job has 4"),
+    ("more stages than layers", 4, [str(ROOT / "tests/fixtures/bad_shapes.py")], "4 pipeline stages but the model has only 2"),
+    ("unknown example", 2, ["nosuch"], "ConfigError: unknown example 'nosuch'; available:"),
+    ("missing data dir", 2, ["split-cnn", "--data-dir", "/nonexistent/cifar"], "DataError: cifar10"),
+    ("shape mismatch", 2, [str(ROOT / "tests/fixtures/bad_shapes.py")], "ShapeError: stage 1 (rank 1, layers b..b) cannot take the activation [16, 16] float32 from rank 0"),
+    ("one rank raises", 4, ["mlp", "--inject-error", "rank=2,step=3"], "rank 2 ("),
+]
+
+
+@pytest.mark.parametrize("name, np_, argv, needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_ends_job_with_one_line(tmp_path, name, np_, argv, needle):
+    t0 = time.monotonic()
+    p = mpirun(np_, "-m", "mpipar.run", *argv, "--out", str(tmp_path), timeout=60)
+    elapsed = time.monotonic() - t0
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if re.match(r"rank \d+ \(", ln)]
+    assert lines, p.stderr[-2000:]
+    assert any(needle in ln for ln in lines), "\n".join(lines) + "\n" + p.stderr[-1500:]
+    print(f"{name}: exit {p.returncode} after {elapsed:.1f} s: {lines[0]}")
+
+
+def test_stall_watchdog_names_rank_peer_and_message(tmp_path):
+    p = mpirun(2, str(ROOT / "tests/mpi/stall.py"), timeout=60)
+    assert p.returncode != 0
+    assert re.search(r"rank 1 \(.*\): StallError: waited \d+ s for RECV ACT mb=7 header from rank 0", p.stderr), p.stderr
