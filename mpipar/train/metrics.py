@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+IGNORE = -100
+
 
 class Tally:
     """Sums over an epoch of (loss * n, correct, n) so means are exact whatever the batching."""
@@ -17,10 +19,17 @@ class Tally:
 
     @torch.no_grad()
     def add(self, out: torch.Tensor, y: torch.Tensor) -> None:
-        n = len(y)
-        self.loss += float(self.loss_fn(out.detach().float(), y)) * n
+        """Classification targets equal to IGNORE (-100, as in CrossEntropyLoss) are not
+        counted: masked node classification passes the whole graph with unlabelled nodes."""
         if self.task == "classification":
-            self.correct += float((out.argmax(-1) == y).sum())
+            valid = y != IGNORE
+            n = int(valid.sum())
+            if n == 0:
+                return
+            self.correct += float((out.argmax(-1)[valid] == y[valid]).sum())
+        else:
+            n = len(y)
+        self.loss += float(self.loss_fn(out.detach().float(), y)) * n
         self.n += n
 
     def vector(self) -> list[float]:
