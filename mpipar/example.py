@@ -17,6 +17,7 @@ class Example:
     data: Callable[[argparse.Namespace], tuple] | None = None           # -> (train Split, test Split)
     loss: Callable[[], nn.Module] | None = None
     optimizer: Callable[[Iterable[nn.Parameter], argparse.Namespace], object] | None = None
+    lr_scheduler: Callable[[object, argparse.Namespace], object] | None = None  # stepped every step
     task: str = "classification"                                        # or "regression"
     defaults: dict = field(default_factory=dict)                        # flag defaults, e.g. epochs
     add_args: Callable[[argparse.ArgumentParser], None] | None = None   # example-specific flags

@@ -25,6 +25,8 @@ def shared_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance", default=None, help="layers per stage: 3,3,2,2 | layers | params | time | FILE.json (default params)")
     p.add_argument("--schedule", default="gpipe", help="pipeline schedule")
     p.add_argument("--microbatches", type=int, default=1, help="micro-batches per global batch")
+    p.add_argument("--clip-grad", type=float, default=0.0, help="clip by the global norm over all stages (0: off)")
+    p.add_argument("--compare", action="store_true", help="also train single-process; overlay curves in a PNG")
     p.add_argument("--stall-timeout", type=float, default=120.0, help="abort when a rank waits longer (s)")
     p.add_argument("--log-level", default="info", choices=["quiet", "info", "debug"])
     p.add_argument("--save-params", default=None, help="dir: each stage writes its parameters (parity checks)")

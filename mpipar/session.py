@@ -39,6 +39,18 @@ def partition(world, example, specs, args, grid, train):
     return parse_balance(args.balance, names, grid.pp, param_counts(specs), times)
 
 
+def compare(example, specs, train, test, args, rows, grid, log) -> None:
+    """Train the same model single-process (rank 0) and overlay the learning curves."""
+    from .train.curves import plot_overlay
+    from .train.reference import reference_rows
+    ref = reference_rows(example, specs, train, test, args)
+    label = f"mpipar pp={grid.pp} dp={grid.dp} tp={grid.tp}, {args.schedule}"
+    png = plot_overlay(rows, ref, Path(args.out) / "learning_curves.png",
+                       f"{example.name}: {label} vs single process (seed {args.seed})", label)
+    gap = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(rows, ref))
+    log(f"learning curves: {png} (largest train-loss gap to single process: {gap:.2e})")
+
+
 def run_example(world, example, args) -> dict:
     log = print if world.rank == 0 and args.log_level != "quiet" else (lambda *a, **k: None)
     hosts = world.hosts()
@@ -69,6 +81,8 @@ def run_example(world, example, args) -> dict:
         out = Path(args.save_params)
         out.mkdir(parents=True, exist_ok=True)
         torch.save(trainer.state_dict(), out / f"stage{topo.pp_rank}.pt")
+    if args.compare and world.rank == 0:
+        compare(example, specs, train, test, args, rows, grid, log)
     world.barrier()
     last = rows[-1] if rows else {}
     metric = next((k for k in last if k.startswith("test_") and k != "test_loss"), None)

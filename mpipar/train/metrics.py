@@ -51,7 +51,10 @@ def format_row(row: dict) -> str:
     for k, v in row.items():
         if k == "epoch":
             continue
-        parts.append(f"{k.replace('_', ' ')} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+        if k.startswith("step_ms_p") and k != "step_ms_p50":
+            continue
+        name = {"samples_per_s": "samples/s", "steps_per_s": "steps/s", "step_ms_p50": "step ms p50"}.get(k, k.replace("_", " "))
+        parts.append(f"{name} {v:.4g}" if isinstance(v, float) else f"{name} {v}")
     return "  ".join(parts)
 
 

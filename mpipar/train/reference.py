@@ -2,29 +2,60 @@
 must reproduce (parity tests compare against it with torch.testing.assert_close)."""
 from __future__ import annotations
 
+import torch
+
 from ..model import build_full
+from .metrics import Tally, summarize
 from .sampler import epoch_batches
 
 
-def train_reference(example, specs, train, args, curve=None):
-    """Train the whole model in this process; returns it. `curve`, if a list, gets the mean
-    training loss of each epoch."""
+def train_reference(example, specs, train, args, on_epoch=None):
+    """Train the whole model in this process; returns it. `on_epoch(model, epoch, tally)` is
+    called after each epoch with the epoch's training-loss tally."""
     model = build_full(specs, args.seed)
     loss_fn = example.loss()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = example.optimizer(params, args)
+    sched = example.lr_scheduler(opt, args) if example.lr_scheduler else None
     for epoch in range(args.epochs):
         batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch)
         if args.steps:
             batches = batches[:args.steps]
-        total = n = 0.0
+        tally = Tally(loss_fn, example.task)
         for idx in batches:
             x, y = train.x[idx], train.y[idx]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            out = model(x)
+            loss = loss_fn(out, y)
             loss.backward()
+            if getattr(args, "clip_grad", 0):
+                torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
             opt.step()
-            total, n = total + float(loss.detach()) * len(y), n + len(y)
-        if curve is not None:
-            curve.append(total / max(n, 1))
+            if sched:
+                sched.step()
+            tally.add(out, y)
+        if on_epoch is not None:
+            on_epoch(model, epoch, tally)
     return model
+
+
+@torch.no_grad()
+def evaluate(model, example, split, batch_size) -> list[float]:
+    model.eval()
+    tally = Tally(example.loss(), example.task)
+    for idx in epoch_batches(len(split.y), batch_size, 0, 0, shuffle=False):
+        tally.add(model(split.x[idx]), split.y[idx])
+    model.train()
+    return tally.vector()
+
+
+def reference_rows(example, specs, train, test, args) -> list[dict]:
+    """Per-epoch rows (same keys as the parallel run's) of single-process training."""
+    rows = []
+
+    def record(model, epoch, tally):
+        rows.append({"epoch": epoch + 1, **summarize(tally.vector(), example.task, "train"),
+                     **summarize(evaluate(model, example, test, args.batch_size), example.task, "test")})
+
+    train_reference(example, specs, train, args, on_epoch=record)
+    return rows

@@ -6,12 +6,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..model import build_stage
 from ..pipeline import schedules
 from ..pipeline.engine import Engine
 from ..pipeline.stage import Stage
+from .clip import clip_global_norm
 from .metrics import MetricsFile, Tally, format_row, summarize
 from .sampler import epoch_batches, split_microbatches
 
@@ -23,15 +25,19 @@ class PipelineTrainer:
         self.module = build_stage(specs, rankmap.stages[topo.pp_rank], args.seed)
         self.stage = Stage(self.module, topo.pp_rank, topo.grid.pp, topo.pp_world, self.loss_fn)
         self.engine = Engine(self.stage)
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = example.optimizer(params, args) if params else None
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = example.optimizer(self.params, args) if self.params else None
+        self.scheduler = (example.lr_scheduler(self.optimizer, args)
+                          if self.optimizer and example.lr_scheduler else None)
         self.schedule = schedules.get(getattr(args, "schedule", "gpipe"))
         self.after_backward = []   # hooks (e.g. data-parallel gradient sync) before the optimizer step
         self.step_count = 0
+        self.step_seconds: list[float] = []
         self.inject = parse_inject(getattr(args, "inject_error", None))
 
     # -- one step -------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor, tally: Tally | None = None) -> None:
+        t0 = time.perf_counter()
         m = self.args.microbatches
         xs, ys = split_microbatches(x, m), split_microbatches(y, m)
         weights = [len(c) / len(y) for c in ys]
@@ -44,9 +50,14 @@ class PipelineTrainer:
         self.engine.run(acts, xs, ys, weights, on_out)
         for hook in self.after_backward:
             hook(self)
+        if getattr(self.args, "clip_grad", 0):
+            clip_global_norm(self.params, self.args.clip_grad, self.topo.pp_world)
         if self.optimizer:
             self.optimizer.step()
+        if self.scheduler:
+            self.scheduler.step()
         self.step_count += 1
+        self.step_seconds.append(time.perf_counter() - t0)
 
     @torch.no_grad()
     def evaluate(self, split, batch_size: int) -> list[float]:
@@ -69,6 +80,7 @@ class PipelineTrainer:
             batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch)
             if args.steps:
                 batches = batches[:args.steps]
+            self.step_seconds = []
             world.barrier()
             t0 = time.perf_counter()
             for idx in batches:
@@ -78,9 +90,13 @@ class PipelineTrainer:
             samples = sum(len(b) for b in batches)
             vec = tally.vector() + self.evaluate(test, args.batch_size)
             sums = world.allgather_floats(vec)[topo.reporter]
+            p50, p95, p99 = np.percentile(np.array(self.step_seconds) * 1e3, [50, 95, 99])
             row = {"epoch": epoch + 1, **summarize(sums[:3], self.example.task, "train"),
                    **summarize(sums[3:], self.example.task, "test"),
-                   "samples_per_s": samples / seconds, "seconds": seconds}
+                   "samples_per_s": samples / seconds, "steps_per_s": len(batches) / seconds,
+                   "step_ms_p50": p50, "step_ms_p95": p95, "step_ms_p99": p99, "seconds": seconds}
+            if self.scheduler:
+                row["lr"] = self.scheduler.get_last_lr()[0]
             rows.append(row)
             if metrics:
                 metrics.write(row)

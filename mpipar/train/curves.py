@@ -1,0 +1,34 @@
+"""Learning curves: the parallel run and single-process training of the same model and seed,
+overlaid, so a user sees at a glance that the parallel engine learns the same thing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_overlay(parallel: list[dict], reference: list[dict], path: Path, title: str, label: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = next((k for k in parallel[0] if k.startswith("test_") and k != "test_loss"), None)
+    panels = [("loss", ["train_loss", "test_loss"])] + ([(metric[5:], [metric])] if metric else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (name, keys) in zip(axes[0], panels):
+        for key in keys:
+            split = key.split("_")[0]
+            ax.plot([r["epoch"] for r in reference], [r[key] for r in reference], "o-", lw=3, alpha=0.45,
+                    label=f"single process ({split})")
+            ax.plot([r["epoch"] for r in parallel], [r[key] for r in parallel], "x--", lw=1.5,
+                    label=f"{label} ({split})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    path.with_suffix(".json").write_text(json.dumps({"parallel": parallel, "reference": reference}, indent=1))
+    return path
