@@ -21,4 +21,5 @@ class Example:
     task: str = "classification"                                        # or "regression"
     defaults: dict = field(default_factory=dict)                        # flag defaults, e.g. epochs
     add_args: Callable[[argparse.ArgumentParser], None] | None = None   # example-specific flags
+    report: Callable | None = None   # (last_row, train, test, args) -> extra summary text (rank 0)
     main: Callable | None = None   # custom flow (args, world) -> summary dict, for non-sequential plans

@@ -91,5 +91,7 @@ def run_example(world, example, args) -> dict:
     log(f"summary: {example.name} on {world.size} ranks (pp={grid.pp} dp={grid.dp} tp={grid.tp}), "
         f"{len(rows)} epochs in {elapsed:.1f} s: test loss {last.get('test_loss', float('nan')):.4g}"
         + (f", {metric.replace('test_', 'test ')} {last[metric]:.4g}" if metric else "")
-        + f", {last.get('samples_per_s', 0):.0f} samples/s; total params {human(sum(params[r] for r in range(world.size) if grid.coords(r)[1:] == (0, 0)))}")
+        + f", {last.get('samples_per_s', 0):.0f} samples/s"
+        + (f"; {example.report(last, train, test, args)}" if example.report and last else "")
+        + f"; total params {human(sum(params[r] for r in range(world.size) if grid.coords(r)[1:] == (0, 0)))}")
     return summary

@@ -1,0 +1,65 @@
+"""Deep stacked LSTM forecasting UCI Appliances energy, LSTM layers split across ranks, Adam + MSE."""
+import torch
+from torch import nn
+
+from mpipar.data.appliances import load_appliances, persistence_rmse
+from mpipar.example import Example
+from mpipar.model import LayerSpec
+
+
+class LSTMLayer(nn.Module):
+    """One LSTM layer that passes its whole output sequence on (pipeline activations are tensors)."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.lstm = nn.LSTM(c_in, c_out, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+class Head(nn.Module):
+    def __init__(self, c_in):
+        super().__init__()
+        self.fc = nn.Linear(c_in, 1)
+
+    def forward(self, x):
+        return self.fc(x[:, -1])
+
+
+def layers(args):
+    h, n_feat = args.hidden, 26
+    specs = [LayerSpec(f"lstm{i + 1}", lambda a=(n_feat if i == 0 else h): LSTMLayer(a, h)) for i in range(args.depth)]
+    return specs + [LayerSpec("head", lambda: Head(h))]
+
+
+def data(args):
+    if not hasattr(args, "_data"):
+        args._data = load_appliances(args.data_dir, window=args.window)
+    return args._data
+
+
+def report(last, train, test, args):
+    std = test.meta["y_std"]
+    return (f"test RMSE {last['test_rmse'] * std:.1f} Wh vs persistence baseline {persistence_rmse(test):.1f} Wh, "
+            f"{1 / last['seconds']:.2f} epochs/s")
+
+
+def add_args(p):
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--depth", type=int, default=4, help="stacked LSTM layers")
+    p.add_argument("--window", type=int, default=24, help="10-minute steps of history")
+
+
+EXAMPLE = Example(
+    name="layerwise-lstm-appliances",
+    summary="stacked LSTM on UCI Appliances energy, one or more LSTM layers per rank, Adam + MSE, RMSE in Wh",
+    layers=layers,
+    data=data,
+    loss=nn.MSELoss,
+    optimizer=lambda params, args: torch.optim.Adam(params, lr=args.lr),
+    task="regression",
+    defaults=dict(epochs=3, batch_size=128, lr=2e-3, balance="layers", microbatches=2),
+    add_args=add_args,
+    report=report,
+)

@@ -1,0 +1,39 @@
+"""Pipeline-parallel CNN on CIFAR-10 in 4+ stages, any schedule; learning curves vs one process."""
+import torch
+from torch import nn
+
+from mpipar.data.cifar10 import load_cifar10
+from mpipar.example import Example
+from mpipar.model import LayerSpec
+
+
+def conv(c_in, c_out, pool):
+    return lambda: nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
+                                 *([nn.MaxPool2d(2)] if pool else []))
+
+
+def layers(args):
+    w = args.width
+    return [LayerSpec("conv1", conv(3, w, False)), LayerSpec("conv2", conv(w, w, True)),          # 32 -> 16
+            LayerSpec("conv3", conv(w, 2 * w, False)), LayerSpec("conv4", conv(2 * w, 2 * w, True)),  # -> 8
+            LayerSpec("conv5", conv(2 * w, 4 * w, True)),                                            # -> 4
+            LayerSpec("fc1", lambda: nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, 128), nn.ReLU())),
+            LayerSpec("fc2", lambda: nn.Linear(128, 10))]
+
+
+def add_args(p):
+    p.add_argument("--width", type=int, default=16, help="channels of the first conv layers")
+    p.add_argument("--n-train", type=int, default=4000, help="training images used (of 8000 shipped)")
+
+
+EXAMPLE = Example(
+    name="pipeline-cifar",
+    summary="CNN on CIFAR-10 in 4+ pipeline stages (--schedule), learning curves vs single-process training",
+    layers=layers,
+    data=lambda args: load_cifar10(args.data_dir, n_train=args.n_train),
+    loss=nn.CrossEntropyLoss,
+    optimizer=lambda params, args: torch.optim.SGD(params, lr=args.lr, momentum=0.9),
+    task="classification",
+    defaults=dict(epochs=4, batch_size=64, lr=0.02, microbatches=4, compare=True),
+    add_args=add_args,
+)
