@@ -17,7 +17,7 @@ from ..errors import ConfigError
 
 @dataclass
 class CommCounter:
-    """Calls and payload bytes per (op, phase); phase is 'forward' or 'backward'."""
+    """Calls and payload bytes per (op, phase); phase: 'forward', 'backward', 'clip' or 'state'."""
     calls: Counter = field(default_factory=Counter)
     bytes: Counter = field(default_factory=Counter)
     wire: Counter = field(default_factory=Counter)   # bytes each rank sends under a ring algorithm

@@ -43,7 +43,8 @@ def global_indices(shape, rule: ShardRule | None, picked: torch.Tensor | None) -
     strides = np.cumprod((list(shape[1:]) + [1])[::-1])[::-1].astype(np.uint64)
     flat = np.zeros((), dtype=np.uint64)
     for d, n in enumerate(shape):
-        coord = picked.numpy().astype(np.uint64) if rule is not None and d == rule.dim else np.arange(n, dtype=np.uint64)
+        split_here = rule is not None and d == rule.dim
+        coord = picked.numpy().astype(np.uint64) if split_here else np.arange(n, dtype=np.uint64)
         view = [1] * len(shape)
         view[d] = len(coord)
         with np.errstate(over="ignore"):
@@ -97,6 +98,10 @@ def counter_init_(module: nn.Module, seed: int, group=None) -> nn.Module:
     """(Re)initialise every parameter and buffer of `module` in place of its current storage
     (meta tensors included): this rank's shard under `group`, the whole tensor without one."""
     rank, size = (group.rank, group.size) if group is not None else (0, 1)
+    if group is None and any(getattr(m, "group", None) is not None and m.group.size > 1
+                             for m in module.modules() if getattr(m, "shard_rules", None)):
+        raise ValueError("counter_init_ of a tensor-parallel module needs its TPGroup: "
+                         "counter_init_(model, seed, group)")
     for prefix, m in module.named_modules():
         rules = getattr(m, "shard_rules", {}) if group is not None else {}
         for store in (m._parameters, m._buffers):

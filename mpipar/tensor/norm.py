@@ -20,6 +20,6 @@ class ShardedBatchNorm1d(nn.BatchNorm1d):
     def __init__(self, num_features: int, group: TPGroup, **kw):
         local = divisible(num_features, group.size, "ShardedBatchNorm1d num_features")
         super().__init__(local, **kw)
-        self.full_features = num_features
+        self.full_features, self.group = num_features, group
         self.shard_rules = {n: COLUMN for n in ("weight", "bias", "running_mean", "running_var")
                             if getattr(self, n, None) is not None}

@@ -24,7 +24,9 @@ class ShardRule:
     blocks: int = 1
 
     def indices(self, full: int, rank: int, size: int) -> torch.Tensor:
-        block = divisible(full, self.blocks, "a stacked dimension") if self.blocks > 1 else full
+        if full % self.blocks:
+            raise ValueError(f"dimension {self.dim} of size {full} cannot hold {self.blocks} stacked blocks")
+        block = full // self.blocks
         part = divisible(block, size, f"dimension {self.dim} of a sharded tensor")
         starts = torch.arange(self.blocks) * block + rank * part
         return (starts[:, None] + torch.arange(part)[None, :]).reshape(-1)

@@ -1,0 +1,137 @@
+"""Tensor parallelism: sharding and init logic in one process, then every module's parity with
+its single-device twin on 2 and 4 ranks (tests/mpi/tensor_checks.py, one launch per size)."""
+import pytest
+import torch
+from torch import nn
+
+from mpirun import mpirun, run_script
+from mpipar.errors import ConfigError
+from mpipar.tensor import (QKV, ColumnParallelLinear, ParallelMLP, ParallelSelfAttention, ReferenceTransformerLM,
+                           RowParallelLinear, ShardedBatchNorm1d, ShardRule, TPGroup, TPTransformerLM, counter_init_,
+                           gather_state_dict, reference_mlp, shard_state_dict, tp_plan)
+from mpipar.tensor.group import CommCounter
+
+
+def shards_of(build, size, seed, meta=False):
+    out = []
+    for r in range(size):
+        group = TPGroup.offline(r, size)
+        if meta:
+            with torch.device("meta"):
+                m = build(group)
+        else:
+            m = build(group)
+        out.append(counter_init_(m, seed, group))
+    return out
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+@pytest.mark.parametrize("norm", [None, "layer", "batch"])
+def test_sharded_init_is_the_reference_slice_and_round_trips(size, norm):
+    ref = counter_init_(reference_mlp(8, 16, 4, norm=norm), seed=3)
+    mods = shards_of(lambda g: ParallelMLP(8, 16, 4, g, norm=norm), size, seed=3)
+    plan = tp_plan(mods[0])
+    for r, m in enumerate(mods):
+        want = shard_state_dict(ref.state_dict(), plan, r, size)
+        assert want.keys() == m.state_dict().keys()
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, want[k]), (k, r)
+    full = gather_state_dict([m.state_dict() for m in mods], plan)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(full[k], v), k
+
+
+def test_transformer_materialised_from_meta_equals_reference_slices():
+    ref = counter_init_(ReferenceTransformerLM(12, 16, 4, 32, 2, 10), seed=5)
+    mods = shards_of(lambda g: TPTransformerLM(12, 16, 4, 32, 2, 10, g), 4, seed=5, meta=True)
+    plan = tp_plan(mods[0])
+    assert plan["layers.1.self_attn.in_proj_weight"] == QKV
+    full = gather_state_dict([m.state_dict() for m in mods], plan)
+    assert full.keys() == ref.state_dict().keys()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(full[k], v), k
+    assert mods[1].layers[0].self_attn.in_proj_weight.shape == (12, 16)   # 3 blocks x 1 head x 4
+
+
+def test_tp1_model_equals_reference_without_communication():
+    g = TPGroup.offline(0, 1)
+    tp = counter_init_(TPTransformerLM(12, 16, 4, 32, 2, 10, g), 5, g)
+    ref = counter_init_(ReferenceTransformerLM(12, 16, 4, 32, 2, 10), 5)
+    tokens = torch.randint(0, 12, (3, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(tp(tokens), ref(tokens))
+    assert g.counter.count() == 0
+
+
+def test_qkv_rule_takes_the_same_heads_from_q_k_and_v():
+    idx = QKV.indices(12, rank=1, size=2)   # E = 4: q 0..3, k 4..7, v 8..11
+    assert idx.tolist() == [2, 3, 6, 7, 10, 11]
+    assert ShardRule.parse(QKV.text()) == QKV and ShardRule.parse("dim1") == ShardRule(1)
+
+
+def test_init_distributions_have_the_usual_scale():
+    lin = counter_init_(nn.Linear(400, 300), 0)
+    bound = 400 ** -0.5
+    assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.99 * bound
+    emb = counter_init_(nn.Embedding(500, 100), 0).weight.detach()
+    assert abs(float(emb.mean())) < 0.02 and abs(float(emb.std()) - 1) < 0.02
+    other = counter_init_(nn.Linear(400, 300), 1)
+    assert not torch.equal(lin.weight, other.weight)
+
+
+@pytest.mark.parametrize("build, needle", [
+    (lambda g: ColumnParallelLinear(8, 10, g), "ColumnParallelLinear out_features is 10"),
+    (lambda g: RowParallelLinear(10, 8, g), "RowParallelLinear in_features is 10"),
+    (lambda g: ParallelMLP(8, 6, 8, g), "out_features is 6"),
+    (lambda g: ParallelSelfAttention(24, 6, g), "num_heads is 6"),
+    (lambda g: ParallelSelfAttention(20, 3, g), "not a multiple of num_heads 3"),
+])
+def test_bad_divisibility_fails_at_construction_with_one_line(build, needle):
+    for rank in range(4):
+        with pytest.raises(ConfigError, match=needle) as e:
+            build(TPGroup.offline(rank, 4))
+        assert "\n" not in str(e.value)
+
+
+def test_counter_counts_calls_bytes_and_ring_traffic():
+    c = CommCounter()
+    c.add("allreduce", "forward", 1000, 4)
+    c.add("allgather", "backward", 100, 4)
+    assert c.count() == 2 and c.count("allreduce") == 1 and c.count(phase="backward") == 1
+    assert c.total_bytes() == 1100 and c.total_bytes(wire=True) == 1500 + 300
+
+
+def test_init_of_a_sharded_module_without_its_group_is_refused():
+    with pytest.raises(ValueError, match="needs its TPGroup"):
+        counter_init_(ShardedBatchNorm1d(8, TPGroup.offline(1, 2)), 0)
+
+
+def test_offline_group_refuses_to_communicate():
+    g = TPGroup.offline(0, 2)
+    with pytest.raises(RuntimeError, match="offline"):
+        ColumnParallelLinear(4, 4, g, gather_output=True)(torch.ones(1, 4))
+
+
+@pytest.mark.parametrize("np_", [2, 4])
+def test_tensor_parallel_parity_on_ranks(np_):
+    p = run_script(np_, "tensor_checks.py", timeout=170)
+    assert f"all tensor checks passed on {np_} ranks" in p.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["tp-mlp", "--n-train", "640", "--n-test", "200", "--hidden", "128", "--epochs", "2", "--steps", "10"],
+    ["tp-transformer", "--max-number", "999", "--epochs", "2", "--d-model", "32", "--ff", "64"],
+])
+def test_tp_examples_keep_parity_and_write_curves(tmp_path, argv):
+    p = mpirun(2, "-m", "mpipar.run", *argv, "--out", str(tmp_path), timeout=170)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "parity after 20 steps: tensor-parallel parameters equal single-process training" in p.stdout, p.stdout
+    assert "allreduce forward" in p.stdout and (tmp_path / "learning_curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("argv, needle", [   # (ColumnParallelLinear's message: tensor_checks.py)
+    (["tp-transformer", "--heads", "3", "--d-model", "48"], "ConfigError: ParallelSelfAttention num_heads is 3, "
+                                                             "not divisible by the tensor-parallel size tp=2"),
+])
+def test_tp_examples_reject_indivisible_sizes_with_one_line(tmp_path, argv, needle):
+    p = mpirun(2, "-m", "mpipar.run", *argv, "--out", str(tmp_path), timeout=60)
+    assert p.returncode != 0 and needle in p.stderr, p.stderr[-3000:]
