@@ -1,17 +1,18 @@
-"""Encoder-decoder transformer split across stages (encoder | decoder) on numbers-to-words, mixed precision, Noam lr, global clipping.
+"""Encoder | decoder transformer over pipeline stages on numbers-to-words (amp, Noam, global clip).
 
 The model is a sequence of layers whose stage boundaries carry ONE tensor, so the decoder's
 inputs travel packed: `embed` turns x = [src digits | shifted target words] into
     h [B, S + T, d + 1] = [encoder states (S rows) | decoder states (T rows)], + a pad-flag column
 (1.0 where a source slot is padding). Encoder blocks rewrite rows :S, decoder blocks rewrite rows
 S: attending to rows :S (masking flagged slots), `head` maps rows S: to logits [B, T, V].
-With the default 2 encoder + 2 decoder blocks, `--balance layers` on 2 ranks puts
-embed..enc2 on stage 0 and dec1..head on stage 1; 3..6 ranks split deeper.
+The default `--balance params` cuts at the encoder | decoder boundary for the default 2 + 2
+blocks on 2..6 stages (decoder blocks weigh ~1.5 encoder blocks): 3,3 on 2 ranks (embed..enc2 |
+dec1..head), 3,1,2 on 3, 2,1,1,2 on 4. With other --enc-layers/--dec-layers, give the sizes
+yourself, e.g. `--enc-layers 3 --balance 3,1,1,2` (embed..enc2 | enc3 | dec1 | dec2+head).
 After training, greedy decoding runs through the same pipeline (forward-only schedule, one
 position per round, the last stage broadcasting its predicted tokens over the pp world).
 """
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch import nn
 
 from mpipar.data.numbers import IGNORE, PAD, BOS, EOS, SRC_VOCAB, TGT_VOCAB, lengths, numbers_to_words
 from mpipar.example import Example
-from mpipar.model import LayerSpec, check_unique
+from mpipar.model import LayerSpec
 from mpipar.train.amp import MODES, Autocast, PipelineGradScaler
 from mpipar.train.noam import noam
 
@@ -41,6 +42,16 @@ class Embed(nn.Module):
         return torch.cat([states, flag.unsqueeze(-1).to(states.dtype)], -1)
 
 
+def freeze_key_bias(attn: nn.MultiheadAttention) -> None:
+    """Keep the key part of the in-projection bias at zero: it shifts every score of a query
+    alike, so softmax ignores it and its gradient is pure rounding noise, which Adam would
+    scale up to lr-sized steps (and micro-batching would then change the weights)."""
+    d = attn.embed_dim
+    keep = torch.ones(3 * d)
+    keep[d:2 * d] = 0
+    attn.in_proj_bias.register_hook(lambda g: g * keep)
+
+
 class EncoderBlock(nn.Module):
     """One pre-norm encoder layer on rows :S (the last block also applies the final norm)."""
 
@@ -48,6 +59,7 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.s_len, self.d = s_len, d
         self.layer = nn.TransformerEncoderLayer(d, heads, ff, dropout, batch_first=True, norm_first=True)
+        freeze_key_bias(self.layer.self_attn)
         self.norm = nn.LayerNorm(d) if final else None
 
     def forward(self, h):
@@ -65,6 +77,8 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.s_len, self.d = s_len, d
         self.layer = nn.TransformerDecoderLayer(d, heads, ff, dropout, batch_first=True, norm_first=True)
+        freeze_key_bias(self.layer.self_attn)
+        freeze_key_bias(self.layer.multihead_attn)
 
     def forward(self, h):
         s, d = self.s_len, self.d
@@ -114,11 +128,10 @@ def layers(args):
 @torch.no_grad()
 def greedy_decode(trainer, x: torch.Tensor, s_len: int, batch_size: int = 500) -> torch.Tensor:
     """Predicted word ids [N, T] for the sources in x[:, :S] (x[:, S:] is ignored). Every pp rank
-    calls this with the same x: position by position, a forward-only pass through all stages,
-    then the last stage broadcasts the argmax; all ranks stop together once every row has EOS."""
-    from mpipar.pipeline.schedules import forward_only
-    topo, engine = trainer.topo, trainer.engine
-    acts = forward_only(topo.grid.pp, 1, topo.pp_rank)
+    calls this with the same x: position by position, a forward-only pass through all stages
+    (the trainer's forward-only schedule), then the last stage broadcasts the argmax over the
+    pp world; all ranks stop together once every row has produced EOS."""
+    topo = trainer.topo
     t_len = x.shape[1] - s_len
     preds = torch.full((len(x), t_len), PAD, dtype=torch.int64)
     trainer.module.eval()
@@ -129,7 +142,7 @@ def greedy_decode(trainer, x: torch.Tensor, s_len: int, batch_size: int = 500) -
         pb = preds[start:start + len(xb)]
         for pos in range(t_len):
             step = torch.zeros(len(xb), dtype=torch.int64)
-            engine.run(acts, [xb], None, [1.0], lambda mb, logits: step.copy_(logits[:, pos].argmax(-1)))
+            trainer.pipe.forward_only(xb, None, lambda mb, logits: step.copy_(logits[:, pos].argmax(-1)))
             topo.pp_world.bcast_(step, topo.grid.pp - 1)
             pb[:, pos] = step
             if pos + 1 < t_len:
@@ -152,54 +165,35 @@ def decode_report(trainer, test, args, log) -> float:
     log(f"greedy decoding through the pipeline: exact match {exact:.1%} of {len(right)} test numbers "
         f"({time.perf_counter() - t0:.1f} s)")
     show = torch.randperm(len(right), generator=torch.Generator().manual_seed(args.seed))[:args.samples]
-    for i in show.tolist():
+    wrong = [i for i, ok in enumerate(right) if not ok and i not in show.tolist()][:3]
+    for i in show.tolist() + wrong:
         digits = "".join(SRC_VOCAB.decode(test.x[i, :s_len]))
-        mark = "ok " if right[i] else "BAD"
-        log(f"  {mark} {digits:>{s_len}} -> {' '.join(words[i])}" + ("" if right[i] else f"   (want: {' '.join(truth[i])})"))
+        said = " ".join(words[i]) or "(nothing)"
+        log(f"  ok  {digits:>{s_len}} -> {said}" if right[i] else
+            f"  BAD {digits:>{s_len}} -> {said}   (want: {' '.join(truth[i])})")
     return exact
 
 
-# -- the run: session.run_example's steps, plus loss scaling and decoding -----------------------
-def main(args, world, log):
-    from mpipar.rankmap import Grid, RankMap, human
-    from mpipar.session import banner, compare, partition
-    from mpipar.topology import Topology
-    from mpipar.train.trainer import PipelineTrainer
-    grid = Grid.parse(args.grid, world.size)
-    specs = layers(args)
-    check_unique(specs)
-    if args.balance != "time":
-        partition(world, EXAMPLE, specs, args, grid, None)
-    train, test = EXAMPLE.data(args)
-    rankmap = RankMap(grid, partition(world, EXAMPLE, specs, args, grid, train))
-    topo = Topology.build(world, grid)
-    trainer = PipelineTrainer(topo, rankmap, EXAMPLE, specs, args, log)
-    scaler = PipelineGradScaler(world).attach(trainer) if args.amp == "fp16" else None
-    params = [int(v) for v in world.allgather_floats([sum(p.numel() for p in trainer.params)])[:, 0]]
-    log(banner(world, world.hosts(), EXAMPLE, args, grid))
-    log(f"data: {train.note}")
-    log(f"model: d={args.d_model} heads={args.heads} ff={args.ff} enc={args.enc_layers} dec={args.dec_layers} | "
-        f"amp {args.amp} | clip global norm {args.clip_grad or 'off'} | Noam warmup {args.warmup}, factor {args.lr}")
-    log(rankmap.table(world.hosts(), params))
-    t0 = time.perf_counter()
-    rows = trainer.fit(train, test)
-    elapsed = time.perf_counter() - t0
-    if args.save_params and topo.dp_rank == 0 and topo.tp_rank == 0:
-        Path(args.save_params).mkdir(parents=True, exist_ok=True)
-        torch.save(trainer.state_dict(), Path(args.save_params) / f"stage{topo.pp_rank}.pt")
-    if args.compare and world.rank == 0:
-        compare(EXAMPLE, specs, train, test, args, rows, grid, log)
-    world.barrier()
-    exact = decode_report(trainer, test, args, log) if args.samples >= 0 else float("nan")
-    last = rows[-1] if rows else {}
+# -- the hooks run_example calls: loss scaling once the trainer exists, decoding after fit --------
+def attach_scaler(trainer, args):
+    """on_trainer: log the model settings; for --amp fp16 attach the pipeline loss scaler (after the
+    data-parallel sync, which run_example attaches first) as trainer.grad_scaler (None otherwise)."""
+    trainer.log(f"model: d={args.d_model} heads={args.heads} ff={args.ff} enc={args.enc_layers} "
+                f"dec={args.dec_layers} | amp {args.amp} | clip global norm {args.clip_grad or 'off'} | "
+                f"Noam warmup {args.warmup}, factor {args.lr}")
+    trainer.grad_scaler = PipelineGradScaler(trainer.topo.world).attach(trainer) if args.amp == "fp16" else None
+    return trainer.grad_scaler
+
+
+def after_fit(trainer, train, test, args, log) -> str | None:
+    """Greedy-decode the test set through the pipeline (every rank); text for the summary line."""
+    parts = []
+    if args.samples >= 0:
+        parts.append(f"greedy exact match {decode_report(trainer, test, args, log):.4g}")
+    scaler = getattr(trainer, "grad_scaler", None)
     if scaler:
-        log(f"fp16 loss scale {scaler.scale:g}, {scaler.skipped} step(s) skipped for inf/NaN gradients")
-    log(f"summary: {EXAMPLE.name} on {world.size} ranks (pp={grid.pp}), {len(rows)} epochs in {elapsed:.1f} s: "
-        f"test loss {last.get('test_loss', float('nan')):.4g}, test token accuracy "
-        f"{last.get('test_accuracy', float('nan')):.4g}, greedy exact match {exact:.4g}, "
-        f"{last.get('samples_per_s', 0):.0f} samples/s; total params {human(sum(params))}")
-    return {"example": EXAMPLE.name, "ranks": world.size, "epochs": len(rows), "seconds": elapsed,
-            "greedy_exact_match": exact, **{k: v for k, v in last.items() if k != "epoch"}}
+        parts.append(f"fp16 loss scale {scaler.scale:g}, {scaler.skipped} step(s) skipped for inf/NaN")
+    return "; ".join(parts) or None
 
 
 def add_args(p):
@@ -210,7 +204,7 @@ def add_args(p):
     p.add_argument("--enc-layers", type=int, default=2)
     p.add_argument("--dec-layers", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.0, help="(>0 breaks parity with single-process)")
-    p.add_argument("--warmup", type=int, default=200, help="Noam warm-up steps")
+    p.add_argument("--warmup", type=int, default=100, help="Noam warm-up steps")
     p.add_argument("--amp", choices=list(MODES), default="bf16",
                    help="autocast inside layers: bf16 (CPU), fp16 + loss scaling (CUDA), off")
     p.add_argument("--samples", type=int, default=8, help="greedy-decoded samples to print (-1: skip decoding)")
@@ -226,7 +220,9 @@ EXAMPLE = Example(
     optimizer=lambda params, args: torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-9),
     lr_scheduler=lambda opt, args: noam(opt, args.d_model, args.warmup),
     task="classification",
-    defaults=dict(epochs=8, batch_size=64, lr=1.0, clip_grad=1.0, balance="layers"),
+    defaults=dict(epochs=2, batch_size=64, lr=0.5, clip_grad=1.0,
+                  balance="params"),   # encoder | decoder on 2..6 stages (module docstring)
     add_args=add_args,
-    main=main,
+    on_trainer=attach_scaler,
+    after_fit=after_fit,
 )

@@ -19,7 +19,10 @@ class Example:
     optimizer: Callable[[Iterable[nn.Parameter], argparse.Namespace], object] | None = None
     lr_scheduler: Callable[[object, argparse.Namespace], object] | None = None  # stepped every step
     task: str = "classification"                                        # or "regression"
+    shuffle: bool = True                                                # False: batches in data order (streams)
     defaults: dict = field(default_factory=dict)                        # flag defaults, e.g. epochs
     add_args: Callable[[argparse.ArgumentParser], None] | None = None   # example-specific flags
     report: Callable | None = None   # (last_row, train, test, args) -> extra summary text (rank 0)
+    on_trainer: Callable | None = None  # (trainer, args): extra hooks once the trainer is built (every rank)
+    after_fit: Callable | None = None   # (trainer, train, test, args, log) -> summary text or None (every rank)
     main: Callable | None = None   # custom flow (args, world) -> summary dict, for non-sequential plans

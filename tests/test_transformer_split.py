@@ -1,0 +1,184 @@
+"""transformer-split: the numbers-to-words task, the packed encoder|decoder layers, autocast, Noam,
+and on 2 and 4 ranks parity with single-process training (plain, clipped, bf16) plus the
+pipeline loss scaler's agreement across stages."""
+import math
+
+import pytest
+import torch
+
+from mpipar.data.numbers import (BOS, EOS, IGNORE, PAD, SRC_VOCAB, TGT_VOCAB, encode_pairs, lengths,
+                                 numbers_to_words, to_words)
+from mpipar.model import build_full, param_counts
+from mpipar.rankmap import parse_balance
+from mpipar.run import parse
+from mpipar.train.amp import Autocast
+from mpipar.train.noam import noam, noam_factor
+from mpipar.train.reference import train_reference
+from mpirun import mpirun, run_script
+
+torch.set_num_threads(1)
+SMALL = ["--max-number", "999", "--batch-size", "32", "--epochs", "1", "--steps", "20", "--d-model", "32",
+         "--ff", "64"]
+
+
+# -- the task ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, words", [
+    (0, "zero"), (7, "seven"), (13, "thirteen"), (20, "twenty"), (42, "forty two"), (100, "one hundred"),
+    (105, "one hundred five"), (4213, "four thousand two hundred thirteen"), (10000, "ten thousand"),
+    (9999, "nine thousand nine hundred ninety nine"), (1_000_001, "one million one"),
+    (120_019, "one hundred twenty thousand nineteen")])
+def test_words(n, words):
+    assert " ".join(to_words(n)) == words
+
+
+def test_lengths_fit_every_number():
+    assert lengths(9999) == (4, 7)
+    assert max(len(to_words(n)) for n in range(10000)) + 1 == 7
+    for top in (9, 99, 999, 12345):
+        s, t = lengths(top)
+        assert s == len(str(top)) and all(len(to_words(n)) < t for n in range(top + 1))
+
+
+def test_sample_layout_and_split():
+    x, y = encode_pairs([4213, 7], 4, 7)
+    assert SRC_VOCAB.decode(x[0, :4]) == list("4213") and SRC_VOCAB.decode(x[1, :4]) == ["7"]
+    assert x[1, 1:4].eq(PAD).all() and x[:, 4].eq(BOS).all()
+    assert TGT_VOCAB.decode(y[0].clamp_min(0)) == to_words(4213)
+    assert y[1].tolist() == [TGT_VOCAB.ids["seven"], EOS] + [IGNORE] * 5
+    words = (y[:, :-1] != IGNORE) & (y[:, :-1] != EOS)
+    assert torch.equal(x[:, 5:][words], y[:, :-1][words])        # tgt_in = BOS + y shifted by one
+    train, test = numbers_to_words(999)
+    again, _ = numbers_to_words(999)
+    assert torch.equal(train.x, again.x) and torch.equal(train.y, again.y)
+    assert len(train) == 800 and len(test) == 200
+    assert not set(train.meta["numbers"]) & set(test.meta["numbers"])
+
+
+# -- the model pieces ----------------------------------------------------------------------------
+def small_model(*extra):
+    args, example = parse(["transformer-split", *SMALL, *extra])
+    return args, example, build_full(example.layers(args), args.seed)
+
+
+def test_decoder_is_causal_and_source_padding_is_masked():
+    _, _, model = small_model("--amp", "off")
+    model.eval()
+    x, _ = encode_pairs([7, 42, 615], 3, 5)
+    out = model(x)
+    assert out.shape == (3, 5, len(TGT_VOCAB)) and out.dtype == torch.float32
+    later = x.clone()
+    later[:, 3 + 3:] = 5                      # change target inputs from position 3 on
+    torch.testing.assert_close(model(later)[:, :3], out[:, :3])
+    assert not torch.allclose(model(later)[:, 3:], out[:, 3:])
+    junk = x.clone()
+    junk[0, 1:3] = 9                          # '7' padded with digits instead of PAD
+    assert not torch.allclose(model(junk)[0], out[0])
+
+
+def test_sentence_loss_is_microbatch_transparent():
+    args, example, model = small_model("--amp", "off")
+    train, _ = example.data(args)
+    loss = example.loss()
+    x, y = train.x[:10], train.y[:10]
+    whole = loss(model(x), y)
+    parts = sum(loss(model(xs), ys) * len(ys) / len(y) for xs, ys in zip(x.tensor_split(3), y.tensor_split(3)))
+    torch.testing.assert_close(parts, whole)
+
+
+def test_autocast_wrapper_keeps_fp32_params_and_outputs():
+    lin = torch.nn.Linear(8, 8)
+    seen = []
+    lin.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    wrapped = Autocast(lin, "bf16")
+    out = wrapped(torch.randn(4, 8))
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in wrapped.parameters())
+    x = torch.randn(4, 8)
+    assert torch.equal(Autocast(lin, "off")(x), lin(x))
+    assert set(Autocast(lin, "off").state_dict()) == {"layer.weight", "layer.bias"}
+    with pytest.raises(ValueError, match="unknown amp mode"):
+        Autocast(lin, "fp8")
+
+
+def test_noam_warms_up_then_decays():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = noam(opt, d_model=64, warmup=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(2.0 * 64 ** -0.5 * 10 ** -1.5)          # first step: k = 1
+    assert max(lrs) == pytest.approx(2.0 * noam_factor(10, 64, 10)) == lrs[9]
+    assert lrs[9] == pytest.approx(2.0 / math.sqrt(64 * 10))
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10])) and all(a > b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4, 5, 6])
+def test_default_balance_cuts_between_encoder_and_decoder(stages):
+    args, example = parse(["transformer-split"])
+    specs = example.layers(args)
+    split = parse_balance(args.balance, [s.name for s in specs], stages, param_counts(specs))
+    assert any(st[-1] == "enc2" for st in split) and any(st[0] == "dec1" for st in split), split
+    if stages == 4:
+        assert [len(st) for st in split] == [2, 1, 1, 2]
+
+
+# -- on several ranks ----------------------------------------------------------------------------
+def pipeline_params(tmp_path, np_, argv):
+    save = tmp_path / "params"
+    p = mpirun(np_, "-m", "mpipar.run", *argv, "--save-params", str(save), "--out", str(tmp_path / "out"),
+               timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    got = {}
+    for f in sorted(save.glob("stage*.pt")):
+        got.update(torch.load(f, weights_only=True))
+    return got, p.stdout
+
+
+def reference_params(argv, **override):
+    args, example = parse(argv)
+    vars(args).update(override)
+    train, _ = example.data(args)
+    return train_reference(example, example.layers(args), train, args).state_dict()
+
+
+def assert_same(got, ref):
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], msg=lambda m: f"{k}: {m}")
+
+
+def test_two_stage_parity_with_microbatches_and_greedy_samples(tmp_path):
+    argv = ["transformer-split", *SMALL, "--amp", "off", "--clip-grad", "0", "--microbatches", "2",
+            "--samples", "3"]
+    got, out = pipeline_params(tmp_path, 2, argv)   # 20 steps
+    assert_same(got, reference_params(argv))
+    assert "embed..enc2" in out and "dec1..head" in out     # encoder | decoder
+    assert "greedy decoding through the pipeline: exact match" in out
+    assert "; greedy exact match " in next(ln for ln in out.splitlines() if ln.startswith("summary:"))
+    shown = [ln for ln in out.splitlines() if ln.startswith(("  ok ", "  BAD ")) and " -> " in ln]
+    assert 3 <= len(shown) <= 6      # 3 random samples, then up to 3 more wrong ones
+    assert " lr " in out
+
+
+def test_four_stage_clip_is_global(tmp_path):
+    argv = ["transformer-split", *SMALL, "--batch-size", "16", "--amp", "off", "--clip-grad", "0.05",
+            "--samples", "-1"]
+    got, out = pipeline_params(tmp_path, 4, argv)
+    assert "embed..enc1" in out and "dec2..head" in out     # default balance: 2,1,1,2
+    clipped = reference_params(argv)                 # torch.nn.utils.clip_grad_norm_ over the whole model
+    assert_same(got, clipped)
+    unclipped = reference_params(argv, clip_grad=0.0)
+    assert max(float((unclipped[k] - clipped[k]).abs().max()) for k in clipped) > 1e-3   # the clip acted
+
+
+def test_two_stage_bf16_parity(tmp_path):
+    argv = ["transformer-split", *SMALL, "--amp", "bf16", "--samples", "-1"]
+    got, out = pipeline_params(tmp_path, 2, argv)
+    assert "amp bf16" in out
+    assert_same(got, reference_params(argv))
+
+
+def test_loss_scaler_agrees_across_stages():
+    run_script(2, "transformer_split_checks.py", timeout=180)
