@@ -1,0 +1,137 @@
+"""N "hosts" on one machine as Linux network namespaces joined by a bridge, so tests run mpirun
+--hostfile over real TCP between hosts and can cut a host's cable.
+
+Each host is namespace PREFIX+hI with `eth0` = 10.200.0.I/24; the bridge lives in its own namespace
+(PREFIX+sw), so the root namespace is untouched and concurrent test runs (other prefixes) do not
+collide.  `write_rsh_agent` writes the ssh stand-in Open MPI uses to start its daemons "on" a host.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+SUBNET = "10.200.0.0/24"
+_instances = itertools.count()
+
+RSH_AGENT = """#!/bin/sh
+# ssh stand-in for Open MPI: AGENT [-ssh-options] HOST COMMAND... runs COMMAND "on" HOST, i.e. in
+# HOST's network namespace with HOST as its hostname (a fresh UTS namespace).
+while [ $# -gt 0 ]; do case "$1" in -*) shift;; *) break;; esac; done
+host=${1%%.*}; shift
+case "$host" in 10.200.0.*) host={prefix}h${host##*.};; esac
+exec ip netns exec "$host" unshare --uts sh -c "hostname $host; $*"
+"""
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()}")
+    return p
+
+
+def why_unavailable() -> str | None:
+    """None when this process may create network namespaces; else the reason to skip."""
+    if os.geteuid() != 0:
+        return "creating network namespaces (ip netns add) needs root"
+    try:
+        probe = f"mpiparprobe{os.getpid()}"
+        sh("ip", "netns", "add", probe)
+        sh("ip", "netns", "del", probe)
+    except (OSError, RuntimeError) as e:
+        return f"cannot create network namespaces here: {e}"
+    return None
+
+
+class Hosts:
+    """`with Hosts(3) as hosts:` -> hosts.names == ['<p>h1', '<p>h2', '<p>h3'], torn down on exit."""
+
+    def __init__(self, n: int, prefix: str | None = None):
+        self.n = n
+        self.prefix = prefix or f"mpp{os.getpid()}x{next(_instances)}"
+        self.names = [f"{self.prefix}h{i}" for i in range(1, n + 1)]
+        self.switch = f"{self.prefix}sw"
+        self.agent: Path | None = None
+        self.hostfile: Path | None = None
+
+    def __enter__(self) -> "Hosts":
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def up(self) -> None:
+        sw = self.switch
+        sh("ip", "netns", "add", sw)
+        sh("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", sw, "link", "set", "br0", "up")
+        for i, ns in enumerate(self.names, 1):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", sw, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "-n", sw, "link", "set", f"p{i}", "master", "br0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", ns, "addr", "add", f"10.200.0.{i}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+
+    def sysctl(self, key: str, value: str) -> None:
+        """Set a (network-namespaced) kernel knob on every host, e.g. net.ipv4.tcp_retries2."""
+        path = "/proc/sys/" + key.replace(".", "/")
+        for ns in self.names:
+            sh("ip", "netns", "exec", ns, "sh", "-c", f"echo {value} > {path}")
+
+    def address(self, name: str) -> str:
+        return f"10.200.0.{self.names.index(name) + 1}"
+
+    def cut(self, name: str) -> None:
+        """Unplug the host's cable at the switch: its packets go nowhere, nobody is told."""
+        sh("ip", "-n", self.switch, "link", "set", f"p{self.names.index(name) + 1}", "down")
+
+    def pids(self, name: str | None = None) -> list[int]:
+        """Processes living in one host's namespace (or in any of them)."""
+        out = []
+        for ns in [name] if name else [*self.names, self.switch]:
+            p = sh("ip", "netns", "pids", ns, check=False)
+            out += [int(x) for x in p.stdout.split()]
+        return out
+
+    def down(self, grace: float = 5) -> list[int]:
+        """Kill every process left in the namespaces, delete them; returns the pids that were left."""
+        left = self.pids()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.pids():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while self.pids() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        for ns in [*self.names, self.switch]:
+            sh("ip", "netns", "del", ns, check=False)
+        return left
+
+    def write_rsh_agent(self, path: Path) -> Path:
+        """The ssh stand-in for these hosts (Open MPI: PRTE_MCA_plm_ssh_agent=path); kept as .agent."""
+        path.write_text(RSH_AGENT.replace("{prefix}", self.prefix))
+        path.chmod(0o755)
+        self.agent = path
+        return path
+
+    def write_hostfile(self, path: Path, slots: list[int]) -> Path:
+        """An Open MPI hostfile naming these hosts; kept as .hostfile."""
+        path.write_text("".join(f"{h} slots={s}\n" for h, s in zip(self.names, slots)))
+        self.hostfile = path
+        return path
+
+    def run_on(self, name: str) -> list[str]:
+        """Command prefix that runs a program "on" host `name` (its netns and hostname)."""
+        return ["ip", "netns", "exec", name, "unshare", "--uts", "sh", "-c", 'hostname "$0"; exec "$@"', name]
