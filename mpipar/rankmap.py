@@ -30,9 +30,12 @@ class Grid:
 
     @classmethod
     def parse(cls, text: str | None, world_size: int) -> "Grid":
-        """'pp=4,dp=2' -> Grid(4, 2, 1). Omitted: all ranks form pipeline stages."""
+        """'pp=4,dp=2' -> Grid(4, 2, 1); 'dp' -> every rank a data-parallel replica.
+        Omitted: all ranks form pipeline stages."""
         if not text:
             return cls(pp=world_size)
+        if text.strip() in ("pp", "dp", "tp"):   # one axis takes every rank
+            return cls(**{text.strip(): world_size})
         vals = {}
         for part in text.split(","):
             key, _, val = part.partition("=")
@@ -179,8 +182,8 @@ class RankMap:
         rows = [f"{'rank':>4} {'pp':>3} {'dp':>3} {'tp':>3} {'stage':>5}  {'layers':<28} {'params':>9}  host"]
         for r in range(self.grid.size):
             pp, dp, tp = self.grid.coords(r)
-            layers = self.stages[pp]
-            span = layers[0] if len(layers) == 1 else f"{layers[0]}..{layers[-1]}"
+            chunks = self.stages[pp::self.grid.pp]   # v > 1 (interleaved): stages pp, pp+p, ...
+            span = " + ".join(c[0] if len(c) == 1 else f"{c[0]}..{c[-1]}" for c in chunks)
             rows.append(f"{r:>4} {pp:>3} {dp:>3} {tp:>3} {pp:>5}  {span:<28} {human(params[r]):>9}  {hosts[r]}")
         return "\n".join(rows)
 

@@ -47,3 +47,11 @@ def summaries(examples_dir: Path = EXAMPLES_DIR) -> list[tuple[str, str]]:
         doc = text.split('"""')[1].strip().splitlines()[0] if text.startswith('"""') else ""
         out.append((name, doc))
     return out
+
+
+def variant(base: str, *, defaults: dict | None = None, **changes):
+    """Another example's model, data, loss and optimizer under a new name and plan: e.g. the
+    data-parallel twin of a model-parallel example differs only in its default --grid."""
+    import dataclasses
+    ex = load(base)
+    return dataclasses.replace(ex, defaults={**ex.defaults, **(defaults or {})}, **changes)

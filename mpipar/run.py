@@ -23,14 +23,34 @@ def shared_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output dir for metrics and plots (default runs/EXAMPLE)")
     p.add_argument("--grid", default=None, help="pp=P,dp=D,tp=T (default: pp = number of ranks)")
     p.add_argument("--balance", default=None, help="layers per stage: 3,3,2,2 | layers | params | time | FILE.json (default params)")
-    p.add_argument("--schedule", default="gpipe", help="pipeline schedule")
+    p.add_argument("--schedule", default="gpipe", help="pipeline schedule: gpipe | 1f1b | interleaved | zb | pipedream")
     p.add_argument("--microbatches", type=int, default=1, help="micro-batches per global batch")
+    p.add_argument("--chunks", type=int, default=None, help="model chunks per rank (interleaved; default 2)")
+    p.add_argument("--recompute", nargs="?", const="all", default=None, metavar="STAGES",
+                   help="recompute activations in backward instead of storing them: all stages, or e.g. 0,1")
+    p.add_argument("--timeline", default=None, help="PATH: write PATH.json (Chrome/Perfetto trace) and PATH.png (Gantt)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="clip by the global norm over all stages (0: off)")
+    p.add_argument("--plot", action="store_true", help="write dashboard.png: loss, throughput and communication per rank")
+    p.add_argument("--live", action="store_true", help="refresh dashboard.png/.html in --out after every epoch")
     p.add_argument("--compare", action="store_true", help="also train single-process; overlay curves in a PNG")
+    p.add_argument("--wait", default="auto", choices=["auto", "spin", "poll"],
+                   help="how ranks wait for messages: poll (sleep between tests) frees the core on "
+                        "oversubscribed hosts; auto = poll when ranks on this host exceed its cores")
     p.add_argument("--stall-timeout", type=float, default=120.0, help="abort when a rank waits longer (s)")
     p.add_argument("--log-level", default="info", choices=["quiet", "info", "debug"])
     p.add_argument("--save-params", default=None, help="dir: each stage writes its parameters (parity checks)")
     p.add_argument("--inject-error", default=None, help="rank=R,step=S: raise on that rank at that step (tests)")
+    # checkpoint/restart and fault tolerance (mpipar/checkpoint)
+    p.add_argument("--checkpoint-dir", default=None, help="per-rank shards + manifest here; resume from the newest good one")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: auto, ~2%% of step time)")
+    p.add_argument("--keep", type=int, default=None, help="complete checkpoints to keep (default 3)")
+    p.add_argument("--async-checkpoint", action="store_true", help="copy the state, write it in a background thread")
+    p.add_argument("--inject-fault", default=None, help="rank=R,step=S | random=SEED[,count=K] [,phase=write]: SIGKILL a rank")
+    p.add_argument("--supervise", action="store_true", help="(no mpirun) launch mpirun and relaunch it when a rank dies")
+    p.add_argument("--max-restarts", type=int, default=3, help="with --supervise: relaunches allowed")
+    p.add_argument("--np", type=int, default=None, help="with --supervise: ranks (default: SLURM_NTASKS or 4)")
+    from .data_parallel.flags import add_args as add_dp_args   # --bucket-mb, --dp-check-every
+    add_dp_args(p)
     return p
 
 
@@ -56,10 +76,17 @@ def main(argv=None) -> int:
         for name, doc in registry.summaries():
             print(f"{name:<28} {doc}")
         return 0
+    if "--supervise" in argv:   # relaunch-on-failure wrapper; the ranks run without the flag
+        from .checkpoint.supervisor import supervise_run
+        return supervise_run(argv)
     from .comm import World
     from .comm import failure
     world = World()
     failure.install(world.host, debug="debug" in argv)
+    import os
+    if world.size == 1 and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        raise ConfigError(f"srun started {os.environ['SLURM_STEP_NUM_TASKS']} separate 1-rank jobs: "
+                          f"launch with `srun --mpi=pmix` or mpirun inside the allocation")
     args, example = parse(argv)
     failure.start_watchdog(args.stall_timeout, world.host)
     from .session import run_example

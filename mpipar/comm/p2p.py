@@ -29,6 +29,12 @@ class SendHandle:
             BOARD.waitall(self.reqs, f"SEND {label(self.tag)} to", self.world.world_rank_of(self.dst))
             self.reqs, self.keep = [], None
 
+    def done(self) -> bool:
+        """True once the send has completed (never blocks); the tensor is released then."""
+        if self.reqs and MPI.Request.Testall(self.reqs):
+            self.reqs, self.keep = [], None
+        return not self.reqs
+
 
 class RecvHandle:
     """A receive in flight; wait() returns the tensor, checked against what was expected."""
@@ -78,6 +84,7 @@ def isend(world, tensor: torch.Tensor, dst: int, tag: int) -> SendHandle:
     """Start sending `tensor` to `dst`; any dtype in header.DTYPES, any shape, contiguous or not."""
     wire = world.policy.to_wire(tensor)
     hdr = H.encode(wire.shape, wire.dtype)
+    BOARD.sent(hdr.nbytes + wire.numel() * wire.element_size())
     reqs = [world.comm.Isend(hdr, dest=dst, tag=tag),
             world.comm.Isend(mpi_buffer(wire), dest=dst, tag=tag)]
     return SendHandle(world, reqs, (hdr, wire), dst, tag)
@@ -108,6 +115,7 @@ def recv(world, src: int, tag: int, **expect) -> torch.Tensor:
 # (ring all-reduce chunks): one message each, nothing to decode.
 
 def isend_raw(world, tensor: torch.Tensor, dst: int, tag: int):
+    BOARD.sent(tensor.numel() * tensor.element_size())
     return world.comm.Isend(mpi_buffer(tensor), dest=dst, tag=tag)
 
 

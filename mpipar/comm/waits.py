@@ -1,5 +1,6 @@
 """The one waiting path: every wait on a message goes through here, so we know who waits
-for what from whom, for how long (for the stall watchdog and for communication-time metrics)."""
+for what from whom, for how long (for the stall watchdog and for communication-time metrics),
+plus the bytes this process sent (for per-rank traffic metrics)."""
 from __future__ import annotations
 
 import threading
@@ -18,16 +19,24 @@ class Waiting:
 class WaitBoard:
     """Current wait (read by the watchdog thread) and totals (read by metrics)."""
     current: Waiting | None = None
+    bytes_sent: int = 0      # payload and header bytes handed to MPI by this process
+    messages_sent: int = 0
     seconds: float = 0.0
     count: int = 0
     longest: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    poll: float | None = None   # seconds: test and sleep instead of spinning in MPI (opt-in, for
+                                # hosts with more ranks than cores); None: MPI_Wait
 
     def wait(self, request, what: str, peer: int):
         """Block on an mpi4py request; returns its result (mpi4py releases the GIL meanwhile)."""
         start = time.monotonic()
         self.current = Waiting(what, peer, start)
         try:
+            if self.poll is not None:
+                while not request.Test():
+                    time.sleep(self.poll)
+                return True
             return request.Wait()
         finally:
             dt = time.monotonic() - start
@@ -41,9 +50,41 @@ class WaitBoard:
         for r in requests:
             self.wait(r, what, peer)
 
+    def wait_any(self, requests, what: str, poll: float | None = None, peer: int = -1) -> int:
+        """Block until one of `requests` completes (MPI_Waitany); returns its index, or -1 when
+        none is active. The completed request becomes MPI.REQUEST_NULL in the list.
+        poll=seconds: test and sleep instead of spinning in MPI, for a rank that is mostly idle
+        on a host with more ranks than cores (a parameter server), at up to `poll` extra latency;
+        None: the board's own `poll` setting."""
+        from mpi4py import MPI
+        poll = self.poll if poll is None else poll
+        start = time.monotonic()
+        self.current = Waiting(what, peer, start)
+        try:
+            if poll is None:
+                index = MPI.Request.Waitany(requests)
+            else:
+                index, done = MPI.Request.Testany(requests)
+                while not done:
+                    time.sleep(poll)
+                    index, done = MPI.Request.Testany(requests)
+        finally:
+            dt = time.monotonic() - start
+            self.current = None
+            with self.lock:
+                self.seconds += dt
+                self.count += 1
+                self.longest = max(self.longest, dt)
+        return -1 if index == MPI.UNDEFINED else index
+
+    def sent(self, nbytes: int) -> None:
+        self.bytes_sent += nbytes
+        self.messages_sent += 1
+
     def reset(self) -> None:
         with self.lock:
             self.seconds, self.count, self.longest = 0.0, 0, 0.0
+            self.bytes_sent, self.messages_sent = 0, 0
 
 
 BOARD = WaitBoard()  # one per process: there is one main thread doing communication

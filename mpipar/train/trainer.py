@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model import build_stage
-from ..pipeline import schedules
-from ..pipeline.engine import Engine
-from ..pipeline.stage import Stage
+from ..pipeline.plan import StagePlan
 from .clip import clip_global_norm
+from .observe import Dashboard, RankStats
 from .metrics import MetricsFile, Tally, format_row, summarize
 from .sampler import epoch_batches, split_microbatches
 
@@ -22,32 +20,49 @@ class PipelineTrainer:
     def __init__(self, topo, rankmap, example, specs, args, log=print):
         self.topo, self.example, self.args, self.log = topo, example, args, log
         self.loss_fn = example.loss()
-        self.module = build_stage(specs, rankmap.stages[topo.pp_rank], args.seed)
-        self.stage = Stage(self.module, topo.pp_rank, topo.grid.pp, topo.pp_world, self.loss_fn)
-        self.engine = Engine(self.stage)
+        self.pipe = StagePlan(topo, rankmap, specs, args, self.loss_fn)   # chunks, stages, engine, schedule
+        self.module, self.stage, self.engine = self.pipe.module, self.pipe.stages[0], self.pipe.engine
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = example.optimizer(self.params, args) if self.params else None
         self.scheduler = (example.lr_scheduler(self.optimizer, args)
                           if self.optimizer and example.lr_scheduler else None)
-        self.schedule = schedules.get(getattr(args, "schedule", "gpipe"))
+        self.schedule = self.pipe.schedule
         self.after_backward = []   # hooks (e.g. data-parallel gradient sync) before the optimizer step
+        self.before_step = []      # hooks(trainer, backward passes) before the schedule runs (data parallel)
         self.step_count = 0
         self.step_seconds: list[float] = []
         self.inject = parse_inject(getattr(args, "inject_error", None))
 
     # -- one step -------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, tally: Tally | None = None) -> None:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, tally: Tally | None = None,
+                   position: tuple[int, int] = (0, 1), global_n: int | None = None) -> None:
+        """One batch; `position` = (step, steps) in the epoch (a streaming schedule spans them);
+        `global_n`: samples in the global batch when x is this data-parallel rank's shard of it."""
         t0 = time.perf_counter()
         m = self.args.microbatches
         xs, ys = split_microbatches(x, m), split_microbatches(y, m)
-        weights = [len(c) / len(y) for c in ys]
+        weights = [len(c) / (global_n or len(y)) for c in ys]   # mean over the global batch
         if self.inject and self.inject == (self.topo.world.rank, self.step_count):
             raise RuntimeError(f"injected error at step {self.step_count} (--inject-error)")
-        if self.optimizer:
+        if self.optimizer and not self.pipe.streaming:
             self.optimizer.zero_grad(set_to_none=True)
         on_out = (lambda mb, out: tally.add(out, ys[mb])) if tally is not None else None
-        acts = self.schedule(self.topo.grid.pp, len(xs), self.topo.pp_rank)
-        self.engine.run(acts, xs, ys, weights, on_out)
+        if self.pipe.streaming:     # 2BW updates mid-list (OPT): arm the hooks right before each update
+            def update():
+                for hook in self.before_step:
+                    hook(self, len(xs))
+                self.apply_update()
+            self.pipe.train(xs, ys, weights, on_out, *position, batch=self.step_count, update=update)
+        else:
+            for hook in self.before_step:
+                hook(self, len(xs))
+            self.pipe.train(xs, ys, weights, on_out, *position, batch=self.step_count, update=None)
+            self.apply_update()
+        self.step_count += 1
+        self.step_seconds.append(time.perf_counter() - t0)
+
+    def apply_update(self) -> None:
+        """Gradients are in place: sync hooks, clipping, optimizer and lr steps."""
         for hook in self.after_backward:
             hook(self)
         if getattr(self.args, "clip_grad", 0):
@@ -56,8 +71,6 @@ class PipelineTrainer:
             self.optimizer.step()
         if self.scheduler:
             self.scheduler.step()
-        self.step_count += 1
-        self.step_seconds.append(time.perf_counter() - t0)
 
     @torch.no_grad()
     def evaluate(self, split, batch_size: int) -> list[float]:
@@ -65,8 +78,7 @@ class PipelineTrainer:
         tally = Tally(self.loss_fn, self.example.task)
         for idx in epoch_batches(len(split.y), batch_size, 0, 0, shuffle=False):
             x, y = split.x[idx], split.y[idx]
-            acts = schedules.forward_only(self.topo.grid.pp, 1, self.topo.pp_rank)
-            self.engine.run(acts, [x], [y], [1.0], lambda mb, out: tally.add(out, y))
+            self.pipe.forward_only(x, y, lambda mb, out: tally.add(out, y))
         self.module.train()
         return tally.vector()
 
@@ -74,22 +86,41 @@ class PipelineTrainer:
     def fit(self, train, test) -> list[dict]:
         args, topo, world = self.args, self.topo, self.topo.world
         metrics = MetricsFile(Path(args.out)) if world.rank == 0 else None
+        stats = RankStats(world)   # per-rank throughput, communication time and bytes -> rank 0
+        hosts = world.hosts()      # collective: every rank calls it
+        dash = (Dashboard(Path(args.out), hosts, f"{self.example.name}: grid pp={topo.grid.pp} "
+                          f"dp={topo.grid.dp} tp={topo.grid.tp}", getattr(args, "plot", False),
+                          getattr(args, "live", False)) if world.rank == 0 else None)
         rows = []
-        for epoch in range(args.epochs):
+        ckpt = getattr(self, "checkpoint", None)   # checkpoint/restart: set by mpipar.checkpoint.attach
+        if ckpt:
+            rows = ckpt.resumed_rows(metrics)
+        for epoch in range(ckpt.start_epoch if ckpt else 0, args.epochs):
             tally = Tally(self.loss_fn, self.example.task)
-            batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch)
+            batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch, self.example.shuffle,
+                                    dp_rank=topo.dp_rank, dp_size=topo.grid.dp)
             if args.steps:
                 batches = batches[:args.steps]
             self.step_seconds = []
+            if ckpt:
+                ckpt.resume_tally(epoch, tally)
             world.barrier()
             t0 = time.perf_counter()
-            for idx in batches:
-                self.train_step(train.x[idx], train.y[idx], tally)
+            for i, idx in enumerate(batches):
+                if ckpt and ckpt.skip(epoch, i):   # done before the checkpoint we resumed from
+                    continue
+                self.train_step(train.x[idx], train.y[idx], tally, position=(i, len(batches)),
+                                global_n=min(args.batch_size, len(train.y) - i * args.batch_size))
+                if ckpt:
+                    ckpt.after_step(self, epoch, i + 1, len(batches), tally, rows)
             world.barrier()
             seconds = time.perf_counter() - t0
-            samples = sum(len(b) for b in batches)
+            samples = sum(min(args.batch_size, len(train.y) - i * args.batch_size) for i in range(len(batches)))
             vec = tally.vector() + self.evaluate(test, args.batch_size)
-            sums = world.allgather_floats(vec)[topo.reporter]
+            every = world.allgather_floats(vec)
+            sums = every[topo.reporter]
+            if topo.grid.dp > 1:   # each data-parallel replica tallied its own shard of the batches
+                sums[:3] = sum(every[topo.grid.rank_of(topo.grid.pp - 1, d, 0)][:3] for d in range(topo.grid.dp))
             p50, p95, p99 = np.percentile(np.array(self.step_seconds) * 1e3, [50, 95, 99])
             row = {"epoch": epoch + 1, **summarize(sums[:3], self.example.task, "train"),
                    **summarize(sums[3:], self.example.task, "test"),
@@ -98,9 +129,19 @@ class PipelineTrainer:
             if self.scheduler:
                 row["lr"] = self.scheduler.get_last_lr()[0]
             rows.append(row)
+            gathered = world.allgather_floats(stats.snapshot(sum(len(b) for b in batches), len(batches)))
+            if dash:
+                dash.add(row, gathered)
             if metrics:
                 metrics.write(row)
                 self.log(format_row(row))
+            if ckpt:
+                ckpt.after_epoch(self, epoch, rows)
+        self.pipe.write_timeline(world, args.microbatches, self.log)
+        for png in (dash.finish() if dash else []):
+            self.log(f"per-rank dashboard: {png} (ranks.jsonl beside it)")
+        if ckpt:
+            ckpt.finish(self)
         return rows
 
     def state_dict(self) -> dict:

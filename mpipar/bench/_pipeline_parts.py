@@ -1,0 +1,134 @@
+"""Building blocks of the pipeline benchmark: stages that sleep instead of computing, lazily
+made micro-batches (so the batch itself does not grow RSS with m), one engine step, timing."""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from ..pipeline import schedules
+from ..pipeline.engine import Engine
+from ..pipeline.pipedream import WeightStash
+from ..pipeline.stage import Stage
+
+
+class _SleepIn(torch.autograd.Function):
+    """Forward sleeps t_f; its backward (the input gradient, B) sleeps t_b."""
+
+    @staticmethod
+    def forward(ctx, x, t_f, t_b):
+        ctx.t_b = t_b
+        time.sleep(t_f)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        time.sleep(ctx.t_b)
+        return g, None, None
+
+
+class _SleepW(torch.autograd.Function):
+    """Contributes nothing forward; its backward (the weight gradient, W) sleeps t_w."""
+
+    @staticmethod
+    def forward(ctx, x, w, t_w):
+        ctx.t_w = t_w
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        time.sleep(ctx.t_w)
+        return None, g.sum().reshape(1) * 0, None
+
+
+class SleepLayer(nn.Module):
+    """A layer costing t_f forward and t_b backward (half input, half weight gradient), no CPU."""
+
+    def __init__(self, t_f: float, t_b: float):
+        super().__init__()
+        self.t_f, self.t_b = t_f, t_b
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return _SleepIn.apply(x, self.t_f, self.t_b / 2) + _SleepW.apply(x.detach(), self.w, self.t_b / 2)
+
+
+def dense(hidden: int, layers: int, seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict((f"l{i}", nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU()))
+                                     for i in range(layers)))
+
+
+class Lazy:
+    """Micro-batch i made on demand from a seed: a sequence whose memory does not grow with m."""
+
+    def __init__(self, m: int, rows: int, cols: int, seed: int):
+        self.m, self.rows, self.cols, self.seed = m, rows, cols, seed
+
+    def __len__(self):
+        return self.m
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.m:
+            raise IndexError(i)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return torch.randn(self.rows, self.cols, generator=g)
+
+
+class Pipe:
+    """This rank's chunks, stages and engine for one schedule."""
+
+    def __init__(self, world, chunks: list[nn.Module], schedule: str, loss_fn=None):
+        self.world, self.p, self.s = world, world.size, world.rank
+        self.sched = schedules.get(schedule)
+        self.v = len(chunks)
+        self.stages = [Stage(ch, self.s + c * self.p, self.p * self.v, world, loss_fn,
+                             weights=WeightStash(ch) if self.sched.streaming else None)
+                       for c, ch in enumerate(chunks)]
+        self.engine = Engine(self.stages)
+        params = [p for ch in chunks for p in ch.parameters()]
+        self.opt = torch.optim.SGD(params, lr=1e-3) if params else None
+        self.batch = 0
+
+    def step(self, xs, ys, step: int = 0, steps: int = 1) -> None:
+        m = len(xs)
+        acts = self.sched(self.p, m, self.s, self.v, step=step, steps=steps)
+        weights = [1.0 / m] * m
+        if self.sched.streaming:
+            self.engine.run(acts, xs, ys, weights, base=step * m, batch=self.batch,
+                            flush=step == steps - 1, on_update=self._update)
+        else:
+            if self.opt:
+                self.opt.zero_grad(set_to_none=True)
+            self.engine.run(acts, xs, ys, weights)
+            self._update()
+        self.batch += 1
+
+    def _update(self):
+        if self.opt:
+            self.opt.step()
+
+
+def span(world, t0: float, t1: float, same_host: bool) -> float:
+    """Wall time from the first rank's start to the last rank's end (one host: one clock)."""
+    times = world.allgather_floats([t0, t1])
+    return float(times[:, 1].max() - times[:, 0].min()) if same_host else float((times[:, 1] - times[:, 0]).max())
+
+
+def peak_rss_reset() -> None:
+    """Reset this process's peak RSS (Linux: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def rss_mb(field: str = "VmHWM") -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")

@@ -1,0 +1,132 @@
+"""The pipeline engine: split and recomputed backwards equal the plain one (in process), every
+schedule on one stage equals single-process training (PipeDream-2BW: its delayed reference),
+the 4-rank parity launch, and bad configurations that end the job with one line."""
+import json
+import re
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from mpipar.errors import ConfigError
+from mpipar.pipeline.pipedream import train_reference_2bw
+from mpipar.pipeline.stage import Stage
+from mpipar.rankmap import Grid, RankMap
+from mpipar.run import parse
+from mpipar.train.reference import train_reference
+from mpipar.train.trainer import PipelineTrainer
+from mpirun import mpirun, run_script
+
+torch.set_num_threads(1)
+
+
+def layers(dropout=0.0):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(nn.Linear(6, 8), nn.Tanh()), nn.Dropout(dropout),
+                         nn.Sequential(nn.Linear(8, 5), nn.ReLU()), nn.Linear(5, 4)), g
+
+
+def grads_of(index, n, split=False, recompute=False, dropout=0.0):
+    """(input grad, param grads, loss or output) of one micro-batch through one stage."""
+    module, g = layers(dropout)
+    stage = Stage(module, index, n, None, nn.MSELoss(), recompute=recompute)
+    x, y, gy = torch.randn(3, 6, generator=g), torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    torch.manual_seed(7)                                   # dropout's draws
+    out = stage.forward(0, x, y if stage.is_last else None, 0.5, split=split)
+    if recompute:
+        assert stage.stash[0].root is None                # only the input is held
+    gx = stage.backward(0, None if stage.is_last else gy, split=split)
+    if split:
+        assert all(p.grad is None for p in module.parameters())
+        stage.backward_weight(0)
+    assert not stage.stash
+    return gx, [p.grad.clone() for p in module.parameters()], out.detach()
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("split, recompute", [(True, False), (False, True), (True, True)])
+def test_split_and_recomputed_backward_equal_the_plain_one(index, split, recompute):
+    want = grads_of(index, 3, dropout=0.3)
+    got = grads_of(index, 3, split=split, recompute=recompute, dropout=0.3)
+    assert (got[0] is None) == (want[0] is None) == (index == 0)
+    if index:
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+
+
+def one_stage(schedule, *extra):
+    """PipelineTrainer on one stage (p = 1: the whole engine, no messages) for 2 epochs x 6 steps."""
+    args, ex = parse(["mlp", "--schedule", schedule, "--microbatches", "4", "--epochs", "2", "--steps", "6",
+                      *extra])
+    specs = ex.layers(args)
+    topo = SimpleNamespace(grid=Grid(1), pp_rank=0, pp_world=None, world=SimpleNamespace(rank=0))
+    trainer = PipelineTrainer(topo, RankMap(Grid(1), [[s.name for s in specs]]), ex, specs, args, lambda *a: None)
+    data, _ = ex.data(args)
+    from mpipar.train.sampler import epoch_batches
+    for epoch in range(args.epochs):
+        batches = epoch_batches(len(data.y), args.batch_size, args.seed, epoch)[:args.steps]
+        for i, idx in enumerate(batches):
+            trainer.train_step(data.x[idx], data.y[idx], None, position=(i, len(batches)))
+    return trainer, ex, specs, data, args
+
+
+@pytest.mark.parametrize("schedule, extra", [("gpipe", []), ("1f1b", ["--recompute"]), ("zb", []),
+                                             ("zb", ["--recompute"]), ("pipedream", [])])
+def test_every_schedule_on_one_stage_equals_its_reference(schedule, extra):
+    trainer, ex, specs, data, args = one_stage(schedule, *extra)
+    ref = (train_reference_2bw if schedule == "pipedream" else train_reference)(ex, specs, data, args).state_dict()
+    for k, v in trainer.state_dict().items():
+        torch.testing.assert_close(v, ref[k], msg=lambda m: f"{k}: {m}")
+    if schedule == "pipedream":   # and 2BW really is stale: it differs from synchronous training
+        sync = train_reference(ex, specs, data, args).state_dict()
+        assert max(float((v - sync[k]).abs().max()) for k, v in trainer.state_dict().items()) > 1e-4
+
+
+def test_pipedream_refuses_a_batch_that_changes_the_stream():
+    trainer, ex, specs, data, args = one_stage("pipedream")
+    x, y = data.x[:64], data.y[:64]
+    trainer.train_step(x, y, None, position=(0, 3))
+    with pytest.raises(ConfigError, match="every batch must split into 4 micro-batches, but step 1 has 3"):
+        trainer.train_step(x[:3], y[:3], None, position=(1, 3))
+
+
+def test_all_schedules_match_single_process_training_on_4_ranks():
+    t0 = time.monotonic()
+    p = run_script(4, "pipeline_checks.py", timeout=170)
+    assert p.stdout.count("parity ok:") == 7, p.stdout
+    print(p.stdout.strip().splitlines()[-1], f"(launch {time.monotonic() - t0:.1f} s)")
+
+
+BAD = [
+    ("rank map does not fit", ["--schedule", "interleaved", "--microbatches", "2", "--balance", "4,4"],
+     "RankMapError: --balance 4,4 gives 2 stages, but --schedule interleaved with 2 chunks per rank on pp=2 needs"),
+    ("too few micro-batches", ["--schedule", "pipedream", "--microbatches", "1"],
+     "ConfigError: schedule pipedream: needs at least p=2 micro-batches per step (got 1)"),
+]
+
+
+@pytest.mark.parametrize("name, argv, needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_pipeline_configs_end_the_job_with_one_line(tmp_path, name, argv, needle):
+    t0 = time.monotonic()
+    p = mpirun(2, "-m", "mpipar.run", "mlp", *argv, "--out", str(tmp_path), timeout=60)
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if re.match(r"rank \d+ \(", ln)]
+    assert any(needle in ln for ln in lines), "\n".join(lines) + p.stderr[-1500:]
+    print(f"{name}: exit {p.returncode} after {time.monotonic() - t0:.1f} s: {lines[0]}")
+
+
+def test_timeline_flag_writes_trace_and_gantt(tmp_path):
+    p = mpirun(2, "-m", "mpipar.run", "mlp", "--schedule", "zb", "--microbatches", "4", "--epochs", "1",
+               "--steps", "4", "--recompute", "--timeline", str(tmp_path / "tl"), "--out", str(tmp_path), timeout=90)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = re.search(r"measured bubble fraction ([\d.]+) vs formula ([\d.]+) \(zb, p=2, m=4\)", p.stdout)
+    assert m and float(m.group(2)) == pytest.approx(1 / 13, abs=1e-3), p.stdout
+    events = json.loads((tmp_path / "tl.json").read_text())["traceEvents"]
+    assert {e["cat"] for e in events if e["ph"] == "X"} == {"F", "B", "W"}
+    assert {e["tid"] for e in events if e["ph"] == "X"} == {0, 1}
+    assert (tmp_path / "tl.png").stat().st_size > 1000
