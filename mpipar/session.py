@@ -36,7 +36,8 @@ def partition(world, example, specs, args, grid, train):
             from .profile import layer_times
             buf[:] = torch.tensor(layer_times(specs, train.x[:args.batch_size], args.seed))
         times = world.bcast_(buf, 0).tolist()
-    return parse_balance(args.balance, names, grid.pp, param_counts(specs), times)
+    from .pipeline.plan import virtual_stage_count   # p*v stages when a rank holds v chunks
+    return parse_balance(args.balance, names, virtual_stage_count(args, grid.pp), param_counts(specs), times)
 
 
 def compare(example, specs, train, test, args, rows, grid, log) -> None:
@@ -55,6 +56,8 @@ def run_example(world, example, args) -> dict:
     log = print if world.rank == 0 and args.log_level != "quiet" else (lambda *a, **k: None)
     hosts = world.hosts()
     torch.set_num_threads(threads_per_rank(hosts, world.host))
+    if args.wait == "poll" or (args.wait == "auto" and hosts.count(world.host) > (os.cpu_count() or 1)):
+        world.board.poll = 2e-4   # oversubscribed: sleep between tests instead of spinning in MPI_Wait
     if example.main is not None:
         return example.main(args, world, log)
     grid = Grid.parse(args.grid, world.size)
@@ -68,11 +71,17 @@ def run_example(world, example, args) -> dict:
 
     from .train.trainer import PipelineTrainer
     trainer = PipelineTrainer(topo, rankmap, example, specs, args, log)
+    from .data_parallel.wrapper import attach as attach_dp   # --grid dp=D: replicas synced by our ring
+    attach_dp(trainer, topo, args)
+    if example.on_trainer:
+        example.on_trainer(trainer, args)
     mine = sum(p.numel() for p in trainer.module.parameters())
     params = [int(v) for v in world.allgather_floats([mine])[:, 0]]
     log(banner(world, hosts, example, args, grid))
     log(f"data: {train.note}")
     log(rankmap.table(hosts, params))
+    from .checkpoint import attach   # checkpoint/restart, fault injection (--checkpoint-dir, --inject-fault)
+    attach(trainer, rankmap, len(train.y), args, log)
 
     t0 = time.perf_counter()
     rows = trainer.fit(train, test)
@@ -84,6 +93,7 @@ def run_example(world, example, args) -> dict:
     if args.compare and world.rank == 0:
         compare(example, specs, train, test, args, rows, grid, log)
     world.barrier()
+    extra = example.after_fit(trainer, train, test, args, log) if example.after_fit else None
     last = rows[-1] if rows else {}
     metric = next((k for k in last if k.startswith("test_") and k != "test_loss"), None)
     summary = {"example": example.name, "ranks": world.size, "epochs": len(rows), "seconds": elapsed,
@@ -93,5 +103,6 @@ def run_example(world, example, args) -> dict:
         + (f", {metric.replace('test_', 'test ')} {last[metric]:.4g}" if metric else "")
         + f", {last.get('samples_per_s', 0):.0f} samples/s"
         + (f"; {example.report(last, train, test, args)}" if example.report and last else "")
+        + (f"; {extra}" if extra else "")
         + f"; total params {human(sum(params[r] for r in range(world.size) if grid.coords(r)[1:] == (0, 0)))}")
     return summary

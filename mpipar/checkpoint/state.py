@@ -1,0 +1,83 @@
+"""Training state as tensors and plain types only, so `torch.load(weights_only=True)` reads it
+back without executing pickle code: RNG states, and optimizer state keyed by global parameter
+names (not positions), so it can move to another partition of the layers."""
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import torch
+
+
+def serialize(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def deserialize(data: bytes):
+    """Tensors and plain containers only: anything else (a pickled object) raises."""
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+def cloned(obj):
+    """A deep copy in which every tensor is cloned (the snapshot an async writer may keep)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: cloned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cloned(v) for v in obj)
+    return obj
+
+
+# -- random number generators ----------------------------------------------------------------
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": int(version), "internal": [int(v) for v in internal], "gauss": gauss}}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+# -- optimizer --------------------------------------------------------------------------------
+
+def param_names(module: torch.nn.Module) -> list[str]:
+    """Global names of the trainable parameters, in the order the trainer hands them to the optimizer."""
+    return [n for n, p in module.named_parameters() if p.requires_grad]
+
+
+def optimizer_by_name(optimizer, names: list[str]) -> dict:
+    """{"state": {param name: {key: value}}, "groups": [{hyperparameters, "params": [names]}]}."""
+    sd = optimizer.state_dict()
+    state = {names[i]: s for i, s in sd["state"].items()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+              for g in sd["param_groups"]]
+    return {"state": state, "groups": groups}
+
+
+def load_optimizer_by_name(optimizer, names: list[str], state: dict, groups: list[dict]) -> None:
+    """Load state keyed by name into an optimizer over `names` (hyperparameters of group i
+    come from saved group i; the parameter lists stay this optimizer's own)."""
+    own = optimizer.state_dict()["param_groups"]
+    if len(own) != len(groups):
+        from .manifest import CheckpointError
+        raise CheckpointError(f"the optimizer has {len(own)} parameter group(s) but the checkpoint has "
+                              f"{len(groups)}; the example's optimizer changed since it was written")
+    index = {n: i for i, n in enumerate(names)}
+    merged = [{**{k: v for k, v in saved.items() if k != "params"}, "params": g["params"]}
+              for g, saved in zip(own, groups)]
+    optimizer.load_state_dict({"state": {index[n]: s for n, s in state.items() if n in index},
+                               "param_groups": merged})

@@ -1,0 +1,171 @@
+"""Gradient buckets: parameters grouped into flat buffers of about `bucket_mb`, each all-reduced
+as soon as all its gradients exist, while backward is still computing the earlier layers.
+
+Backward produces gradients roughly from the last layer to the first, so buckets are filled in
+reverse parameter order (as torch DDP does). A parameter's post-accumulate-grad hook copies its
+gradient into its bucket once the step's last backward pass (micro-batch) has reached it; the
+bucket's all-reduce starts when its last parameter arrives and is then moved on by a background
+thread that only tests its messages (progress.py; without it, by every later hook), so it
+advances while backward computes the earlier layers. `finish()` starts what backward never
+completed, waits for all, and points each `.grad` at its slice of the reduced buffer.
+
+Each bucket ends with one flag per parameter (1 when this rank has a gradient for it), reduced
+with the gradients: a parameter no rank used keeps `.grad = None`, as in single-process
+training, while one used on some ranks only gets their (zero-padded) contribution everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .fingerprint import check_layout
+from .flags import DEFAULT_BUCKET_MB
+from .handle import Handle
+from .plan import Plan
+from .progress import ProgressThread
+from .ring import AUTO_SEQ, make_plan
+
+
+def plan_buckets(sizes: Sequence[tuple[int, torch.dtype]], bucket_bytes: int) -> list[list[int]]:
+    """Group parameter indices (given (numel, dtype) in model order) into buckets: reverse order,
+    one dtype per bucket, a new bucket once adding a parameter would pass `bucket_bytes` (a
+    parameter larger than that gets a bucket of its own)."""
+    buckets: list[list[int]] = []
+    open_: dict[torch.dtype, tuple[list[int], int]] = {}
+    for i in reversed(range(len(sizes))):
+        numel, dtype = sizes[i]
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        members, used = open_.get(dtype, (None, 0))
+        if members is None or (used + nbytes > bucket_bytes and members):
+            members, used = [], 0
+            buckets.append(members)
+        members.append(i)
+        open_[dtype] = (members, used + nbytes)
+    return [b for b in buckets if b]
+
+
+@dataclass
+class Bucket:
+    index: int
+    members: list[int]                 # parameter indices, in the order they sit in `flat`
+    offsets: list[int]
+    flat: torch.Tensor                 # gradients, then one "has a gradient" flag per member
+    flags: torch.Tensor
+    plan: Plan | None = None           # the bucket's all-reduce, prepared once
+    waiting: set = field(default_factory=set)
+    handle: Handle | None = None
+
+
+class GradBuckets:
+    """All-reduces the gradients of `params` over `world` in buckets (op 'avg' or 'sum')."""
+
+    def __init__(self, world, params: Sequence[torch.nn.Parameter], bucket_mb: float = DEFAULT_BUCKET_MB,
+                 op: str = "avg", overlap: bool = True, names: Sequence[str] | None = None,
+                 background: bool = True):
+        self.world, self.op, self.overlap = world, op, overlap
+        self.params = [p for p in params if p.requires_grad]
+        self.names = list(names) if names is not None else [f"param{i}" for i in range(len(self.params))]
+        plan = plan_buckets([(p.numel(), p.dtype) for p in self.params], int(bucket_mb * 2 ** 20))
+        check_layout(world, [tuple(p.shape) for p in self.params], [p.dtype for p in self.params], plan)
+        self.buckets: list[Bucket] = []
+        self.slot: dict[int, tuple[Bucket, int, int]] = {}   # parameter -> (bucket, offset, member)
+        for b, members in enumerate(plan):
+            offsets, total = [], 0
+            for i in members:
+                offsets.append(total)
+                total += self.params[i].numel()
+            first = self.params[members[0]]
+            flat = torch.zeros(total + len(members), dtype=first.dtype, device=first.device)
+            bucket = Bucket(b, members, offsets, flat, flat[total:], make_plan(world, flat, op))
+            self.buckets.append(bucket)
+            for k, (i, off) in enumerate(zip(members, offsets)):
+                self.slot[i] = (bucket, off, k)
+        self.passes = 1
+        self.seen = [0] * len(self.params)
+        self.active = False
+        self.hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+        self.thread = ProgressThread() if overlap and background and world.size > 1 and self.buckets else None
+        if self.thread:
+            self.thread.start()
+
+    @property
+    def numel(self) -> int:
+        return sum(b.flat.numel() - len(b.members) for b in self.buckets)
+
+    # -- one step ------------------------------------------------------------------------
+    def begin_step(self, backward_passes: int = 1) -> None:
+        """Arm the hooks for a step in which each parameter sees `backward_passes` backwards."""
+        self.passes, self.active = max(1, backward_passes), True
+        self.seen = [0] * len(self.params)
+        for b in self.buckets:
+            b.waiting, b.handle = set(b.members), None
+
+    def _hook(self, i: int):
+        def on_grad(p: torch.Tensor) -> None:
+            if not self.active:
+                return
+            self.seen[i] += 1
+            bucket = self.slot[i][0]
+            if bucket.handle is not None:
+                raise RuntimeError(
+                    f"parameter {self.names[i]} got a gradient after its bucket {bucket.index} was "
+                    f"all-reduced (backward ran more than {self.passes} time(s) this step); pass the "
+                    f"right number of backward passes to begin_step")
+            if self.seen[i] == self.passes and self.overlap:
+                self._stage(bucket, i)
+                if not bucket.waiting:
+                    self._launch(bucket)
+            if self.thread is None:
+                self.progress()
+        return on_grad
+
+    def _stage(self, bucket: Bucket, i: int) -> None:
+        """Copy parameter i's gradient into its bucket (zero if it has none) and flag it."""
+        p, off, k = self.params[i], self.slot[i][1], self.slot[i][2]
+        dst = bucket.flat[off:off + p.numel()]
+        if p.grad is None:
+            dst.zero_()
+        elif p.grad.data_ptr() != dst.data_ptr():
+            dst.copy_(p.grad.reshape(-1))
+        bucket.flags[k] = 0 if p.grad is None else 1
+        bucket.waiting.discard(i)
+
+    def _launch(self, bucket: Bucket, background: bool = True) -> None:
+        bucket.handle = bucket.plan.start(AUTO_SEQ + bucket.index)
+        if self.thread and background and not bucket.handle.done:
+            self.thread.add(bucket.handle)
+
+    def progress(self) -> None:
+        """Let in-flight all-reduces move on as far as messages have arrived (never blocks)."""
+        for b in self.buckets:
+            if b.handle is not None and not b.handle.done:
+                b.handle.progress()
+
+    def finish(self) -> None:
+        """Start any bucket backward left incomplete, wait for all, point grads at the results."""
+        if self.thread:
+            self.thread.drain()
+        for b in self.buckets:
+            if b.handle is None:
+                for i in list(b.waiting):
+                    self._stage(b, i)
+                self._launch(b, background=False)
+        for b in self.buckets:
+            b.handle.wait()
+        for b in self.buckets:
+            used = (b.flags != 0).tolist()
+            for i, off, u in zip(b.members, b.offsets, used):
+                p = self.params[i]
+                p.grad = b.flat[off:off + p.numel()].view_as(p) if u else None
+        self.active = False
+
+    def remove(self) -> None:
+        """Unhook from the parameters and release the buckets' scratch buffers."""
+        for h in self.hooks:
+            h.remove()
+        if self.thread:
+            self.thread.stop()
+        for b in self.buckets:
+            b.plan.close()

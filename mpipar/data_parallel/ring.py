@@ -1,0 +1,135 @@
+"""Our own all-reduce over a World's point-to-point messages (never MPI_Allreduce): the pipelined
+ring (ringplan.py) for bandwidth-bound sizes, recursive doubling or halving-doubling
+(doubling.py) for latency-bound ones, chosen by size; plus ring reduce-scatter and all-gather.
+
+Any n >= 1, any size (0, 1, fewer elements than ranks), float and integer dtypes; bfloat16 and
+float16 are accumulated in float32 and rounded once. All work in place. `make_plan` prepares an
+all-reduce of one buffer for repeated runs (what gradient buckets use); the functions below
+make, run and close one per call.
+"""
+from __future__ import annotations
+
+import torch
+
+from .doubling import DoublingPlan, HalvingPlan
+from .handle import Handle, finished
+from .layout import RingLayout
+from .ops import check_op
+from .plan import Plan, StagedPlan
+from .ringplan import RingPlan
+
+DOUBLING_MAX = 64 * 1024       # up to this: recursive doubling (log2 n messages, latency-bound)
+RING_MIN = 64 * 2 ** 20        # power-of-two n > 2: halving-doubling below this, the ring from here
+AUTO_SEQ = 0x8000              # tag sequence numbers below this are per-World automatic ones
+ALGORITHMS = ("ring", "halving", "doubling")
+
+
+def next_seq(world) -> int:
+    """Tag sequence number for the next collective on `world`: every rank issues collectives
+    in the same order, so every rank draws the same number. The World carries the counter, so
+    it lives and dies with the communicator."""
+    s = getattr(world, "_ring_seq", 0)
+    world._ring_seq = (s + 1) % AUTO_SEQ
+    return s
+
+
+def choose_algorithm(nbytes: int, n: int) -> str:
+    """By size S and ranks n (measured with `python -m mpipar.bench allreduce` on 2-8 ranks):
+    'doubling' up to DOUBLING_MAX: log2 n whole-vector swaps, the fewest hand-offs;
+    'halving' (Rabenseifner) for power-of-two n > 2 below RING_MIN: the ring's 2(n-1)/n·S bytes
+    in 2·log2 n hand-offs instead of 2(n-1), which wins wherever ranks share cores and every
+    hand-off may wait for the peer to be scheduled (4 ranks, 16 MiB: ~1.1x the ring's speed);
+    'ring' otherwise: on 2 ranks halving is the ring without pieces; for other n halving
+    would first fold whole vectors; from RING_MIN pieces keep the adds cache-hot past the L3."""
+    if n == 1:
+        return "none"
+    if nbytes <= DOUBLING_MAX:
+        return "doubling"
+    if n > 2 and n & (n - 1) == 0 and nbytes < RING_MIN:
+        return "halving"
+    return "ring"
+
+
+class _Nothing(Plan):
+    """One rank or no elements: nothing to send (avg over one rank is the identity)."""
+
+
+def make_plan(world, t: torch.Tensor, op: str = "sum", algorithm: str = "auto",
+              piece_bytes: int | None = None) -> Plan:
+    """Prepare an in-place all-reduce of `t` over `world` (op: sum | avg | max | min;
+    algorithm: auto | ring | halving | doubling). Run it with plan.run(seq) or plan.start(seq);
+    close() when done. Every rank must use the same size, dtype, op and algorithm."""
+    check_op(op, t.dtype)
+    if algorithm == "auto":
+        algorithm = choose_algorithm(t.numel() * t.element_size(), world.size)
+    elif algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; use auto, {', '.join(ALGORITHMS)}")
+    if world.size == 1 or t.numel() == 0:
+        return _Nothing(world, t)
+
+    def make(x):
+        if algorithm == "ring":
+            return RingPlan(world, x, op, 0, 2 * world.size - 3, piece_bytes)
+        return (HalvingPlan if algorithm == "halving" else DoublingPlan)(world, x, op)
+    return make(t) if t.device.type == "cpu" else StagedPlan(world, t, make)
+
+
+def all_reduce(world, t: torch.Tensor, op: str = "sum", algorithm: str = "auto",
+               piece_bytes: int | None = None) -> torch.Tensor:
+    """In-place all-reduce of `t` over `world` (blocking); returns `t`."""
+    plan = make_plan(world, t, op, algorithm, piece_bytes)
+    try:
+        return plan.run(next_seq(world))
+    finally:
+        plan.close()
+
+
+def all_reduce_start(world, t: torch.Tensor, op: str = "sum", algorithm: str = "auto",
+                     seq: int | None = None, piece_bytes: int | None = None) -> Handle:
+    """Start an in-place all-reduce of `t`; returns a Handle (progress() never blocks, wait()
+    finishes). Concurrent collectives on one World need distinct `seq`s."""
+    plan = make_plan(world, t, op, algorithm, piece_bytes)
+    seq = next_seq(world) if seq is None else seq
+    if isinstance(plan, _Nothing):
+        return finished(t)
+
+    def steps():
+        try:
+            yield from plan.steps(seq)
+        finally:
+            plan.close()
+    return Handle(steps(), t)
+
+
+def _ring_pass(world, t, op, first, last, piece_bytes) -> None:
+    seq = next_seq(world)
+    if world.size == 1 or t.numel() == 0:
+        return
+    make = lambda x: RingPlan(world, x, op, first, last, piece_bytes)
+    plan = make(t) if t.device.type == "cpu" else StagedPlan(world, t, make)
+    try:
+        plan.run(seq)
+    finally:
+        plan.close()
+
+
+def reduce_scatter(world, t: torch.Tensor, op: str = "sum", piece_bytes: int | None = None) -> torch.Tensor:
+    """Ring reduce-scatter in place: afterwards segment `world.rank` of flat `t` (see
+    `segment_of`) holds the reduction over all ranks and is returned (a view); the other
+    segments hold partial sums."""
+    check_op(op, t.dtype)
+    _ring_pass(world, t, op, 0, world.size - 2, piece_bytes)
+    a, b = segment_of(t.numel(), world.size, world.rank)
+    return t.view(-1)[a:b]
+
+
+def all_gather(world, t: torch.Tensor, piece_bytes: int | None = None) -> torch.Tensor:
+    """Ring all-gather in place: each rank fills segment `world.rank` of flat `t` (see
+    `segment_of`); afterwards every rank holds every segment. Returns `t`."""
+    _ring_pass(world, t, "sum", world.size - 1, 2 * world.size - 3, piece_bytes)
+    return t
+
+
+def segment_of(numel: int, n: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of the segment `rank` owns after reduce_scatter / supplies to all_gather."""
+    return RingLayout(numel, n).segment(rank)

@@ -1,0 +1,82 @@
+"""DataParallel: one replica of a module per data-parallel rank, kept identical.
+
+At construction the replicas prove they have the same gradient layout, then take dp rank 0's
+parameters and buffers. Each step, gradients are averaged (or summed) with our ring, bucketed
+and overlapped with backward (buckets.py); in debug mode every N steps the replicas prove their
+parameters are bit-identical. It attaches to a module rather than wrapping it, so state_dict
+keys stay those of the single-process model.
+
+    dp = DataParallel(model, dp_world)
+    dp.begin_step(); loss.backward(); dp.finish(); opt.step()
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .buckets import DEFAULT_BUCKET_MB, GradBuckets
+from .fingerprint import check_identical
+
+
+class DataParallel:
+    def __init__(self, module: nn.Module, dp_world, bucket_mb: float = DEFAULT_BUCKET_MB,
+                 op: str = "avg", check_every: int = 0, overlap: bool = True, background: bool = True):
+        self.module, self.world, self.check_every = module, dp_world, check_every
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.buckets = GradBuckets(dp_world, [p for _, p in named], bucket_mb, op, overlap,
+                                   names=[n for n, _ in named], background=background)
+        self.steps = 0
+        broadcast_state(module, dp_world)
+
+    def begin_step(self, backward_passes: int = 1) -> None:
+        """Call before the step's backward(s): `backward_passes` = micro-batches run backward."""
+        self.buckets.begin_step(backward_passes)
+
+    def finish(self) -> None:
+        """Call after backward, before optimizer.step(): gradients are then reduced everywhere."""
+        if not self.buckets.active:
+            self.buckets.begin_step(1)
+        self.buckets.finish()
+        if self.check_every and self.steps % self.check_every == 0:
+            self.check_replicas()
+        self.steps += 1
+
+    def check_replicas(self) -> None:
+        """Raise ReplicaMismatchError unless parameters and reduced gradients are bit-identical."""
+        params = [p for p in self.module.parameters()]
+        check_identical(self.world, params, f"parameters before step {self.steps}")
+        grads = [p.grad for p in params if p.grad is not None]
+        check_identical(self.world, grads, f"reduced gradients of step {self.steps}")
+
+    def remove(self) -> None:
+        self.buckets.remove()
+
+
+@torch.no_grad()
+def broadcast_state(module: nn.Module, world, root: int = 0) -> None:
+    """Every parameter and buffer takes rank `root`'s values (same shapes checked beforehand)."""
+    if world.size == 1:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_contiguous():
+            world.bcast_(t.data, root)
+        else:
+            tmp = t.data.contiguous()
+            t.data.copy_(world.bcast_(tmp, root))
+
+
+def attach(trainer, topo, args) -> DataParallel | None:
+    """Make `trainer` (a PipelineTrainer) data-parallel over topo.dp_world when dp > 1.
+
+    The trainer weights each micro-batch's loss by its share of the GLOBAL batch, so the
+    gradients are summed (not averaged) across replicas: the result is the mean over the
+    global batch, as single-process training computes it, even when shards differ in size."""
+    if topo.grid.dp == 1 or trainer.module is None:
+        return None
+    dp = DataParallel(trainer.module, topo.dp_world,
+                      bucket_mb=getattr(args, "bucket_mb", DEFAULT_BUCKET_MB), op="sum",
+                      check_every=getattr(args, "dp_check_every", 0))
+    trainer.before_step.append(lambda tr, passes: dp.begin_step(passes))
+    trainer.after_backward.append(lambda tr: dp.finish())
+    trainer.dp = dp
+    return dp

@@ -1,0 +1,305 @@
+"""Checkpoint logic in one process: atomic writes, manifests, verification (truncated and
+corrupted shards fall back to the previous checkpoint), weights_only loading (no pickle),
+keep-K, re-keying optimizer state by layer name across partitions, bit-identical resume, the
+auto interval; and the 4-rank checks (tests/mpi/checkpoint_checks.py)."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mpipar.checkpoint import fault, reshard, restart, shard, store
+from mpipar.checkpoint.atomic import atomic_write, sha256_hex
+from mpipar.checkpoint.checkpointer import Checkpointer
+from mpipar.checkpoint.export import newest_full_state
+from mpipar.checkpoint.manifest import CheckpointError, Manifest, ShardInfo
+from mpipar.checkpoint.state import deserialize, rng_state, serialize, set_rng_state
+from mpipar.model import LayerSpec, build_stage
+from mpipar.rankmap import Grid, RankMap
+from mpipar.train.metrics import Tally
+
+torch.set_num_threads(1)
+SPECS = [LayerSpec(f"l{i}", (lambda a=a, b=b: nn.Sequential(nn.Linear(a, b), nn.Tanh())))
+         for i, (a, b) in enumerate([(6, 16), (16, 16), (16, 8), (8, 6)])]
+NAMES = [s.name for s in SPECS]
+DATA = torch.randn(48, 6, generator=torch.Generator().manual_seed(1))
+
+
+class SoloWorld:
+    """A one-rank World: collectives are identities."""
+    rank, size, name = 0, 1, "solo"
+
+    def allgather_floats(self, v):
+        return np.asarray(v, dtype=np.float64).reshape(1, -1)
+
+    def allreduce_native(self, t, op="sum"):
+        return t
+
+    def bcast_(self, t, root=0):
+        return t
+
+    def barrier(self):
+        pass
+
+
+def topo(pp=1, pp_rank=0):
+    return SimpleNamespace(world=SoloWorld(), grid=Grid(pp, 1, 1), pp_rank=pp_rank, dp_rank=0, tp_rank=0, reporter=0)
+
+
+class MiniTrainer:
+    """What the checkpointer touches of PipelineTrainer, over a whole model or one stage."""
+
+    def __init__(self, layers=NAMES, epochs=3):
+        self.module = build_stage(SPECS, layers, seed=0)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=1e-2)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, 4, gamma=0.5)
+        self.step_count, self.step_seconds = 0, []
+        self.args = SimpleNamespace(epochs=epochs)
+
+    def train_step(self, x):
+        self.optimizer.zero_grad()
+        out = self.module(x)
+        loss = ((out - x) ** 2).mean() + 1e-3 * torch.randn(()).item()   # uses the RNG on purpose
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        self.step_seconds.append(1e-3)
+        return out
+
+
+def fit(trainer, ck=None, epochs=3, batches=4, stop_at=None):
+    """The trainer's loop, with the same hook calls PipelineTrainer.fit makes."""
+    rows = ck.resumed_rows(None) if ck else []
+    for epoch in range(ck.start_epoch if ck else 0, epochs):
+        tally = Tally(nn.MSELoss(), "regression")
+        if ck:
+            ck.resume_tally(epoch, tally)
+        for i in range(batches):
+            if ck and ck.skip(epoch, i):
+                continue
+            if stop_at is not None and trainer.step_count == stop_at:
+                return rows   # "crash": nothing after this point happens
+            x = DATA[(i * 12) % 48:(i * 12) % 48 + 12]
+            tally.add(trainer.train_step(x).detach(), x)
+            if ck:
+                ck.after_step(trainer, epoch, i + 1, batches, tally, rows)
+        rows.append({"epoch": epoch + 1, "train_loss": tally.loss / tally.n})
+        if ck:
+            ck.after_epoch(trainer, epoch, rows)
+    if ck:
+        ck.finish(trainer)
+    return rows
+
+
+def checkpointer(root, every=3, keep=10, background=False, layers=NAMES, faults=None):
+    rm = RankMap(Grid(1, 1, 1), [list(layers)])
+    return Checkpointer(root, topo(), rm, every, keep, background, faults, lambda *a, **k: None,
+                        {"seed": 0, "batch_size": 12, "microbatches": 1})
+
+
+def params(trainer):
+    return {k: v.clone() for k, v in trainer.module.state_dict().items()}
+
+
+def assert_bit_equal(a, b):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture
+def reference():
+    torch.manual_seed(123)
+    t = MiniTrainer()
+    rows = fit(t)
+    return params(t), rows
+
+
+# -- atomic writes, verification, no pickle --------------------------------------------------------
+
+def test_atomic_write_interrupted_keeps_the_old_file(tmp_path):
+    path = tmp_path / "f.bin"
+    atomic_write(path, b"old")
+
+    def crash():
+        raise KeyboardInterrupt("killed mid-write")
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, b"new contents" * 100, on_half_written=crash)
+    assert path.read_bytes() == b"old"
+
+
+def test_truncated_and_corrupted_shards_are_named(tmp_path):
+    data = serialize({"model": {"w": torch.ones(100)}})
+    (tmp_path / "rank-00000.pt").write_bytes(data[:-10])
+    info = ShardInfo("rank-00000.pt", 0, [0, 0, 0], ["l0"], len(data), sha256_hex(data))
+    assert store.read_verified(tmp_path, info)[1].endswith(f"truncated ({len(data) - 10} of {len(data)} bytes)")
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0xFF
+    (tmp_path / "rank-00000.pt").write_bytes(bytes(bad))
+    assert "corrupted (sha256 differs" in store.read_verified(tmp_path, info)[1]
+    (tmp_path / "rank-00000.pt").write_bytes(data)
+    assert store.read_verified(tmp_path, info) == (data, None)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pickle code ran",))
+
+
+def test_loading_never_executes_pickle(tmp_path):
+    data = serialize({"rng": Evil()})
+    with pytest.raises(Exception):
+        deserialize(data)
+    man = Manifest(1, 0, 1, {"pp": 1, "dp": 1, "tp": 1}, [NAMES],
+                   [ShardInfo("rank-00000.pt", 0, [0, 0, 0], NAMES, len(data), sha256_hex(data))])
+    (tmp_path / "rank-00000.pt").write_bytes(data)
+    state, problem = restart.load_mine(man, tmp_path, Grid(1, 1, 1), 0, (0, 0, 0), NAMES, [])
+    assert state is None and "cannot be loaded safely" in problem
+
+
+def test_rng_and_optimizer_state_survive_weights_only():
+    t = MiniTrainer()
+    t.train_step(DATA[:8])
+    snap = deserialize(serialize(shard.snapshot(t, topo(), copy=True)))
+    assert snap["optim"]["state"]["l0.0.weight"]["exp_avg"].shape == (16, 6)
+    before = rng_state()
+    a = torch.rand(3)
+    set_rng_state(deserialize(serialize(before)))
+    assert torch.equal(a, torch.rand(3))
+
+
+# -- resume: bit-identical, fallback, keep-K ---------------------------------------------------------
+
+def test_resume_is_bit_identical_and_rows_carry_over(tmp_path, reference):
+    ref_params, ref_rows = reference
+    torch.manual_seed(123)
+    fit(MiniTrainer(), checkpointer(tmp_path), stop_at=7)   # checkpoints at steps 3 and 6
+    assert [s for s, _ in store.step_dirs(tmp_path)] == [6, 3]
+    torch.manual_seed(999)   # a relaunch starts with another RNG state: the checkpoint restores it
+    t, ck = MiniTrainer(), checkpointer(tmp_path)
+    assert ck.resume(t).step == 6 and (ck.start_epoch, ck.start_step) == (1, 2)
+    rows = fit(t, ck)
+    assert_bit_equal(params(t), ref_params)
+    assert rows == ref_rows   # the per-epoch sums include the batches before the restart
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "no manifest"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, reference, damage):
+    torch.manual_seed(123)
+    fit(MiniTrainer(), checkpointer(tmp_path), stop_at=10)   # steps 3, 6, 9
+    newest = store.step_dir(tmp_path, 9)
+    shard_file = newest / "rank-00000.pt"
+    if damage == "truncate":
+        shard_file.write_bytes(shard_file.read_bytes()[:100])
+    elif damage == "corrupt":
+        raw = bytearray(shard_file.read_bytes())
+        raw[-200] ^= 0x01
+        shard_file.write_bytes(bytes(raw))
+    else:
+        (newest / "manifest.json").unlink()   # the job died before rank 0 wrote it
+    t, ck = MiniTrainer(), checkpointer(tmp_path)
+    assert ck.resume(t).step == 6
+    assert not newest.exists()   # the rejected folder is gone: the resumed run writes step 9 again
+    fit(t, ck)
+    assert_bit_equal(params(t), reference[0])
+
+
+def test_crash_in_the_middle_of_a_write_never_becomes_latest(tmp_path, reference):
+    class Crash(Exception):
+        pass
+
+    plan = fault.FaultPlan([fault.Fault(0, 7, "write")], tmp_path / "faults", 0)
+    plan.die = lambda *a: (_ for _ in ()).throw(Crash())   # instead of SIGKILL
+    torch.manual_seed(123)
+    with pytest.raises(Crash):
+        fit(MiniTrainer(), checkpointer(tmp_path, faults=plan))
+    assert not (store.step_dir(tmp_path, 9) / "manifest.json").exists()
+    assert (tmp_path / "LATEST").read_text().strip() == "step-000000006"
+    t, ck = MiniTrainer(), checkpointer(tmp_path)
+    assert ck.resume(t).step == 6
+    fit(t, ck)
+    assert_bit_equal(params(t), reference[0])
+
+
+def test_async_writes_and_keep_k(tmp_path, reference):
+    torch.manual_seed(123)
+    t, ck = MiniTrainer(), checkpointer(tmp_path, every=2, keep=2, background=True)
+    fit(t, ck)
+    assert_bit_equal(params(t), reference[0])
+    assert [s for s, _ in store.step_dirs(tmp_path)] == [12, 10]   # the final one, and one before
+    man, state = newest_full_state(tmp_path)
+    assert man.step == 12 and man.epoch == 3
+    assert_bit_equal(state, reference[0])
+
+
+# -- resharding: optimizer state keyed by layer name ---------------------------------------------
+
+def test_two_stage_shards_load_into_one_stage(tmp_path):
+    """A pp=2 checkpoint (two shards) loads into a pp=1 trainer; training goes on identically."""
+    torch.manual_seed(5)
+    whole = MiniTrainer()
+    stages = [MiniTrainer(NAMES[:2]), MiniTrainer(NAMES[2:])]   # per-layer seeds: the same weights
+    x = DATA[:12]
+    whole.train_step(x)
+    # train the split model by hand: stage 0 then stage 1, same loss
+    for s in stages:
+        s.optimizer.zero_grad()
+    out = stages[1].module(stages[0].module(x))
+    ((out - x) ** 2).mean().backward()
+    for s in stages:
+        s.optimizer.step()
+        s.scheduler.step()
+        s.step_count = 1
+    folder = store.step_dir(tmp_path, 1)
+    folder.mkdir(parents=True)
+    infos = []
+    for r, s in enumerate(stages):
+        data = serialize(shard.snapshot(s, topo(2, r), copy=False))
+        (folder / store.shard_name(r)).write_bytes(data)
+        infos.append(ShardInfo(store.shard_name(r), r, [r, 0, 0], NAMES[2 * r:2 * r + 2], len(data), sha256_hex(data)))
+    man = Manifest(1, 0, 1, {"pp": 2, "dp": 1, "tp": 1}, [NAMES[:2], NAMES[2:]], infos)
+    assert [i.file for i in reshard.needed(man, Grid(1, 1, 1), 0, (0, 0, 0), NAMES)] == ["rank-00000.pt", "rank-00001.pt"]
+    merged = MiniTrainer()
+    state, problem = restart.load_mine(man, folder, Grid(1, 1, 1), 0, (0, 0, 0), NAMES, list(merged.module.state_dict()))
+    assert problem is None
+    shard.apply(merged, state)
+    for k, v in whole.module.state_dict().items():
+        torch.testing.assert_close(merged.module.state_dict()[k], v)
+    torch.manual_seed(0)
+    merged.train_step(DATA[12:24])
+    torch.manual_seed(0)
+    whole.train_step(DATA[12:24])
+    for k, v in whole.module.state_dict().items():
+        torch.testing.assert_close(merged.module.state_dict()[k], v)
+
+
+def test_a_changed_model_is_a_clear_error():
+    man = Manifest(1, 0, 1, {"pp": 1, "dp": 1, "tp": 1}, [["a", "b"]], [ShardInfo("r", 0, [0, 0, 0], ["a", "b"], 1, "")])
+    with pytest.raises(CheckpointError, match="no state for layer"):
+        reshard.model_sources(man, ["a", "c"], 0, 1)
+    with pytest.raises(CheckpointError, match="tp=1 and this run has tp=2"):
+        reshard.model_sources(man, ["a"], 0, 2)
+
+
+def test_checkpoint_checks_on_4_ranks(tmp_path):
+    """Resume, fallback on damaged shards, resharding to pp=2 and pp=2 x dp=2, async writes."""
+    from mpirun import run_script
+    p = run_script(4, "checkpoint_checks.py", str(tmp_path), timeout=300)
+    assert "checkpoint checks: all passed" in p.stdout
+    assert "corrupted (sha256 differs from the manifest)" in p.stderr and "truncated (" in p.stderr
+
+
+def test_auto_interval_keeps_saving_near_the_budget():
+    from mpipar.checkpoint.interval import BUDGET, FIRST, Interval
+    iv = Interval(None)
+    assert iv.auto and iv.every == FIRST and iv.due(FIRST) and not iv.due(FIRST - 1)
+    iv.saved(FIRST)
+    assert iv.adapt(save_seconds=0.010, step_seconds=0.004)   # 10 ms per save, 4 ms per step
+    assert iv.every == 125 and 0.010 / (iv.every * 0.004) <= BUDGET
+    assert not iv.due(FIRST + 124) and iv.due(FIRST + 125)
+    fixed = Interval(5)
+    assert fixed.due(10) and not fixed.due(11) and not fixed.adapt(1.0, 0.001)

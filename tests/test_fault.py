@@ -1,0 +1,121 @@
+"""Killed ranks, end to end: the supervisor relaunches the job after a rank SIGKILLs itself at
+a random (seeded) step, also in the middle of a checkpoint write, and the final parameters are
+bit-equal to the fault-free run; an error a rank reports is not retried; with ULFM, a dead rank
+is survived without any relaunch. First, in one process: the fault flags and the supervisor's
+decisions and commands."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mpipar.checkpoint import fault
+from mpipar.checkpoint.supervisor import launcher_command, rank_died, split_argv
+from mpipar.errors import ConfigError
+from mpirun import ENV, MPI_DIR, ROOT, kill_group, mpirun, mpirun_exe
+
+torch.set_num_threads(1)
+ARGV = ["mlp", "--epochs", "2", "--steps", "12", "--checkpoint-every", "5", "--log-level", "info"]
+
+
+def params(folder):
+    out = {}
+    for f in sorted(folder.glob("stage*.pt")):
+        out.update(torch.load(f, weights_only=True))
+    return out
+
+
+def run(cmd, timeout):
+    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} hung for {timeout} s\n{out[-3000:]}\n{err[-3000:]}") from None
+    return proc.returncode, out, err
+
+
+def supervised(tmp, *flags, timeout=300):
+    return run([sys.executable, "-m", "mpipar.checkpoint.supervisor", "--np", "4", "--max-restarts", "2", "--",
+                "-m", "mpipar.run", *ARGV, "--checkpoint-dir", str(tmp / "ckpt"), "--out", str(tmp / "out"),
+                "--save-params", str(tmp / "params"), *flags], timeout)
+
+
+@pytest.fixture(scope="module")
+def fault_free(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fault_free")
+    p = mpirun(4, "-m", "mpipar.run", *ARGV, "--checkpoint-dir", str(d / "ckpt"), "--out", str(d / "out"),
+               "--save-params", str(d / "params"), timeout=180)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return params(d / "params")
+
+
+@pytest.mark.parametrize("fault_flags", [["--inject-fault", "random=11"],
+                                         ["--inject-fault", "random=12,phase=write", "--async-checkpoint"]],
+                         ids=["killed-at-a-step", "killed-mid-write-async"])
+def test_killed_rank_relaunch_is_bit_equal(tmp_path, fault_free, fault_flags):
+    rc, out, err = supervised(tmp_path, *fault_flags)
+    assert rc == 0, out[-3000:] + err[-3000:]
+    assert "injected fault 0: SIGKILL" in err and "exited on" in err
+    assert "checkpoint: resumed from step-" in out or "starting from step 0" in out.split("launch 2")[1]
+    assert "supervisor: launches=2 failures=1 recovered=1 recovery_rate=100% exit=0" in out
+    got = params(tmp_path / "params")
+    assert sorted(got) == sorted(fault_free)
+    for k in got:
+        assert torch.equal(got[k], fault_free[k]), k
+
+
+def test_a_reported_error_is_not_relaunched(tmp_path):
+    rc, out, err = supervised(tmp_path, "--inject-error", "rank=1,step=3", timeout=180)
+    assert rc != 0 and "RuntimeError: injected error at step 3" in err
+    assert "not relaunching" in out and "launches=1 failures=0" in out
+
+
+def test_ulfm_survives_a_killed_rank_without_relaunch(tmp_path):
+    cmd = [mpirun_exe(), "--with-ft", "ulfm", "-np", "4", "--oversubscribe", "--bind-to", "none", sys.executable,
+           str(MPI_DIR / "ulfm_checks.py"), str(tmp_path)]
+    rc, out, err = run(cmd, 180)
+    assert rc == 0, out[-3000:] + err[-3000:]
+    assert "injected fault 0: SIGKILL at step 5" in err
+    assert "ulfm checks: passed on 3 survivors (lost rank [2])" in out
+
+
+# -- fault flags and the supervisor ---------------------------------------------------------------
+
+def test_fault_flags():
+    assert fault.resolve(fault.parse("rank=2,step=5"), 4, 100) == [fault.Fault(2, 5, "step")]
+    a = fault.resolve(fault.parse("random=7,count=3,phase=write"), 4, 50)
+    assert a == fault.resolve(fault.parse("random=7,count=3,phase=write"), 4, 50)   # seeded
+    assert len(a) == 3 and all(1 <= f.step < 50 and f.phase == "write" for f in a)
+    assert [f.step for f in a] == sorted(f.step for f in a)
+    assert len({f.rank for f in fault.resolve(fault.parse("random=1,count=3"), 4, 50, distinct=True)}) == 3
+    for bad in ("rank=1", "random=x", "rank=1,step=2,random=3", "rank=1,step=2,phase=later"):
+        with pytest.raises(ConfigError, match="--inject-fault"):
+            fault.parse(bad)
+    with pytest.raises(ConfigError, match="rank must be in 0..3"):
+        fault.resolve(fault.parse("rank=4,step=2"), 4, 10)
+
+
+def test_supervisor_relaunches_only_after_a_dead_rank():
+    killed = "prterun noticed that process rank 2 with PID 1 on node vm exited on\nsignal 9 (Killed)."
+    aborted = ('rank 0 (vm): ConfigError: bad\nMPI_ABORT was invoked on rank 0\nprterun has exited due to process '
+               'rank 0 calling "abort". This may have caused other processes to be terminated by signals')
+    assert rank_died(137, killed) and rank_died(1, killed)
+    assert not rank_died(1, aborted) and not rank_died(0, "")
+    assert rank_died(-9, "")   # the launcher itself was killed by a signal
+
+
+def test_supervisor_commands_are_argument_lists():
+    cmd = launcher_command(4, ["-m", "mpipar.run", "mlp"], env={"PATH": ""})
+    assert cmd[1:4] == ["-np", "4", "--oversubscribe"] and cmd[-3:] == ["-m", "mpipar.run", "mlp"]
+    slurm = launcher_command(8, ["x.py"], env={"PATH": "", "SLURM_JOB_ID": "7"})
+    assert "--oversubscribe" not in slurm
+    assert launcher_command(8, ["x.py"], "srun", env={})[:3] == ["srun", "--mpi=pmix", "-n"]
+    opts, job = split_argv(["--np", "2", "--max-restarts", "5", "mlp", "--epochs", "1"])
+    assert (opts.np, opts.max_restarts, job) == (2, 5, ["-m", "mpipar.run", "mlp", "--epochs", "1"])
+    opts, job = split_argv(["--np", "3", "--", "tests/mpi/x.py", "--np", "9"])
+    assert opts.np == 3 and job == ["tests/mpi/x.py", "--np", "9"]
