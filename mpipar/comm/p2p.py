@@ -62,7 +62,15 @@ class RecvHandle:
         if self.result is not None:
             return self.result
         w, peer = self.world, self.world.world_rank_of(self.src)
-        BOARD.wait(self.hreq, f"RECV {label(self.tag)} header from", peer)
+        failed = None
+        if self.preq is not None:   # pre-posted: header and payload in one wait
+            try:
+                BOARD.waitall([self.hreq, self.preq], f"RECV {label(self.tag)} from", peer)
+            except MPI.Exception as e:   # e.g. truncation: the header below says why
+                failed = e
+                BOARD.wait(self.hreq, f"RECV {label(self.tag)} header from", peer)
+        else:
+            BOARD.wait(self.hreq, f"RECV {label(self.tag)} header from", peer)
         try:
             shape, dtype = H.decode(self.hdr)
         except ValueError as e:
@@ -72,10 +80,12 @@ class RecvHandle:
         if (want_shape is not None and tuple(shape) != tuple(want_shape)) or (want_dtype is not None and dtype != want_dtype):
             self.shape, self.dtype = want_shape or shape, want_dtype or dtype
             raise self._mismatch(shape, dtype)
+        if failed is not None:
+            raise failed
         if self.preq is None:
             self.buf = w.policy.recv_buffer(shape, dtype, self.device)
             self.preq = w.comm.Irecv(mpi_buffer(self.buf), source=self.src, tag=self.tag)
-        BOARD.wait(self.preq, f"RECV {label(self.tag)} from", peer)
+            BOARD.wait(self.preq, f"RECV {label(self.tag)} from", peer)
         self.result = w.policy.from_wire(self.buf, self.device)
         return self.result
 
