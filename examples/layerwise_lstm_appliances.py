@@ -4,33 +4,14 @@ from torch import nn
 
 from mpipar.data.appliances import load_appliances, persistence_rmse
 from mpipar.example import Example
+from mpipar.layers import LastStep, LSTMLayer
 from mpipar.model import LayerSpec
-
-
-class LSTMLayer(nn.Module):
-    """One LSTM layer that passes its whole output sequence on (pipeline activations are tensors)."""
-
-    def __init__(self, c_in, c_out):
-        super().__init__()
-        self.lstm = nn.LSTM(c_in, c_out, batch_first=True)
-
-    def forward(self, x):
-        return self.lstm(x)[0]
-
-
-class Head(nn.Module):
-    def __init__(self, c_in):
-        super().__init__()
-        self.fc = nn.Linear(c_in, 1)
-
-    def forward(self, x):
-        return self.fc(x[:, -1])
 
 
 def layers(args):
     h, n_feat = args.hidden, 26
     specs = [LayerSpec(f"lstm{i + 1}", lambda a=(n_feat if i == 0 else h): LSTMLayer(a, h)) for i in range(args.depth)]
-    return specs + [LayerSpec("head", lambda: Head(h))]
+    return specs + [LayerSpec("head", lambda: LastStep(h))]
 
 
 def data(args):

@@ -4,27 +4,8 @@ from torch import nn
 
 from mpipar.data.temperature import load_temperature_stream, windows
 from mpipar.example import Example
+from mpipar.layers import LastStep, LSTMLayer
 from mpipar.model import LayerSpec
-
-
-class LSTMLayer(nn.Module):
-    """One LSTM layer passing its whole output sequence to the next stage."""
-
-    def __init__(self, c_in, c_out):
-        super().__init__()
-        self.lstm = nn.LSTM(c_in, c_out, batch_first=True)
-
-    def forward(self, x):
-        return self.lstm(x)[0]
-
-
-class LastStep(nn.Module):
-    def __init__(self, c_in):
-        super().__init__()
-        self.fc = nn.Linear(c_in, 1)
-
-    def forward(self, x):
-        return self.fc(x[:, -1])
 
 
 def layers(args):

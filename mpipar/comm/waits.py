@@ -4,6 +4,7 @@ plus the bytes this process sent (for per-rank traffic metrics)."""
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 import time
 from dataclasses import dataclass, field
 
@@ -28,16 +29,13 @@ class WaitBoard:
     poll: float | None = None   # seconds: test and sleep instead of spinning in MPI (opt-in, for
                                 # hosts with more ranks than cores); None: MPI_Wait
 
-    def wait(self, request, what: str, peer: int):
-        """Block on an mpi4py request; returns its result (mpi4py releases the GIL meanwhile)."""
+    @contextmanager
+    def waiting(self, what: str, peer: int):
+        """Marks this process as waiting (for the watchdog) and adds the time to the totals."""
         start = time.monotonic()
         self.current = Waiting(what, peer, start)
         try:
-            if self.poll is not None:
-                while not request.Test():
-                    time.sleep(self.poll)
-                return True
-            return request.Wait()
+            yield
         finally:
             dt = time.monotonic() - start
             self.current = None
@@ -46,25 +44,25 @@ class WaitBoard:
                 self.count += 1
                 self.longest = max(self.longest, dt)
 
+    def wait(self, request, what: str, peer: int):
+        """Block on an mpi4py request; returns its result (mpi4py releases the GIL meanwhile)."""
+        with self.waiting(what, peer):
+            if self.poll is not None:
+                while not request.Test():
+                    time.sleep(self.poll)
+                return True
+            return request.Wait()
+
     def waitall(self, requests, what: str, peer: int = -1):
         """All of `requests` in one MPI call (one wait, not one per request: on an
         oversubscribed host every separate wait may cost a context switch)."""
         from mpi4py import MPI
-        start = time.monotonic()
-        self.current = Waiting(what, peer, start)
-        try:
+        with self.waiting(what, peer):
             if self.poll is not None:
                 while not MPI.Request.Testall(requests):
                     time.sleep(self.poll)
             else:
                 MPI.Request.Waitall(requests)
-        finally:
-            dt = time.monotonic() - start
-            self.current = None
-            with self.lock:
-                self.seconds += dt
-                self.count += 1
-                self.longest = max(self.longest, dt)
 
     def wait_any(self, requests, what: str, poll: float | None = None, peer: int = -1) -> int:
         """Block until one of `requests` completes (MPI_Waitany); returns its index, or -1 when
@@ -74,9 +72,7 @@ class WaitBoard:
         None: the board's own `poll` setting."""
         from mpi4py import MPI
         poll = self.poll if poll is None else poll
-        start = time.monotonic()
-        self.current = Waiting(what, peer, start)
-        try:
+        with self.waiting(what, peer):
             if poll is None:
                 index = MPI.Request.Waitany(requests)
             else:
@@ -84,13 +80,6 @@ class WaitBoard:
                 while not done:
                     time.sleep(poll)
                     index, done = MPI.Request.Testany(requests)
-        finally:
-            dt = time.monotonic() - start
-            self.current = None
-            with self.lock:
-                self.seconds += dt
-                self.count += 1
-                self.longest = max(self.longest, dt)
         return -1 if index == MPI.UNDEFINED else index
 
     def sent(self, nbytes: int) -> None:
