@@ -41,7 +41,6 @@ class _Exchanges(Plan):
         sitter = r < 2 * self.extra
         self.role = ("sit" if r % 2 == 0 else "fold") if sitter else "plain"
         self.index = None if self.role == "sit" else (r // 2 if sitter else r - self.extra)
-        self.label = {"in": f"RING fold from", "out": f"RING result from"}
 
     def rank_of(self, index: int) -> int:
         return index * 2 + 1 if index < self.extra else index + self.extra
@@ -54,14 +53,14 @@ class _Exchanges(Plan):
         if self.role == "sit":
             yield [isend_array(w, self.work, r + 1, tag(Kind.RING, seq, FOLD))], "RING fold to", w.world_rank_of(r + 1)
         elif self.role == "fold":
-            yield [irecv_array(w, self.other, r - 1, tag(Kind.RING, seq, FOLD))], self.label["in"], w.world_rank_of(r - 1)
+            yield [irecv_array(w, self.other, r - 1, tag(Kind.RING, seq, FOLD))], "RING fold from", w.world_rank_of(r - 1)
             self.ufunc(self.work, self.other, out=self.work)
 
     def fold_out(self, seq: int):
         """Sitters get the finished vector (raw bytes) back."""
         w, r = self.world, self.world.rank
         if self.role == "sit":
-            yield [irecv_array(w, self.fb, r + 1, tag(Kind.RING, seq, RETURN))], self.label["out"], w.world_rank_of(r + 1)
+            yield [irecv_array(w, self.fb, r + 1, tag(Kind.RING, seq, RETURN))], "RING result from", w.world_rank_of(r + 1)
         elif self.role == "fold":
             yield [isend_array(w, self.fb, r - 1, tag(Kind.RING, seq, RETURN))], "RING result to", w.world_rank_of(r - 1)
 
