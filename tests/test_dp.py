@@ -4,9 +4,8 @@ same global batch (uneven shards included), composition with pipeline stages, an
 built differently on one rank ending the job with one clear line instead of a hang."""
 import torch
 
-from mpipar.run import parse
-from mpipar.train.reference import train_reference
 from mpirun import mpirun, run_script
+from parity import check_parity
 
 torch.set_num_threads(1)
 
@@ -23,30 +22,14 @@ def test_mismatched_models_end_the_job_with_the_layout_error():
     assert "disagree on the gradient layout" in line and "rank 1 has 10 parameters / 3,986 elements" in line, p.stderr[-2000:]
 
 
-def parity(tmp_path, np_, argv):
-    save = tmp_path / "params"
-    p = mpirun(np_, "-m", "mpipar.run", *argv, "--save-params", str(save), "--out", str(tmp_path / "out"),
-               timeout=180)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    args, example = parse(argv)
-    ref = train_reference(example, example.layers(args), example.data(args)[0], args).state_dict()
-    got = {}
-    for f in sorted(save.glob("stage*.pt")):
-        got.update(torch.load(f, weights_only=True))
-    assert sorted(got) == sorted(ref)
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], msg=lambda m: f"{k}: {m}")
-    return p.stdout
-
-
 def test_dp4_equals_single_process_with_the_same_global_batch(tmp_path):
     # (uneven shards are checked with SGD in dp_checks.py: Adam's first steps turn the
     # last-bit differences of a 7-vs-8-sample shard mean into ~1e-4 parameter differences)
-    out = parity(tmp_path, 4, ["mlp", "--grid", "dp=4", "--steps", "20", "--epochs", "1",
+    out = check_parity(tmp_path, 4, ["mlp", "--grid", "dp=4", "--steps", "20", "--epochs", "1",
                                "--dp-check-every", "5"])
     assert "pp=1 dp=4" in out
 
 
 def test_pipeline_stages_with_data_parallel_replicas(tmp_path):
-    parity(tmp_path, 4, ["mlp", "--grid", "pp=2,dp=2", "--balance", "4,4", "--microbatches", "2",
+    check_parity(tmp_path, 4, ["mlp", "--grid", "pp=2,dp=2", "--balance", "4,4", "--microbatches", "2",
                          "--steps", "20", "--epochs", "1", "--bucket-mb", "0.05"])

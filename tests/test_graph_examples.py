@@ -5,7 +5,7 @@ import json
 import torch
 
 from mpirun import mpirun
-from test_run import check_parity
+from parity import check_parity
 
 torch.set_num_threads(1)
 QM9_SMALL = ["--max-molecules", "800", "--hidden", "16", "--depth", "2", "--batch-size", "32"]

@@ -6,32 +6,12 @@ import time
 import pytest
 import torch
 
-from mpipar import registry
 from mpipar.model import param_counts
 from mpipar.run import parse
-from mpipar.train.reference import train_reference
 from mpirun import ROOT, mpirun
+from parity import check_parity
 
 torch.set_num_threads(1)
-
-
-def check_parity(tmp_path, np_, argv):
-    """Run argv on np_ ranks with --save-params; compare with single-process training."""
-    save = tmp_path / "params"
-    p = mpirun(np_, "-m", "mpipar.run", *argv, "--save-params", str(save), "--out", str(tmp_path / "out"),
-               timeout=240)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    args, example = parse(argv)
-    specs = example.layers(args)
-    train, _ = example.data(args)
-    ref = train_reference(example, specs, train, args).state_dict()
-    got = {}
-    for f in sorted(save.glob("stage*.pt")):
-        got.update(torch.load(f, weights_only=True))
-    assert sorted(got) == sorted(ref)
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], msg=lambda m: f"{k}: {m}")
-    return p.stdout
 
 
 def table_params(stdout):
