@@ -19,7 +19,7 @@ def test_header_round_trip(shape, dtype):
 def test_header_rejects_garbage_and_too_many_dims():
     with pytest.raises(ValueError, match="not an mpipar tensor header"):
         H.decode(np.zeros(H.HEADER_LEN, dtype=np.int64))
-    bad = H.encode((2, 2), torch.float32)
+    bad = H.encode((2, 2), torch.float32).copy()   # encode hands out a cached, read-only header
     bad[1] = 99
     with pytest.raises(ValueError, match="corrupt"):
         H.decode(bad)

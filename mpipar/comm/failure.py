@@ -60,7 +60,7 @@ class Watchdog(threading.Thread):
             if waited > self.timeout:
                 peer = f" rank {w.peer}" if w.peer >= 0 else " the other ranks"
                 sys.stderr.write(
-                    f"rank {rank} ({self.host}): StallError: waited {waited:.0f} s for {w.what}{peer} "
+                    f"rank {rank} ({self.host}): StallError: waited {waited:.0f} s for {w.describe()}{peer} "
                     f"(--stall-timeout {self.timeout:g}); aborting the job\n")
                 sys.stderr.flush()
                 MPI.COMM_WORLD.Abort(3)

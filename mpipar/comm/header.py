@@ -13,8 +13,22 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int
 CODE = {dt: i for i, dt in enumerate(DTYPES)}
 
 
+_CACHE: dict = {}   # (shape, dtype) -> read-only header; training sends few distinct shapes
+
+
 def encode(shape: torch.Size | tuple, dtype: torch.dtype) -> np.ndarray:
-    """Header for a tensor of this shape and dtype, as an int64 array of HEADER_LEN."""
+    """Header for a tensor of this shape and dtype, as a read-only int64 array of HEADER_LEN
+    (cached: the same shapes go by every step, and building one costs microseconds)."""
+    key = (tuple(shape), dtype)
+    h = _CACHE.get(key)
+    if h is None:
+        h = _CACHE[key] = _build(*key)
+        if len(_CACHE) > 4096:   # many distinct shapes (e.g. variable lengths): start over
+            _CACHE.clear()
+    return h
+
+
+def _build(shape: tuple, dtype: torch.dtype) -> np.ndarray:
     if dtype not in CODE:
         raise TypeError(f"mpipar cannot send dtype {dtype}; supported: {', '.join(map(str, DTYPES))}")
     if len(shape) > MAX_DIMS:
@@ -22,17 +36,20 @@ def encode(shape: torch.Size | tuple, dtype: torch.dtype) -> np.ndarray:
     h = np.zeros(HEADER_LEN, dtype=np.int64)
     h[0], h[1], h[2] = MAGIC, CODE[dtype], len(shape)
     h[3:3 + len(shape)] = shape
+    h.flags.writeable = False
     return h
 
 
 def decode(h: np.ndarray) -> tuple[tuple[int, ...], torch.dtype]:
     """(shape, dtype) from a header; ValueError if the bytes are not a header of ours."""
-    if h.shape != (HEADER_LEN,) or int(h[0]) != MAGIC:
+    v = h.tolist()   # plain ints: cheaper than indexing numpy element by element
+    if len(v) != HEADER_LEN or v[0] != MAGIC:
         raise ValueError("received bytes are not an mpipar tensor header (mismatched send/recv pairing?)")
-    code, ndim = int(h[1]), int(h[2])
-    if not 0 <= code < len(DTYPES) or not 0 <= ndim <= MAX_DIMS or (h[3:3 + ndim] < 0).any():
-        raise ValueError(f"corrupt mpipar tensor header {h.tolist()}")
-    return tuple(int(d) for d in h[3:3 + ndim]), DTYPES[code]
+    code, ndim = v[1], v[2]
+    dims = tuple(v[3:3 + ndim])
+    if not 0 <= code < len(DTYPES) or not 0 <= ndim <= MAX_DIMS or any(d < 0 for d in dims):
+        raise ValueError(f"corrupt mpipar tensor header {v}")
+    return dims, DTYPES[code]
 
 
 def describe(shape, dtype) -> str:

@@ -13,7 +13,7 @@ from mpi4py import MPI
 
 from ..errors import ShapeError
 from . import header as H
-from .cuda import mpi_buffer
+from .cuda import mpi_buffer, pinned_buffer
 from .tags import label
 from .waits import BOARD
 
@@ -26,7 +26,7 @@ class SendHandle:
 
     def wait(self) -> None:
         if self.reqs:
-            BOARD.waitall(self.reqs, f"SEND {label(self.tag)} to", self.world.world_rank_of(self.dst))
+            BOARD.waitall(self.reqs, "SEND {tag} to", self.world.world_rank_of(self.dst), self.tag)
             self.reqs, self.keep = [], None
 
     def done(self) -> bool:
@@ -47,8 +47,8 @@ class RecvHandle:
         self.buf, self.preq = out, None
         if self.buf is None and self.shape is not None and self.dtype is not None:
             self.buf = world.policy.recv_buffer(self.shape, self.dtype, device)
-        if self.buf is not None:
-            self.preq = world.comm.Irecv(mpi_buffer(self.buf), source=src, tag=tag)
+        if self.buf is not None:   # self.buf stays referenced, so the bare address is safe
+            self.preq = world.comm.Irecv(pinned_buffer(self.buf), source=src, tag=tag)
         self.result = None
 
     def _mismatch(self, got_shape, got_dtype) -> ShapeError:
@@ -65,12 +65,12 @@ class RecvHandle:
         failed = None
         if self.preq is not None:   # pre-posted: header and payload in one wait
             try:
-                BOARD.waitall([self.hreq, self.preq], f"RECV {label(self.tag)} from", peer)
+                BOARD.waitall([self.hreq, self.preq], "RECV {tag} from", peer, self.tag)
             except MPI.Exception as e:   # e.g. truncation: the header below says why
                 failed = e
-                BOARD.wait(self.hreq, f"RECV {label(self.tag)} header from", peer)
+                BOARD.wait(self.hreq, "RECV {tag} header from", peer, self.tag)
         else:
-            BOARD.wait(self.hreq, f"RECV {label(self.tag)} header from", peer)
+            BOARD.wait(self.hreq, "RECV {tag} header from", peer, self.tag)
         try:
             shape, dtype = H.decode(self.hdr)
         except ValueError as e:
@@ -84,8 +84,8 @@ class RecvHandle:
             raise failed
         if self.preq is None:
             self.buf = w.policy.recv_buffer(shape, dtype, self.device)
-            self.preq = w.comm.Irecv(mpi_buffer(self.buf), source=self.src, tag=self.tag)
-            BOARD.wait(self.preq, f"RECV {label(self.tag)} from", peer)
+            self.preq = w.comm.Irecv(pinned_buffer(self.buf), source=self.src, tag=self.tag)
+            BOARD.wait(self.preq, "RECV {tag} from", peer, self.tag)
         self.result = w.policy.from_wire(self.buf, self.device)
         return self.result
 
@@ -96,7 +96,7 @@ def isend(world, tensor: torch.Tensor, dst: int, tag: int) -> SendHandle:
     hdr = H.encode(wire.shape, wire.dtype)
     BOARD.sent(hdr.nbytes + wire.numel() * wire.element_size())
     reqs = [world.comm.Isend(hdr, dest=dst, tag=tag),
-            world.comm.Isend(mpi_buffer(wire), dest=dst, tag=tag)]
+            world.comm.Isend(pinned_buffer(wire), dest=dst, tag=tag)]   # the handle holds `wire`
     return SendHandle(world, reqs, (hdr, wire), dst, tag)
 
 

@@ -8,12 +8,23 @@ from contextlib import contextmanager
 import time
 from dataclasses import dataclass, field
 
+from mpi4py.MPI import Request as _Request
+
 
 @dataclass
 class Waiting:
-    what: str       # e.g. "RECV ACT mb=7"
+    what: str       # e.g. "RECV {tag} from": "{tag}" is filled in only when someone reads it
     peer: int       # world rank we wait on (-1: collective)
     since: float    # time.monotonic() when the wait began
+    tag: int | None = None
+
+    def describe(self) -> str:
+        """The wait as a stall report shows it, e.g. "RECV ACT mb=7 from" (formatted lazily:
+        the hot path only stores the tag)."""
+        if self.tag is None:
+            return self.what
+        from .tags import label
+        return self.what.replace("{tag}", label(self.tag))
 
 
 @dataclass
@@ -29,40 +40,55 @@ class WaitBoard:
     poll: float | None = None   # seconds: test and sleep instead of spinning in MPI (opt-in, for
                                 # hosts with more ranks than cores); None: MPI_Wait
 
-    @contextmanager
-    def waiting(self, what: str, peer: int):
-        """Marks this process as waiting (for the watchdog) and adds the time to the totals."""
+    def _begin(self, what: str, peer: int, tag: int | None) -> float:
         start = time.monotonic()
-        self.current = Waiting(what, peer, start)
+        self.current = Waiting(what, peer, start, tag)
+        return start
+
+    def _end(self, start: float) -> None:
+        dt = time.monotonic() - start
+        self.current = None
+        with self.lock:
+            self.seconds += dt
+            self.count += 1
+            if dt > self.longest:
+                self.longest = dt
+
+    @contextmanager
+    def waiting(self, what: str, peer: int, tag: int | None = None):
+        """Marks this process as waiting (for the watchdog) and adds the time to the totals."""
+        start = self._begin(what, peer, tag)
         try:
             yield
         finally:
-            dt = time.monotonic() - start
-            self.current = None
-            with self.lock:
-                self.seconds += dt
-                self.count += 1
-                self.longest = max(self.longest, dt)
+            self._end(start)
 
-    def wait(self, request, what: str, peer: int):
+    # wait and waitall are on every message's path, so they inline what `waiting` does
+    # (a generator context costs microseconds, which small messages notice).
+    def wait(self, request, what: str, peer: int, tag: int | None = None):
         """Block on an mpi4py request; returns its result (mpi4py releases the GIL meanwhile)."""
-        with self.waiting(what, peer):
+        start = self._begin(what, peer, tag)
+        try:
             if self.poll is not None:
                 while not request.Test():
                     time.sleep(self.poll)
                 return True
             return request.Wait()
+        finally:
+            self._end(start)
 
-    def waitall(self, requests, what: str, peer: int = -1):
+    def waitall(self, requests, what: str, peer: int = -1, tag: int | None = None):
         """All of `requests` in one MPI call (one wait, not one per request: on an
         oversubscribed host every separate wait may cost a context switch)."""
-        from mpi4py import MPI
-        with self.waiting(what, peer):
+        start = self._begin(what, peer, tag)
+        try:
             if self.poll is not None:
-                while not MPI.Request.Testall(requests):
+                while not _Request.Testall(requests):
                     time.sleep(self.poll)
             else:
-                MPI.Request.Waitall(requests)
+                _Request.Waitall(requests)
+        finally:
+            self._end(start)
 
     def wait_any(self, requests, what: str, poll: float | None = None, peer: int = -1) -> int:
         """Block until one of `requests` completes (MPI_Waitany); returns its index, or -1 when
