@@ -57,7 +57,7 @@ def run_example(world, example, args) -> dict:
     hosts = world.hosts()
     torch.set_num_threads(threads_per_rank(hosts, world.host))
     if args.wait == "poll" or (args.wait == "auto" and hosts.count(world.host) > (os.cpu_count() or 1)):
-        world.board.poll = 2e-4   # oversubscribed: sleep between tests instead of spinning in MPI_Wait
+        world.board.use_polling(2e-4)   # oversubscribed: sleep between tests instead of spinning in MPI_Wait
     if example.main is not None:
         return example.main(args, world, log)
     grid = Grid.parse(args.grid, world.size)

@@ -40,6 +40,14 @@ class WaitBoard:
     poll: float | None = None   # seconds: test and sleep instead of spinning in MPI (opt-in, for
                                 # hosts with more ranks than cores); None: MPI_Wait
 
+    def use_polling(self, seconds: float | None) -> None:
+        """Wait by test + sleep(`seconds`) instead of spinning in MPI (None: spin again).
+        Linux rounds a sleep up by the thread's timer slack (50 us by default), which would
+        dominate a short poll, so polling also asks for a 1 us slack."""
+        self.poll = seconds
+        if seconds is not None:
+            _tight_timer_slack()
+
     def _begin(self, what: str, peer: int, tag: int | None) -> float:
         start = time.monotonic()
         self.current = Waiting(what, peer, start, tag)
@@ -116,6 +124,14 @@ class WaitBoard:
         with self.lock:
             self.seconds, self.count, self.longest = 0.0, 0, 0.0
             self.bytes_sent, self.messages_sent = 0, 0
+
+
+def _tight_timer_slack() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0)   # PR_SET_TIMERSLACK, 1000 ns
+    except (OSError, AttributeError):                # not Linux: sleeps stay as they are
+        pass
 
 
 BOARD = WaitBoard()  # one per process: there is one main thread doing communication
