@@ -15,8 +15,12 @@ from torch import nn
 
 @dataclass(frozen=True)
 class LayerSpec:
+    """A named layer. `build()` makes the single-device layer; `tp(group)`, when given, makes its
+    tensor-parallel twin (same state-dict names, mpipar.tensor layers), used when --grid has tp>1.
+    Layers without `tp` are replicated on every tp rank."""
     name: str
     build: Callable[[], nn.Module]
+    tp: Callable | None = None
 
 
 def layer_seed(seed: int, index: int) -> int:
@@ -29,10 +33,20 @@ def build_layer(spec: LayerSpec, index: int, seed: int, device="cpu") -> nn.Modu
         return spec.build().to(device)
 
 
-def build_stage(specs: Sequence[LayerSpec], names: Sequence[str], seed: int, device="cpu") -> nn.Sequential:
-    """nn.Sequential of just the named layers (in model order); no other layer is allocated."""
+def build_stage(specs: Sequence[LayerSpec], names: Sequence[str], seed: int, device="cpu",
+                tp_group=None) -> nn.Sequential:
+    """nn.Sequential of just the named layers (in model order); no other layer is allocated.
+    With a tp group of size > 1, layers that have a `tp` builder hold only this rank's shard."""
     wanted = set(names)
-    mods = {s.name: build_layer(s, i, seed, device) for i, s in enumerate(specs) if s.name in wanted}
+    mods = {}
+    for i, s in enumerate(specs):
+        if s.name not in wanted:
+            continue
+        layer = build_layer(s, i, seed, device)
+        if s.tp is not None and tp_group is not None and tp_group.size > 1:
+            from .tensor.sharding import shard_layer
+            layer = shard_layer(s.tp(tp_group), layer, tp_group)
+        mods[s.name] = layer
     return nn.Sequential(OrderedDict((n, mods[n]) for n in names))
 
 

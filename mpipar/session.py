@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .errors import ConfigError
 from .model import check_unique, param_counts
 from .rankmap import Grid, RankMap, human, parse_balance
 from .topology import Topology
@@ -63,6 +64,9 @@ def run_example(world, example, args) -> dict:
     grid = Grid.parse(args.grid, world.size)
     specs = example.layers(args)
     check_unique(specs)
+    if grid.tp > 1 and not any(s.tp for s in specs):
+        raise ConfigError(f"--grid {args.grid}: example {example.name} has no tensor-parallel layers, "
+                          f"so tp must be 1 (examples with them: mlp, tp-mlp, tp-transformer)")
     if args.balance != "time":   # validate the map before loading any data
         partition(world, example, specs, args, grid, None)
     train, test = example.data(args)
@@ -76,7 +80,8 @@ def run_example(world, example, args) -> dict:
     if example.on_trainer:
         example.on_trainer(trainer, args)
     mine = sum(p.numel() for p in trainer.module.parameters())
-    params = [int(v) for v in world.allgather_floats([mine])[:, 0]]
+    counts = world.allgather_floats([mine, trainer.full_param_count()])
+    params, full = [int(v) for v in counts[:, 0]], [int(v) for v in counts[:, 1]]
     log(banner(world, hosts, example, args, grid))
     log(f"data: {train.note}")
     log(rankmap.table(hosts, params))
@@ -86,10 +91,12 @@ def run_example(world, example, args) -> dict:
     t0 = time.perf_counter()
     rows = trainer.fit(train, test)
     elapsed = time.perf_counter() - t0
-    if args.save_params and topo.dp_rank == 0 and topo.tp_rank == 0:
-        out = Path(args.save_params)
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(trainer.state_dict(), out / f"stage{topo.pp_rank}.pt")
+    if args.save_params and topo.dp_rank == 0:
+        state = trainer.state_dict()   # tp > 1: gathers the shards (every tp rank takes part)
+        if topo.tp_rank == 0:
+            out = Path(args.save_params)
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(state, out / f"stage{topo.pp_rank}.pt")
     if args.compare and world.rank == 0:
         compare(example, specs, train, test, args, rows, grid, log)
     world.barrier()
@@ -104,5 +111,5 @@ def run_example(world, example, args) -> dict:
         + f", {last.get('samples_per_s', 0):.0f} samples/s"
         + (f"; {example.report(last, train, test, args)}" if example.report and last else "")
         + (f"; {extra}" if extra else "")
-        + f"; total params {human(sum(params[r] for r in range(world.size) if grid.coords(r)[1:] == (0, 0)))}")
+        + f"; total params {human(sum(full[r] for r in range(world.size) if grid.coords(r)[1:] == (0, 0)))}")
     return summary

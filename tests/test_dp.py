@@ -33,3 +33,13 @@ def test_dp4_equals_single_process_with_the_same_global_batch(tmp_path):
 def test_pipeline_stages_with_data_parallel_replicas(tmp_path):
     check_parity(tmp_path, 4, ["mlp", "--grid", "pp=2,dp=2", "--balance", "4,4", "--microbatches", "2",
                          "--steps", "20", "--epochs", "1", "--bucket-mb", "0.05"])
+
+
+def test_pipeline_x_data_x_tensor_parallel_on_8_ranks(tmp_path):
+    """Issue 7: pp=2 x dp=2 x tp=2. Stage boundary between a column- and a row-parallel layer
+    (--balance 3,5), so sharded activations cross the pipeline; 1F1B, 2 micro-batches, clipping
+    by the global norm (shards summed over tp, replicated gradients counted once)."""
+    out = check_parity(tmp_path, 8, ["mlp", "--grid", "pp=2,dp=2,tp=2", "--balance", "3,5", "--microbatches", "2",
+                                     "--schedule", "1f1b", "--steps", "20", "--epochs", "1", "--clip-grad", "0.05"],
+                       timeout=300)
+    assert "pp=2 dp=2 tp=2" in out

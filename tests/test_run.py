@@ -55,6 +55,8 @@ BAD = [
     ("empty stage", 4, ["mlp", "--balance", "4,0,2,2"], "stage 1 has no layers"),
     ("grid != world", 4, ["mlp", "--grid", "pp=2,dp=3"], "needs pp*dp*tp = 2*3*1 = 6 ranks, but the job has 4"),
     ("more stages than layers", 4, [str(ROOT / "tests/fixtures/bad_shapes.py")], "4 pipeline stages but the model has only 2"),
+    ("tp without tensor-parallel layers", 4, ["split-cnn", "--grid", "pp=2,tp=2"],
+     "ConfigError: --grid pp=2,tp=2: example split-cnn has no tensor-parallel layers, so tp must be 1"),
     ("unknown example", 2, ["nosuch"], "ConfigError: unknown example 'nosuch'; available:"),
     ("missing data dir", 2, ["split-cnn", "--data-dir", "/nonexistent/cifar"], "DataError: cifar10"),
     ("shape mismatch", 2, [str(ROOT / "tests/fixtures/bad_shapes.py")], "ShapeError: stage 1 (rank 1, layers b..b) cannot take the activation [16, 16] float32 from rank 0"),

@@ -61,7 +61,14 @@ class StagePlan:
         self.p, self.s, self.v = p, s, len(rankmap.stages) // p
         self.schedule = schedules.get(getattr(args, "schedule", "gpipe"))
         self.schedule.check(p, args.microbatches, self.v)   # before any training, on every rank
-        chunks = [build_stage(specs, rankmap.stages[s + c * p], args.seed) for c in range(self.v)]
+        # tp > 1: layers with a tensor-parallel builder hold this rank's shard, and their
+        # collectives run on the tp sub-communicator inside every F and B
+        self.tp_group = None
+        if topo.grid.tp > 1:
+            from ..tensor.group import TPGroup
+            self.tp_group = TPGroup(topo.tp_world)
+        chunks = [build_stage(specs, rankmap.stages[s + c * p], args.seed, tp_group=self.tp_group)
+                  for c in range(self.v)]
         self.module = chunks[0] if self.v == 1 else nn.Sequential(OrderedDict(
             (name, layer) for ch in chunks for name, layer in ch.named_children()))
         recompute = recompute_here(getattr(args, "recompute", None), s, p)

@@ -109,3 +109,15 @@ def gather_full_state_dict(module: nn.Module, group) -> dict:
 def load_full_state_dict(module: nn.Module, full_sd: dict, group) -> None:
     """Load a full (single-device) state dict into this rank's shards (no communication)."""
     module.load_state_dict(shard_state_dict(full_sd, tp_plan(module), group.rank, group.size))
+
+
+def shard_layer(tp_layer: nn.Module, full_layer: nn.Module, group) -> nn.Module:
+    """`tp_layer` holding this rank's slice of `full_layer`'s values: a pipeline stage's
+    tensor-parallel layer starts exactly where the single-process model's layer starts (the full
+    layer is built once, sliced, and dropped: peak memory is one layer, not the stage)."""
+    full = full_layer.state_dict()
+    if sorted(full) != sorted(tp_layer.state_dict()):
+        raise ValueError(f"the tensor-parallel layer's state dict {sorted(tp_layer.state_dict())} does not "
+                         f"match the single-device layer's {sorted(full)}; give them the same structure")
+    load_full_state_dict(tp_layer, full, group)
+    return tp_layer.to(next(full_layer.parameters(), torch.empty(0)).device)

@@ -23,6 +23,9 @@ class PipelineTrainer:
         self.pipe = StagePlan(topo, rankmap, specs, args, self.loss_fn)   # chunks, stages, engine, schedule
         self.module, self.stage, self.engine = self.pipe.module, self.pipe.stages[0], self.pipe.engine
         self.params = [p for p in self.module.parameters() if p.requires_grad]
+        from ..tensor.sharding import tp_plan
+        plan = tp_plan(self.module)
+        self.sharded_ids = {id(p) for n, p in self.module.named_parameters() if n in plan}
         self.optimizer = example.optimizer(self.params, args) if self.params else None
         self.scheduler = (example.lr_scheduler(self.optimizer, args)
                           if self.optimizer and example.lr_scheduler else None)
@@ -66,7 +69,8 @@ class PipelineTrainer:
         for hook in self.after_backward:
             hook(self)
         if getattr(self.args, "clip_grad", 0):
-            clip_global_norm(self.params, self.args.clip_grad, self.topo.pp_world)
+            clip_global_norm(self.params, self.args.clip_grad, self.topo.pp_world, self.topo.tp_world,
+                             self.sharded_ids)
         if self.optimizer:
             self.optimizer.step()
         if self.scheduler:
@@ -145,7 +149,17 @@ class PipelineTrainer:
         return rows
 
     def state_dict(self) -> dict:
+        """This stage's parameters as the single-process model names them; with tp > 1 the
+        shards are gathered (a collective over tp: every tp rank calls it)."""
+        if self.pipe.tp_group is not None:
+            from ..tensor.sharding import gather_full_state_dict
+            return gather_full_state_dict(self.module, self.pipe.tp_group)
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def full_param_count(self) -> int:
+        """Parameters this rank would hold without tensor parallelism (shards counted whole)."""
+        tp = self.topo.grid.tp
+        return sum(p.numel() * (tp if id(p) in self.sharded_ids else 1) for p in self.module.parameters())
 
 
 def parse_inject(text: str | None):
