@@ -23,6 +23,7 @@ import torch
 
 from ..comm import World, failure
 from ..comm.peers import allreduce_blocking
+from ..comm.shared import one_host
 from ..data_parallel.ring import choose_algorithm, make_plan, next_seq
 
 SIZES = "1K,4K,16K,64K,256K,1M,4M,16M,64M"
@@ -147,7 +148,7 @@ def main(argv) -> int:
     p.add_argument("--sizes", default=SIZES, help=f"comma-separated byte sizes (default {SIZES})")
     p.add_argument("--rounds", type=int, default=7, help="rounds per size")
     p.add_argument("--stat", default="best", choices=["best", "median"], help="statistic over rounds")
-    p.add_argument("--algorithm", default="auto", choices=["auto", "ring", "halving", "doubling"])
+    p.add_argument("--algorithm", default="auto", choices=["auto", "ring", "halving", "doubling", "shm"])
     p.add_argument("--piece-kb", type=int, default=0, help="ring piece size in KiB (0: default)")
     p.add_argument("--no-gloo", action="store_true", help="skip the torch.distributed gloo peer")
     p.add_argument("--out", default=None, help="also write the rows as JSON here (rank 0)")
@@ -169,7 +170,7 @@ def main(argv) -> int:
         rounds = bench_size(world, impls, nbytes, args.rounds)
         pick = min if args.stat == "best" else statistics.median
         seconds = {name: pick(ts) for name, ts in rounds.items()}
-        algorithm = args.algorithm if args.algorithm != "auto" else choose_algorithm(nbytes, world.size)
+        algorithm = args.algorithm if args.algorithm != "auto" else choose_algorithm(nbytes, world.size, one_host(world))
         rows.append({"bytes": nbytes, "algorithm": algorithm, "seconds": seconds, "rounds": rounds})
         if world.rank == 0 and not args.out:
             print(f"  {human_bytes(nbytes)} done", flush=True)

@@ -20,11 +20,12 @@ from .fingerprint import check_identical
 
 class DataParallel:
     def __init__(self, module: nn.Module, dp_world, bucket_mb: float = DEFAULT_BUCKET_MB,
-                 op: str = "avg", check_every: int = 0, overlap: bool = True, background: bool = True):
+                 op: str = "avg", check_every: int = 0, overlap: bool = True, background: bool = True,
+                 algorithm: str = "auto"):
         self.module, self.world, self.check_every = module, dp_world, check_every
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.buckets = GradBuckets(dp_world, [p for _, p in named], bucket_mb, op, overlap,
-                                   names=[n for n, _ in named], background=background)
+                                   names=[n for n, _ in named], background=background, algorithm=algorithm)
         self.steps = 0
         broadcast_state(module, dp_world)
 
@@ -75,7 +76,8 @@ def attach(trainer, topo, args) -> DataParallel | None:
         return None
     dp = DataParallel(trainer.module, topo.dp_world,
                       bucket_mb=getattr(args, "bucket_mb", DEFAULT_BUCKET_MB), op="sum",
-                      check_every=getattr(args, "dp_check_every", 0))
+                      check_every=getattr(args, "dp_check_every", 0),
+                      algorithm=getattr(args, "allreduce", "auto"))
     trainer.before_step.append(lambda tr, passes: dp.begin_step(passes))
     trainer.after_backward.append(lambda tr: dp.finish())
     trainer.dp = dp

@@ -10,6 +10,7 @@ import torch
 from mpipar.comm import World, failure
 from mpipar.data_parallel import all_gather, all_reduce, all_reduce_start, reduce_scatter, segment_of
 from mpipar.data_parallel.fingerprint import checksum
+from mpipar.data_parallel.ring import make_plan
 
 torch.set_num_threads(1)
 world = World()
@@ -68,11 +69,25 @@ def check_concurrent(w):
     """Several all-reduces in flight at once (as buckets are), progressed then waited."""
     xs = [data(numel, torch.float32, w.rank, 3) for numel in (5, 70_000, 300_001)]
     refs = [native(w, x, "sum") for x in xs]
+    originals = [x.clone() for x in xs]
     handles = [all_reduce_start(w, x, "sum", seq=0x8000 + i) for i, x in enumerate(xs)]
     for h in handles:
         h.progress()
     for h, ref in zip(reversed(handles), reversed(refs)):
         torch.testing.assert_close(h.wait().double(), ref, **F32)
+    # shared-memory plans (what buckets hold) in flight together, each on its own buffer,
+    # run twice so both halves of every buffer are used
+    plans = [make_plan(w, x, "sum", "shm", piece_bytes=4096) for x in xs]
+    for _ in range(2):
+        for p, x in zip(plans, originals):
+            p.tensor.copy_(x)
+        handles = [p.start(0) for p in plans]
+        for h in handles:
+            h.progress()
+        for h, ref in zip(reversed(handles), reversed(refs)):
+            torch.testing.assert_close(h.wait().double(), ref, **F32)
+    for p in plans:
+        p.close()
 
 
 def checks_for(w):
@@ -83,6 +98,8 @@ def checks_for(w):
         check_all_reduce(w, numel, torch.int64, "sum", "ring", salt=1, piece_bytes=1024)
         check_all_reduce(w, numel, torch.int32, "sum", "halving", salt=3)
         check_all_reduce(w, numel, torch.float32, "avg", "doubling", salt=1)
+        check_all_reduce(w, numel, torch.int64, "sum", "shm", salt=2, piece_bytes=1024)   # many pieces
+        check_all_reduce(w, numel, torch.float32, "avg", "shm", salt=4)
     for numel in (max(n - 1, 0), 1001):
         check_scatter_gather(w, numel)
     check_bf16_accuracy(w)
@@ -93,7 +110,10 @@ def more_checks(w):
     check_all_reduce(w, 1001, torch.int32, "max", "ring", salt=2)
     check_all_reduce(w, 2 * w.size + 1, torch.int64, "min", "doubling", salt=2)
     check_all_reduce(w, 300_001, torch.float32, "avg", "halving", salt=2)
+    check_all_reduce(w, 1001, torch.int32, "max", "shm", salt=7)
+    check_all_reduce(w, 300_001, torch.float32, "min", "shm", salt=7)
     for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        check_all_reduce(w, 300_001, dtype, "avg", "shm", salt=8)
         check_all_reduce(w, 300_001 if dtype == torch.bfloat16 else 1001, dtype, "avg", "ring", salt=4)
         check_all_reduce(w, 1001, dtype, "sum", "doubling", salt=5)
         check_all_reduce(w, 1001, dtype, "avg", "halving", salt=6)
@@ -104,7 +124,7 @@ def check_bf16_accuracy(w):
     """bf16 sums equal round(float32 sum): accumulated in float32, not per hop."""
     x = torch.full((4099,), 1.0 + 2 ** -7, dtype=torch.bfloat16) * (1 + w.rank)
     ref = (x.float() * 0 + sum((1.0 + 2 ** -7) * (1 + q) for q in range(w.size))).to(torch.bfloat16)
-    for algorithm in ("ring", "halving", "doubling"):
+    for algorithm in ("ring", "halving", "doubling", "shm"):
         got = all_reduce(w, x.clone(), "sum", algorithm)
         assert torch.isfinite(got.float()).all(), f"bf16 {algorithm} n={w.size}: not finite"
         assert torch.equal(got, ref), f"bf16 {algorithm} n={w.size}: {got[:3]} != {ref[:3]}"
@@ -115,7 +135,9 @@ def check_large(w, numel=16 * 2 ** 20 + 3):
     x = (torch.arange(numel, dtype=torch.int32) % 1009) * (w.rank + 1) - w.rank
     ref = x.clone()
     w.allreduce_native(ref, "sum")
-    assert torch.equal(all_reduce(w, x, "sum"), ref), "64 MiB int32 all_reduce differs from MPI_Allreduce"
+    for algorithm in ("auto", "ring"):   # auto: shared memory on one host
+        assert torch.equal(all_reduce(w, x.clone(), "sum", algorithm), ref), \
+            f"64 MiB int32 all_reduce ({algorithm}) differs from MPI_Allreduce"
 
 
 def main():
