@@ -14,18 +14,38 @@ from ..pipeline.pipedream import WeightStash
 from ..pipeline.stage import Stage
 
 
+class _Sleeper:
+    """time.sleep that corrects its own overshoot: each call asks for t minus the running mean
+    of how late recent calls woke (a busy oversubscribed host wakes sleepers later than an idle
+    one, so the calibration before the run cannot know it alone)."""
+
+    def __init__(self):
+        self.late = 0.0
+
+    def __call__(self, t: float) -> None:
+        if t <= 0:
+            return
+        ask = max(0.0, t - self.late)
+        t0 = time.perf_counter()
+        time.sleep(ask)
+        self.late = 0.8 * self.late + 0.2 * (time.perf_counter() - t0 - ask)
+
+
+_sleep = _Sleeper()
+
+
 class _SleepIn(torch.autograd.Function):
     """Forward sleeps t_f; its backward (the input gradient, B) sleeps t_b."""
 
     @staticmethod
     def forward(ctx, x, t_f, t_b):
         ctx.t_b = t_b
-        time.sleep(t_f)
+        _sleep(t_f)
         return x.clone()
 
     @staticmethod
     def backward(ctx, g):
-        time.sleep(ctx.t_b)
+        _sleep(ctx.t_b)
         return g, None, None
 
 
@@ -39,7 +59,7 @@ class _SleepW(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        time.sleep(ctx.t_w)
+        _sleep(ctx.t_w)
         return None, g.sum().reshape(1) * 0, None
 
 
