@@ -1,0 +1,35 @@
+"""The benchmarks still run and print their side-by-side tables (tiny sizes: these tests check
+that the code works, never how fast; speed is read from full runs, see README's Benchmarks)."""
+import re
+
+from mpirun import mpirun
+
+
+def bench(np_, *argv, timeout=180):
+    p = mpirun(np_, "-m", "mpipar.bench", *argv, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def test_p2p_prints_ours_over_raw_per_size():
+    out = bench(2, "p2p", "--max-mib", "1", "--repeats", "1")
+    rows = [l for l in out.splitlines() if re.match(r"\s+\d+ (KiB|MiB)\s", l)]
+    assert len(rows) == 5, out          # 4, 16, 64, 256 KiB, 1 MiB
+    assert all(float(r.split()[-1]) > 0 for r in rows)
+
+
+def test_allreduce_table_has_every_size_and_ratio():
+    out = bench(3, "allreduce", "--sizes", "1K,64K,1M", "--rounds", "2", "--no-gloo")
+    rows = [l for l in out.splitlines() if re.match(r"\s+\d+ (KiB|MiB)\s", l) and l.rstrip().endswith("x")]
+    assert [r.split()[0] + r.split()[1] for r in rows] == ["1KiB", "64KiB", "1MiB"], out
+    assert "shm" in out     # 3 ranks on one host: auto picks the shared-memory all-reduce
+
+
+def test_pipeline_efficiency_rows_for_each_schedule():
+    out = bench(4, "pipeline", "--part", "a", "--schedules", "1f1b,zb", "--ms", "4", "--tf", "1", "--tb", "2",
+                "--repeats", "1")
+    assert "sleep calibration" in out
+    for name in ("1f1b", "zb"):
+        row = next(l for l in out.splitlines() if l.startswith(name))
+        measured, ideal = float(row.split()[2]), float(row.split()[3])
+        assert measured > 0 and ideal > 0, row
