@@ -15,6 +15,7 @@ from mpipar.data.common import Split
 from mpipar.data.ppi import load_ppi
 from mpipar.example import Example
 from mpipar.model import LayerSpec
+from mpipar.train.callbacks import AfterBackward
 
 SCALE = 2.0   # link logits are SCALE x cosine similarity
 
@@ -197,7 +198,7 @@ def sparsify(trainer, args):
                 rows = p.grad.abs().sum(1).nonzero().flatten()
                 p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), p.grad[rows], p.grad.shape,
                                                  is_coalesced=True, check_invariants=False)
-    trainer.after_backward.append(hook)
+    trainer.callbacks.append(AfterBackward(hook))
 
 
 @torch.no_grad()

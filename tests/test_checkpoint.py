@@ -72,13 +72,13 @@ class MiniTrainer:
 
 def fit(trainer, ck=None, epochs=3, batches=4, stop_at=None):
     """The trainer's loop, with the same hook calls PipelineTrainer.fit makes."""
-    rows = ck.resumed_rows(None) if ck else []
-    for epoch in range(ck.start_epoch if ck else 0, epochs):
+    rows = ck.on_fit_start(trainer, None) if ck else []
+    for epoch in range(ck.first_epoch(trainer) if ck else 0, epochs):
         tally = Tally(nn.MSELoss(), "regression")
         if ck:
-            ck.resume_tally(epoch, tally)
+            ck.on_epoch_start(trainer, epoch, tally)
         for i in range(batches):
-            if ck and ck.skip(epoch, i):
+            if ck and ck.skip_batch(trainer, epoch, i):
                 continue
             if stop_at is not None and trainer.step_count == stop_at:
                 return rows   # "crash": nothing after this point happens
@@ -90,7 +90,7 @@ def fit(trainer, ck=None, epochs=3, batches=4, stop_at=None):
         if ck:
             ck.after_epoch(trainer, epoch, rows)
     if ck:
-        ck.finish(trainer)
+        ck.on_fit_end(trainer)
     return rows
 
 

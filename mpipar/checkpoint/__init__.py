@@ -20,7 +20,7 @@ def total_steps(n_train: int, args) -> int:
 
 
 def attach(trainer, rankmap, n_train: int, args, log=print):
-    """Give the trainer a Checkpointer (resuming now if the directory holds a usable
+    """Give the trainer a Checkpointer callback (resuming now if the directory holds a usable
     checkpoint) when --checkpoint-dir or --inject-fault is set; returns it, or None."""
     from . import fault
     from .checkpointer import Checkpointer
@@ -48,5 +48,5 @@ def attach(trainer, rankmap, n_train: int, args, log=print):
         log(f"checkpoint: {root}, {ck.interval.describe()}, keep {keep}, {'async' if background else 'sync'} writes; "
             f"a dead rank means a relaunch (--supervise); {ulfm.status()}")
     ck.resume(trainer)
-    trainer.checkpoint = ck
+    trainer.callbacks.append(ck)
     return ck

@@ -1,4 +1,4 @@
-"""The trainer's checkpoint hook: resumes before the first step, saves every N steps (sync, or
+"""The trainer's checkpoint callback: resumes before the first step, saves every N steps (sync, or
 copy-then-write in a background thread), commits a checkpoint with a manifest once every rank's
 shard is on disk, keeps the last K, and fires injected faults.
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..train.callbacks import Callback
 from . import reshard, restart, shard, store
 from .atomic import atomic_write_text
 from .manifest import Manifest, ShardInfo
@@ -31,7 +32,7 @@ def words_hex(words) -> str:
     return "".join(f"{int(w):08x}" for w in words)
 
 
-class Checkpointer:
+class Checkpointer(Callback):
     def __init__(self, root, topo, rankmap, every: int | None, keep: int, background: bool, faults, log, run: dict):
         self.root = Path(root) if root else None
         self.topo, self.rankmap, self.interval, self.keep = topo, rankmap, Interval(every), keep
@@ -89,18 +90,21 @@ class Checkpointer:
         old_reporter = (g["pp"] - 1) * g["dp"] * g["tp"]
         return man.tallies[old_reporter] if self.world.rank == self.topo.reporter else None
 
-    # -- called by the trainer -------------------------------------------------------------
-    def skip(self, epoch: int, index: int) -> bool:
-        """True for the batches of the resumed epoch that the checkpoint already covers."""
-        return epoch == self.start_epoch and index < self.start_step
-
-    def resumed_rows(self, metrics) -> list[dict]:
+    # -- callbacks (the trainer calls them) -------------------------------------------------
+    def on_fit_start(self, trainer, metrics) -> list[dict]:
         if metrics is not None:
             for row in self.rows:
                 metrics.write(row)
         return list(self.rows)
 
-    def resume_tally(self, epoch: int, tally) -> None:
+    def first_epoch(self, trainer) -> int:
+        return self.start_epoch
+
+    def skip_batch(self, trainer, epoch: int, index: int) -> bool:
+        """True for the batches of the resumed epoch that the checkpoint already covers."""
+        return epoch == self.start_epoch and index < self.start_step
+
+    def on_epoch_start(self, trainer, epoch: int, tally) -> None:
         if epoch == self.start_epoch and self.tally:
             tally.loss, tally.correct, tally.n = self.tally
 
@@ -129,7 +133,7 @@ class Checkpointer:
                 self.commit()   # async: the last checkpoint does not wait for another step
         self.blocking += time.perf_counter() - t0
 
-    def finish(self, trainer) -> dict:
+    def on_fit_end(self, trainer) -> dict:
         """Commit what is in flight; report the blocking time (collective)."""
         t0 = time.perf_counter()
         if self.pending:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..train.callbacks import Callback
 from .buckets import DEFAULT_BUCKET_MB, GradBuckets
 from .fingerprint import check_identical
 
@@ -78,7 +79,21 @@ def attach(trainer, topo, args) -> DataParallel | None:
                       bucket_mb=getattr(args, "bucket_mb", DEFAULT_BUCKET_MB), op="sum",
                       check_every=getattr(args, "dp_check_every", 0),
                       algorithm=getattr(args, "allreduce", "auto"))
-    trainer.before_step.append(lambda tr, passes: dp.begin_step(passes))
-    trainer.after_backward.append(lambda tr: dp.finish())
+    trainer.callbacks.append(SyncGradients(dp))
     trainer.dp = dp
     return dp
+
+
+class SyncGradients(Callback):
+    """Arms the overlapped all-reduce before the backward passes and waits for it before
+    clipping and the optimizer step. Attach it first: later after_backward callbacks (loss
+    unscaling, gradient edits) must see the reduced gradients."""
+
+    def __init__(self, dp: DataParallel):
+        self.dp = dp
+
+    def before_step(self, trainer, passes: int) -> None:
+        self.dp.begin_step(passes)
+
+    def after_backward(self, trainer) -> None:
+        self.dp.finish()

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from .callbacks import AfterBackward
+
 MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -71,12 +73,12 @@ class PipelineGradScaler:
 
     def attach(self, trainer) -> "PipelineGradScaler":
         """Scale the trainer's loss (on the last stage) and unscale after backward: an
-        after_backward hook, so it runs after any data-parallel gradient sync attached before
+        after_backward callback, so it runs after any data-parallel gradient sync attached before
         it, and before clipping and the optimizer step."""
         for stage in trainer.pipe.stages:   # this rank's model chunks; the last one holds the loss
             if stage.is_last:
                 stage.loss_fn = ScaledLoss(stage.loss_fn, self)
-        trainer.after_backward.append(lambda t: self.unscale_(t.params))
+        trainer.callbacks.append(AfterBackward(lambda t: self.unscale_(t.params)))
         return self
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..pipeline.plan import StagePlan
+from .callbacks import Callback
 from .clip import clip_global_norm
 from .observe import Dashboard, RankStats
 from .metrics import MetricsFile, Tally, format_row, summarize
@@ -30,8 +31,7 @@ class PipelineTrainer:
         self.scheduler = (example.lr_scheduler(self.optimizer, args)
                           if self.optimizer and example.lr_scheduler else None)
         self.schedule = self.pipe.schedule
-        self.after_backward = []   # hooks (e.g. data-parallel gradient sync) before the optimizer step
-        self.before_step = []      # hooks(trainer, backward passes) before the schedule runs (data parallel)
+        self.callbacks: list[Callback] = []   # data parallel, loss scaling, checkpoints (callbacks.py)
         self.step_count = 0
         self.step_seconds: list[float] = []
         self.inject = parse_inject(getattr(args, "inject_error", None))
@@ -50,24 +50,25 @@ class PipelineTrainer:
         if self.optimizer and not self.pipe.streaming:
             self.optimizer.zero_grad(set_to_none=True)
         on_out = (lambda mb, out: tally.add(out, ys[mb])) if tally is not None else None
-        if self.pipe.streaming:     # 2BW updates mid-list (OPT): arm the hooks right before each update
+        if self.pipe.streaming:     # 2BW updates mid-list (OPT): arm the callbacks right before each update
             def update():
-                for hook in self.before_step:
-                    hook(self, len(xs))
+                for cb in self.callbacks:
+                    cb.before_step(self, len(xs))
                 self.apply_update()
             self.pipe.train(xs, ys, weights, on_out, *position, batch=self.step_count, update=update)
         else:
-            for hook in self.before_step:
-                hook(self, len(xs))
+            for cb in self.callbacks:
+                cb.before_step(self, len(xs))
             self.pipe.train(xs, ys, weights, on_out, *position, batch=self.step_count, update=None)
             self.apply_update()
         self.step_count += 1
         self.step_seconds.append(time.perf_counter() - t0)
 
     def apply_update(self) -> None:
-        """Gradients are in place: sync hooks, clipping, optimizer and lr steps."""
-        for hook in self.after_backward:
-            hook(self)
+        """Gradients are in place: after_backward callbacks (data-parallel sync first), clipping,
+        optimizer and lr steps."""
+        for cb in self.callbacks:
+            cb.after_backward(self)
         if getattr(self.args, "clip_grad", 0):
             clip_global_norm(self.params, self.args.clip_grad, self.topo.pp_world, self.topo.tp_world,
                              self.sharded_ids)
@@ -95,28 +96,26 @@ class PipelineTrainer:
         dash = (Dashboard(Path(args.out), hosts, f"{self.example.name}: grid pp={topo.grid.pp} "
                           f"dp={topo.grid.dp} tp={topo.grid.tp}", getattr(args, "plot", False),
                           getattr(args, "live", False)) if world.rank == 0 else None)
-        rows = []
-        ckpt = getattr(self, "checkpoint", None)   # checkpoint/restart: set by mpipar.checkpoint.attach
-        if ckpt:
-            rows = ckpt.resumed_rows(metrics)
-        for epoch in range(ckpt.start_epoch if ckpt else 0, args.epochs):
+        cbs = self.callbacks   # a resumed checkpoint: its rows, epoch and batches are done already
+        rows = [row for cb in cbs for row in cb.on_fit_start(self, metrics)]
+        for epoch in range(max((cb.first_epoch(self) for cb in cbs), default=0), args.epochs):
             tally = Tally(self.loss_fn, self.example.task)
             batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch, self.example.shuffle,
                                     dp_rank=topo.dp_rank, dp_size=topo.grid.dp)
             if args.steps:
                 batches = batches[:args.steps]
             self.step_seconds = []
-            if ckpt:
-                ckpt.resume_tally(epoch, tally)
+            for cb in cbs:
+                cb.on_epoch_start(self, epoch, tally)
             world.barrier()
             t0 = time.perf_counter()
             for i, idx in enumerate(batches):
-                if ckpt and ckpt.skip(epoch, i):   # done before the checkpoint we resumed from
+                if any(cb.skip_batch(self, epoch, i) for cb in cbs):
                     continue
                 self.train_step(train.x[idx], train.y[idx], tally, position=(i, len(batches)),
                                 global_n=min(args.batch_size, len(train.y) - i * args.batch_size))
-                if ckpt:
-                    ckpt.after_step(self, epoch, i + 1, len(batches), tally, rows)
+                for cb in cbs:
+                    cb.after_step(self, epoch, i + 1, len(batches), tally, rows)
             world.barrier()
             seconds = time.perf_counter() - t0
             samples = sum(min(args.batch_size, len(train.y) - i * args.batch_size) for i in range(len(batches)))
@@ -139,13 +138,13 @@ class PipelineTrainer:
             if metrics:
                 metrics.write(row)
                 self.log(format_row(row))
-            if ckpt:
-                ckpt.after_epoch(self, epoch, rows)
+            for cb in cbs:
+                cb.after_epoch(self, epoch, rows)
         self.pipe.write_timeline(world, args.microbatches, self.log)
         for png in (dash.finish() if dash else []):
             self.log(f"per-rank dashboard: {png} (ranks.jsonl beside it)")
-        if ckpt:
-            ckpt.finish(self)
+        for cb in cbs:
+            cb.on_fit_end(self)
         return rows
 
     def state_dict(self) -> dict:

@@ -22,6 +22,7 @@ from mpipar.rankmap import Grid, RankMap  # noqa: E402
 from mpipar.run import parse  # noqa: E402
 from mpipar.session import partition  # noqa: E402
 from mpipar.topology import Topology  # noqa: E402
+from mpipar.train.callbacks import AfterBackward  # noqa: E402
 from mpipar.train.trainer import PipelineTrainer  # noqa: E402
 from mpipar.train.sampler import epoch_batches  # noqa: E402
 
@@ -73,10 +74,11 @@ def poison(trainer):
     if world.rank == 0:
         trainer.params[0].grad[0].fill_(float("inf"))
 
-scaled.trainer.after_backward.insert(0, poison)
+poisoner = AfterBackward(poison)
+scaled.trainer.callbacks.insert(0, poisoner)
 before = params(scaled)
 train(scaled, 1, first=6)
-scaled.trainer.after_backward.remove(poison)
+scaled.trainer.callbacks.remove(poisoner)
 for k, v in params(scaled).items():
     assert torch.equal(v, before[k]), f"rank {world.rank}: {k} changed in a skipped step"
 assert scaler.skipped == 1 and scaler.scale == 2.0**11, (scaler.skipped, scaler.scale)
