@@ -71,8 +71,11 @@ class SharedBuffer:
 
 
 def one_host(world) -> bool:
-    """True when every rank of `world` runs on this host (collective the first time; cached)."""
+    """True when MPI can give every rank of `world` memory in common (MPI's own notion of a
+    node: COMM_TYPE_SHARED, not host names). Collective the first time; cached."""
     cached = getattr(world, "_one_host", None)
     if cached is None:
-        cached = world._one_host = len(set(world.hosts())) == 1
+        node = world.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        cached = world._one_host = node.Get_size() == world.size
+        node.Free()
     return cached
