@@ -13,6 +13,7 @@ neighbour's state times a filter learned from the distance. The head sum-pools r
 import torch
 from torch import nn
 
+from mpipar.data.cache import cached
 from mpipar.data.common import Split
 from mpipar.data.qm9 import load_qm9, mean_baseline_mae, split_qm9
 from mpipar.example import Example
@@ -84,16 +85,18 @@ class Head(nn.Module):
 
 
 def data(args):
-    if not hasattr(args, "_qm9"):
-        graphs = load_qm9(args.data_dir, args.max_molecules)
-        tr, te = split_qm9(graphs, 0.2, seed=0)
-        a = max(g.num_nodes for g in graphs)
-        note = (f"QM9 subset: {len(graphs)} molecules ({len(tr)} train / {len(te)} test), up to {a} atoms "
-                f"incl. H packed as [{a}, {graphs[0].x.shape[1]}+{EXTRA}], target mu (Debye)")
-        meta = {"baseline_mae": mean_baseline_mae(tr, te), "mean": float(torch.cat([g.y.flatten() for g in tr]).mean())}
-        args._qm9 = (Split(pack(tr, a), torch.cat([g.y for g in tr]), note, meta),
-                     Split(pack(te, a), torch.cat([g.y for g in te]), note, meta))
-    return args._qm9
+    return cached(("qm9-packed", args.data_dir, args.max_molecules), lambda: _load(args.data_dir, args.max_molecules))
+
+
+def _load(data_dir, max_molecules):
+    graphs = load_qm9(data_dir, max_molecules)
+    tr, te = split_qm9(graphs, 0.2, seed=0)
+    a = max(g.num_nodes for g in graphs)
+    note = (f"QM9 subset: {len(graphs)} molecules ({len(tr)} train / {len(te)} test), up to {a} atoms "
+            f"incl. H packed as [{a}, {graphs[0].x.shape[1]}+{EXTRA}], target mu (Debye)")
+    meta = {"baseline_mae": mean_baseline_mae(tr, te), "mean": float(torch.cat([g.y.flatten() for g in tr]).mean())}
+    return (Split(pack(tr, a), torch.cat([g.y for g in tr]), note, meta),
+            Split(pack(te, a), torch.cat([g.y for g in te]), note, meta))
 
 
 def layers(args):

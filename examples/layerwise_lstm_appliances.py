@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from mpipar.data.appliances import load_appliances, persistence_rmse
+from mpipar.data.cache import cached
 from mpipar.example import Example
 from mpipar.layers import LastStep, LSTMLayer
 from mpipar.model import LayerSpec
@@ -15,9 +16,8 @@ def layers(args):
 
 
 def data(args):
-    if not hasattr(args, "_data"):
-        args._data = load_appliances(args.data_dir, window=args.window)
-    return args._data
+    return cached(("appliances", args.data_dir, args.window),
+                  lambda: load_appliances(args.data_dir, window=args.window))
 
 
 def report(last, train, test, args):

@@ -2,6 +2,7 @@
 import torch
 from torch import nn
 
+from mpipar.data.cache import cached
 from mpipar.data.common import Split
 from mpipar.data.cora import load_cora
 from mpipar.example import Example
@@ -33,9 +34,7 @@ class NodeCrossEntropy(nn.Module):
 
 
 def graph(args):
-    if not hasattr(args, "_cora"):
-        args._cora = load_cora(args.data_dir)
-    return args._cora
+    return cached(("cora", args.data_dir), lambda: load_cora(args.data_dir))
 
 
 def layers(args):

@@ -2,6 +2,7 @@
 import torch
 from torch import nn
 
+from mpipar.data.cache import cached
 from mpipar.data.temperature import load_temperature_stream, windows
 from mpipar.example import Example
 from mpipar.layers import LastStep, LSTMLayer
@@ -15,10 +16,10 @@ def layers(args):
 
 
 def data(args):
-    if not hasattr(args, "_data"):
+    def load():
         _, values = load_temperature_stream(args.data_dir, args.series)
-        args._data = windows(values, args.window)
-    return args._data
+        return windows(values, args.window)
+    return cached(("temperature-windows", args.data_dir, args.series, args.window), load)
 
 
 def report(last, train, test, args):

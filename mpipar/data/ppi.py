@@ -22,6 +22,13 @@ N_FEAT, N_LABELS, MEAN_NODES, MEAN_DEGREE = 50, 121, 2245, 27
 FIX = "pass --data-dir pointing at PyG's PPI raw folder (train_graph.json, train_feats.npy, ...)"
 
 
+def _unique_columns(ei: torch.Tensor, n: int) -> torch.Tensor:
+    """torch.unique(ei, dim=1) for node ids < n, ~100x faster: a 1-D unique of src*n+dst sorts
+    the columns in the same (src, dst) order, so the result is identical (contiguous, though)."""
+    key = torch.unique(ei[0] * n + ei[1])
+    return torch.stack([key // n, key % n])
+
+
 def _graph(g: torch.Generator, n: int, w: torch.Tensor, thresholds: torch.Tensor):
     """One synthetic graph: communities of ~100 nodes, mostly intra-community links."""
     comm = torch.randint(0, max(1, n // 100), (n,), generator=g)
@@ -36,7 +43,7 @@ def _graph(g: torch.Generator, n: int, w: torch.Tensor, thresholds: torch.Tensor
     dst = torch.where(same, intra, torch.randint(0, n, (n * k,), generator=g))
     keep = src != dst
     ei = torch.cat([torch.stack([src[keep], dst[keep]]), torch.stack([dst[keep], src[keep]])], 1)
-    ei = torch.unique(ei, dim=1)
+    ei = _unique_columns(ei, n)
     x = torch.randn(n, N_FEAT, generator=g)
     deg = torch.bincount(ei[0], minlength=n).clamp(min=1).unsqueeze(1)
     neigh = torch.zeros(n, N_FEAT).index_add_(0, ei[0], x[ei[1]]) / deg
