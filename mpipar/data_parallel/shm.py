@@ -1,5 +1,5 @@
 """All-reduce on one host through shared memory (comm/shared.py): the algorithm `auto` picks
-when every rank of the World shares a host and the vector is past the latency-bound sizes.
+when MPI says every rank of the World can share memory (see ring.choose_algorithm for sizes).
 
 Each rank copies its vector into its own segment of a shared buffer; rank r then reduces the
 r-th 1/n slice out of all n segments (16-bit types accumulate in float32 and round once) and
