@@ -87,7 +87,7 @@ class SurvivingDataParallel:
     def fit(self, train) -> list[dict]:
         args, rows = self.args, []
         for epoch in range(args.epochs):
-            batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch)
+            batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch, self.example.shuffle)
             if args.steps:
                 batches = batches[:args.steps]
             t0, total = time.perf_counter(), 0.0

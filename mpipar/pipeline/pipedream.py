@@ -124,7 +124,7 @@ def train_reference_2bw(example, specs, train, args):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = example.optimizer(params, args)
     for epoch in range(args.epochs):
-        batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch)
+        batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch, example.shuffle)
         for idx in batches[:args.steps] if args.steps else batches:
             old.zero_grad(set_to_none=True)
             loss_fn(old(train.x[idx]), train.y[idx]).backward()

@@ -18,7 +18,7 @@ def train_reference(example, specs, train, args, on_epoch=None):
     opt = example.optimizer(params, args)
     sched = example.lr_scheduler(opt, args) if example.lr_scheduler else None
     for epoch in range(args.epochs):
-        batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch)
+        batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch, example.shuffle)
         if args.steps:
             batches = batches[:args.steps]
         tally = Tally(loss_fn, example.task)
