@@ -27,11 +27,12 @@ def cnn() -> nn.Module:
 
 
 class Mode:
-    def __init__(self, name: str, world, bucket_mb: float | None):
+    def __init__(self, name: str, world, bucket_mb: float | None, algorithm: str = "auto"):
         self.name, self.model = name, cnn()
         self.dp = None if name == "local" else DataParallel(self.model, world, bucket_mb=bucket_mb,
                                                             overlap=name.startswith("overlap"),
-                                                            background=(name == "overlap+thread"))
+                                                            background=(name == "overlap+thread"),
+                                                            algorithm=algorithm)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.times: list[float] = []
 
@@ -61,12 +62,12 @@ def run(world, args) -> int:
     x, y = torch.randn(args.batch, 3, 32, 32, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
     sizes = [float(s) for s in str(args.bucket_mb or DEFAULT_BUCKET_MB).split(",")]
     lines = [f"CNN ({sum(p.numel() for p in cnn().parameters()) / 1e6:.2f} M params) data-parallel step on "
-             f"{world.size} ranks, batch {args.batch} per rank; ms per step (median of {args.steps} steps "
+             f"{world.size} ranks, all-reduce {args.algorithm}, batch {args.batch} per rank; ms per step (median of {args.steps} steps "
              f"per mode, modes interleaved)",
              f"{'bucket MB':>9} {'buckets':>7} {'local':>8} {'after':>8} {'hooks':>8} {'thread':>8} "
              f"{'after/hooks':>11} {'after/thread':>12} {'comm hidden':>11}"]
     for mb in sizes:
-        modes = [Mode(name, world, mb) for name in ("local", "after", "overlap", "overlap+thread")]
+        modes = [Mode(name, world, mb, args.algorithm) for name in ("local", "after", "overlap", "overlap+thread")]
         for m in modes:
             m.step(x, y)                                    # warm-up
         for i in range(args.steps):
