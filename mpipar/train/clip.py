@@ -15,10 +15,11 @@ def clip_global_norm(params, max_norm: float, pp_world, tp_world=None, sharded=(
     grads = [p.grad for p in params if p.grad is not None]
     local = sum(float(p.grad.detach().float().pow(2).sum()) for p in params
                 if p.grad is not None and id(p) not in sharded)
+    split = sum(float(p.grad.detach().float().pow(2).sum()) for p in params
+                if p.grad is not None and id(p) in sharded)
     if tp_world is not None and tp_world.size > 1:
-        split = sum(float(p.grad.detach().float().pow(2).sum()) for p in params
-                    if p.grad is not None and id(p) in sharded)
-        local += tp_world.allreduce_native(torch.tensor([split], dtype=torch.float64))[0].item()
+        split = tp_world.allreduce_native(torch.tensor([split], dtype=torch.float64))[0].item()
+    local += split
     total = pp_world.allreduce_native(torch.tensor([local], dtype=torch.float64))[0].item()
     norm = math.sqrt(total)
     if max_norm > 0 and norm > max_norm:
