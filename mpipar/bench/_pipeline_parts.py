@@ -83,7 +83,9 @@ class SleepLayer(nn.Module):
         cold caches make the next few operations slow): here a 4 ms forward measured ~4.4 ms
         and an 8 ms backward ~8.7. That is an artefact of simulating compute by sleeping, not
         a cost of the pipeline, so the excess over `rounds` solo runs (median) is taken off the
-        sleeps. Returns the excess (seconds) found for F and B."""
+        sleeps. Two parts, two places: _Sleeper corrects the sleep's own overshoot as load
+        changes; this takes off what remains around it (waking up, autograd). Returns the
+        excess (seconds) found for F and B."""
         x = torch.zeros(4, 8, requires_grad=True)
         fs, bs = [], []
         for _ in range(rounds):
