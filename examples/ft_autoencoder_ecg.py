@@ -68,10 +68,11 @@ def after_fit(trainer, train, test, args, log) -> str:
 
 def surviving(args, world, log):
     """ULFM: data parallel over all ranks; a dead rank is dropped and its samples re-assigned."""
-    from mpipar.checkpoint import fault, total_steps
-    from mpipar.checkpoint.survive import SurvivingDataParallel
+    from mpipar.checkpoint import fault
+    from mpipar.train.checkpointing import total_steps
+    from mpipar.train.survive import SurvivingDataParallel
     train, test = ecg.data(args)
-    faults = fault.resolve(fault.parse(args.inject_fault), world.size, total_steps(len(train.y), args), distinct=True)
+    faults = fault.resolve(fault.parse(args.inject_fault), world.size, total_steps(len(train.y), args.batch_size, args.epochs, args.steps), distinct=True)
     marks = Path(args.out) / "faults-ulfm"
     if world.rank == 0:
         shutil.rmtree(marks, ignore_errors=True)

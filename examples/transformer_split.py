@@ -177,12 +177,11 @@ def decode_report(trainer, test, args, log) -> float:
 # -- the hooks run_example calls: loss scaling once the trainer exists, decoding after fit --------
 def attach_scaler(trainer, args):
     """on_trainer: log the model settings; for --amp fp16 attach the pipeline loss scaler (after the
-    data-parallel sync, which run_example attaches first) as trainer.grad_scaler (None otherwise)."""
+    pipeline's own data-parallel sync) as one of its callbacks; returns it (None otherwise)."""
     trainer.log(f"model: d={args.d_model} heads={args.heads} ff={args.ff} enc={args.enc_layers} "
                 f"dec={args.dec_layers} | amp {args.amp} | clip global norm {args.clip_grad or 'off'} | "
                 f"Noam warmup {args.warmup}, factor {args.lr}")
-    trainer.grad_scaler = PipelineGradScaler(trainer.topo.world).attach(trainer) if args.amp == "fp16" else None
-    return trainer.grad_scaler
+    return PipelineGradScaler(trainer.topo.world).attach(trainer) if args.amp == "fp16" else None
 
 
 def after_fit(trainer, train, test, args, log) -> str | None:
@@ -190,7 +189,7 @@ def after_fit(trainer, train, test, args, log) -> str | None:
     parts = []
     if args.samples >= 0:
         parts.append(f"greedy exact match {decode_report(trainer, test, args, log):.4g}")
-    scaler = getattr(trainer, "grad_scaler", None)
+    scaler = PipelineGradScaler.of(trainer)
     if scaler:
         parts.append(f"fp16 loss scale {scaler.scale:g}, {scaler.skipped} step(s) skipped for inf/NaN")
     return "; ".join(parts) or None

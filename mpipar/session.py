@@ -1,22 +1,16 @@
 """One run of one example on this rank: grid, rank map, banner, training, summary."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .errors import ConfigError
 from .model import check_unique, param_counts
 from .rankmap import Grid, RankMap, human, parse_balance
-from .topology import Topology
-
-
-def threads_per_rank(hosts: list[str], host: str) -> int:
-    """Share this host's cores among the ranks on it (oversubscription otherwise thrashes)."""
-    return max(1, (os.cpu_count() or 1) // max(1, hosts.count(host)))
+from .topology import Topology, share_cores
 
 
 def banner(world, hosts, example, args, grid) -> str:
@@ -28,17 +22,33 @@ def banner(world, hosts, example, args, grid) -> str:
             f"{args.microbatches} micro-batch(es) | global batch {args.batch_size} | seed {args.seed}")
 
 
-def partition(world, example, specs, args, grid, train):
-    names = [s.name for s in specs]
-    times = None
-    if args.balance == "time":
-        buf = torch.zeros(len(specs), dtype=torch.float64)
-        if world.rank == 0:  # one rank profiles, everyone uses its numbers: the map must agree
-            from .profile import layer_times
-            buf[:] = torch.tensor(layer_times(specs, train.x[:args.batch_size], args.seed))
-        times = world.bcast_(buf, 0).tolist()
-    from .pipeline.plan import virtual_stage_count   # p*v stages when a rank holds v chunks
-    return parse_balance(args.balance, names, virtual_stage_count(args, grid.pp), param_counts(specs), times)
+def partition(world, specs, args, grid, train):
+    """The rank map's stages from the command line (balance time: rank 0 profiles on a batch)."""
+    from .pipeline.pipe import partition as cut, virtual_stages
+    n = virtual_stages(args.schedule, args.chunks, grid.pp, args.balance)
+    sample = train.x[:args.batch_size] if train is not None else None
+    return cut(specs, args.balance, n, world, sample, args.seed)
+
+
+def train_config(example, args) -> "TrainConfig":
+    from .train.trainer import TrainConfig, parse_inject
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, steps=args.steps, seed=args.seed,
+                       shuffle=example.shuffle, task=example.task, clip_grad=args.clip_grad, out=args.out,
+                       plot=args.plot, live=args.live, name=example.name, inject_error=parse_inject(args.inject_error))
+
+
+def build_trainer(topo, rankmap, example, specs, args, log=print):
+    """The Pipeline and Trainer an example asks for, from the command line's flags."""
+    from .pipeline.pipe import DataParallelOptions, Pipeline
+    from .train.trainer import Trainer
+    pipe = Pipeline(specs, topo, loss_fn=example.loss(), schedule=args.schedule, microbatches=args.microbatches,
+                    chunks=args.chunks, rankmap=rankmap, recompute=args.recompute, seed=args.seed,
+                    timeline=args.timeline,
+                    data_parallel=DataParallelOptions(args.bucket_mb, args.allreduce, args.dp_check_every))
+    params = pipe.parameters()
+    optimizer = example.optimizer(params, args) if params else None
+    scheduler = example.lr_scheduler(optimizer, args) if optimizer and example.lr_scheduler else None
+    return Trainer(pipe, optimizer, train_config(example, args), scheduler, log)
 
 
 def compare(example, specs, train, test, args, rows, grid, log) -> None:
@@ -53,12 +63,16 @@ def compare(example, specs, train, test, args, rows, grid, log) -> None:
     log(f"learning curves: {png} (largest train-loss gap to single process: {gap:.2e})")
 
 
+def run_facts(example, args) -> dict:
+    """What a checkpoint's manifest records about the run (for people, and resume warnings)."""
+    return {"example": example.name, "seed": args.seed, "batch_size": args.batch_size, "epochs": args.epochs,
+            "steps": args.steps, "microbatches": args.microbatches, "schedule": args.schedule}
+
+
 def run_example(world, example, args) -> dict:
     log = print if world.rank == 0 and args.log_level != "quiet" else (lambda *a, **k: None)
     hosts = world.hosts()
-    torch.set_num_threads(threads_per_rank(hosts, world.host))
-    if args.wait == "poll" or (args.wait == "auto" and hosts.count(world.host) > (os.cpu_count() or 1)):
-        world.board.use_polling(2e-4)   # oversubscribed: sleep between tests instead of spinning in MPI_Wait
+    share_cores(world, hosts, args.wait)
     if example.main is not None:
         return example.main(args, world, log)
     grid = Grid.parse(args.grid, world.size)
@@ -68,15 +82,12 @@ def run_example(world, example, args) -> dict:
         raise ConfigError(f"--grid {args.grid}: example {example.name} has no tensor-parallel layers, "
                           f"so tp must be 1 (examples with them: mlp, tp-mlp, tp-transformer)")
     if args.balance != "time":   # validate the map before loading any data
-        partition(world, example, specs, args, grid, None)
+        partition(world, specs, args, grid, None)
     train, test = example.data(args)
-    rankmap = RankMap(grid, partition(world, example, specs, args, grid, train))
+    rankmap = RankMap(grid, partition(world, specs, args, grid, train))
     topo = Topology.build(world, grid)
 
-    from .train.trainer import PipelineTrainer
-    trainer = PipelineTrainer(topo, rankmap, example, specs, args, log)
-    from .data_parallel.wrapper import attach as attach_dp   # --grid dp=D: replicas synced by our ring
-    attach_dp(trainer, topo, args)
+    trainer = build_trainer(topo, rankmap, example, specs, args, log)
     if example.on_trainer:
         example.on_trainer(trainer, args)
     mine = sum(p.numel() for p in trainer.module.parameters())
@@ -85,8 +96,10 @@ def run_example(world, example, args) -> dict:
     log(banner(world, hosts, example, args, grid))
     log(f"data: {train.note}")
     log(rankmap.table(hosts, params))
-    from .checkpoint import attach   # checkpoint/restart, fault injection (--checkpoint-dir, --inject-fault)
-    attach(trainer, rankmap, len(train.y), args, log)
+    from .train.checkpointing import CheckpointConfig, attach_checkpoint   # --checkpoint-dir, --inject-fault
+    attach_checkpoint(trainer, rankmap, len(train), CheckpointConfig(
+        args.checkpoint_dir, args.checkpoint_every, args.keep or CheckpointConfig.keep, args.async_checkpoint,
+        args.inject_fault, str(Path(args.checkpoint_dir or args.out) / "faults")), run_facts(example, args), log)
 
     t0 = time.perf_counter()
     rows = trainer.fit(train, test)

@@ -56,7 +56,6 @@ class MiniTrainer:
         self.optimizer = torch.optim.Adam(self.params, lr=1e-2)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, 4, gamma=0.5)
         self.step_count, self.step_seconds = 0, []
-        self.args = SimpleNamespace(epochs=epochs)
 
     def train_step(self, x):
         self.optimizer.zero_grad()
@@ -97,7 +96,7 @@ def fit(trainer, ck=None, epochs=3, batches=4, stop_at=None):
 def checkpointer(root, every=3, keep=10, background=False, layers=NAMES, faults=None):
     rm = RankMap(Grid(1, 1, 1), [list(layers)])
     return Checkpointer(root, topo(), rm, every, keep, background, faults, lambda *a, **k: None,
-                        {"seed": 0, "batch_size": 12, "microbatches": 1})
+                        {"seed": 0, "batch_size": 12, "microbatches": 1}, epochs=3)
 
 
 def params(trainer):

@@ -11,12 +11,14 @@ import torch
 from torch import nn
 
 from mpipar.errors import ConfigError
-from mpipar.pipeline.pipedream import train_reference_2bw
+from mpipar.train.reference import train_reference_2bw
 from mpipar.pipeline.stage import Stage
 from mpipar.rankmap import Grid, RankMap
 from mpipar.run import parse
 from mpipar.train.reference import train_reference
-from mpipar.train.trainer import PipelineTrainer
+from mpipar.session import build_trainer
+from mpipar.topology import Topology
+from mpipar.comm import World
 from mpirun import mpirun, run_script
 
 torch.set_num_threads(1)
@@ -60,14 +62,14 @@ def test_split_and_recomputed_backward_equal_the_plain_one(index, split, recompu
 
 
 def one_stage(schedule, *extra):
-    """PipelineTrainer on one stage (p = 1: the whole engine, no messages) for 2 epochs x 6 steps."""
+    """The Trainer on one stage (p = 1: the whole engine, no messages) for 2 epochs x 6 steps."""
     args, ex = parse(["mlp", "--schedule", schedule, "--microbatches", "4", "--epochs", "2", "--steps", "6",
                       *extra])
     specs = ex.layers(args)
-    topo = SimpleNamespace(grid=Grid(1), pp_rank=0, pp_world=None, world=SimpleNamespace(rank=0))
-    trainer = PipelineTrainer(topo, RankMap(Grid(1), [[s.name for s in specs]]), ex, specs, args, lambda *a: None)
+    topo = Topology.build(World(), Grid(1))
+    trainer = build_trainer(topo, RankMap(Grid(1), [[s.name for s in specs]]), ex, specs, args, lambda *a: None)
     data, _ = ex.data(args)
-    from mpipar.train.sampler import epoch_batches
+    from mpipar.train.batches import epoch_batches
     for epoch in range(args.epochs):
         batches = epoch_batches(len(data.y), args.batch_size, args.seed, epoch)[:args.steps]
         for i, idx in enumerate(batches):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..train.callbacks import Callback
+from ..callbacks import Callback
 from . import reshard, restart, shard, store
 from .atomic import atomic_write_text
 from .manifest import Manifest, ShardInfo
@@ -33,11 +33,12 @@ def words_hex(words) -> str:
 
 
 class Checkpointer(Callback):
-    def __init__(self, root, topo, rankmap, every: int | None, keep: int, background: bool, faults, log, run: dict):
+    def __init__(self, root, topo, rankmap, every: int | None, keep: int, background: bool, faults, log, run: dict,
+                 epochs: int = 1):
         self.root = Path(root) if root else None
         self.topo, self.rankmap, self.interval, self.keep = topo, rankmap, Interval(every), keep
         self.background, self.faults, self.log, self.run = background, faults, log, run
-        self.world = topo.world
+        self.world, self.epochs = topo.world, epochs
         self.writer = ShardWriter()
         self.pending: dict | None = None
         self.start_epoch = self.start_step = 0
@@ -71,7 +72,7 @@ class Checkpointer(Callback):
         self.log(f"checkpoint: resumed from {store.step_dir(self.root, man.step).name} (step {man.step}: epoch "
                  f"{man.epoch + 1}, {man.step_in_epoch} batches into it) written with pp={g['pp']} dp={g['dp']} "
                  f"tp={g['tp']}{moved}")
-        if man.epoch >= trainer.args.epochs:
+        if man.epoch >= self.epochs:
             self.log(f"checkpoint: training was already complete ({man.epoch} epochs); nothing to do "
                      f"(another --checkpoint-dir, or more --epochs, trains again)")
         for k in ("seed", "batch_size", "microbatches"):
@@ -126,7 +127,7 @@ class Checkpointer(Callback):
 
     def after_epoch(self, trainer, epoch: int, rows) -> None:
         t0 = time.perf_counter()
-        final = epoch == trainer.args.epochs - 1
+        final = epoch == self.epochs - 1
         if self.root and (final or self.interval.due(trainer.step_count)):
             self.save(trainer, epoch + 1, 0, [0.0, 0.0, 0.0], rows)
             if final:

@@ -3,7 +3,7 @@ may still need it) and the result is a new tensor. Every wait goes through BOARD
 from __future__ import annotations
 
 import torch
-from mpi4py import MPI
+from .mpi import MPI
 
 from .cuda import mpi_buffer
 from .waits import BOARD

@@ -10,7 +10,8 @@ from __future__ import annotations
 import ctypes
 
 import torch
-from mpi4py.MPI import buffer as _mpi_buffer_type
+from .mpi import MPI
+_mpi_buffer_type = MPI.buffer
 
 _fromaddress = _mpi_buffer_type.fromaddress
 

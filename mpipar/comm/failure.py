@@ -11,7 +11,7 @@ import threading
 import time
 import traceback
 
-from mpi4py import MPI
+from .mpi import MPI
 
 from .waits import BOARD
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from mpi4py import MPI
+from .mpi import MPI
 
 from ..errors import ShapeError
 from . import header as H

@@ -3,7 +3,7 @@ than the non-blocking libnbc path behind World.allreduce_native). Training never
 from __future__ import annotations
 
 import torch
-from mpi4py import MPI
+from .mpi import MPI
 
 
 def allreduce_blocking(world, t: torch.Tensor) -> torch.Tensor:

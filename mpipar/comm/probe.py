@@ -2,7 +2,7 @@
 left nothing in flight (ANY_SOURCE is fine here: we only look, we never receive)."""
 from __future__ import annotations
 
-from mpi4py import MPI
+from .mpi import MPI
 
 
 def pending_message(world) -> tuple[int, int] | None:

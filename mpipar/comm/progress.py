@@ -2,7 +2,7 @@
 autograd hooks without ever blocking (blocking waits still go through BOARD)."""
 from __future__ import annotations
 
-from mpi4py import MPI
+from .mpi import MPI
 
 
 def all_done(requests) -> bool:

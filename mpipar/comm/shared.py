@@ -8,7 +8,7 @@ barriers can never pair with another collective's when several are in flight (gr
 from __future__ import annotations
 
 import torch
-from mpi4py import MPI
+from .mpi import MPI
 
 from .waits import BOARD
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from mpi4py import MPI
+from .mpi import MPI
 
 from .world import World
 

@@ -8,7 +8,8 @@ from contextlib import contextmanager
 import time
 from dataclasses import dataclass, field
 
-from mpi4py.MPI import Request as _Request
+from .mpi import MPI
+_Request = MPI.Request
 
 
 @dataclass
@@ -104,7 +105,7 @@ class WaitBoard:
         poll=seconds: test and sleep instead of spinning in MPI, for a rank that is mostly idle
         on a host with more ranks than cores (a parameter server), at up to `poll` extra latency;
         None: the board's own `poll` setting."""
-        from mpi4py import MPI
+        from .mpi import MPI
         poll = self.poll if poll is None else poll
         with self.waiting(what, peer):
             if poll is None:

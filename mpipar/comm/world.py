@@ -9,9 +9,9 @@ import socket
 
 import numpy as np
 import torch
-from mpi4py import MPI
+from .mpi import MPI
 
-from . import p2p
+from . import mpi, p2p
 from .cuda import BufferPolicy, query_cuda_support
 from .waits import BOARD
 
@@ -20,6 +20,8 @@ HOST_BYTES = 64
 
 class World:
     def __init__(self, comm=None, name: str = "world", policy: BufferPolicy | None = None):
+        if comm is None:
+            mpi.start()
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.name = name
         self.rank = self.comm.Get_rank()
@@ -87,6 +89,4 @@ class World:
         MPI.COMM_WORLD.Abort(code)
 
 
-def finalize() -> None:
-    if MPI.Is_initialized() and not MPI.Is_finalized():
-        MPI.Finalize()
+finalize = mpi.finalize

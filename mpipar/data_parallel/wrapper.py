@@ -6,15 +6,18 @@ and overlapped with backward (buckets.py); in debug mode every N steps the repli
 parameters are bit-identical. It attaches to a module rather than wrapping it, so state_dict
 keys stay those of the single-process model.
 
-    dp = DataParallel(model, dp_world)
-    dp.begin_step(); loss.backward(); dp.finish(); opt.step()
+    dp = DataParallel(model, topo)          # a Topology (its dp sub-world) or any World
+    loss.backward(); dp.finish(); opt.step()
+
+`begin_step()` before backward lets buckets reduce while backward still runs (overlap);
+without it, finish() reduces everything after backward. A Pipeline on a grid with dp > 1 makes
+its own (summing gradients of losses weighted by the global batch: exact for uneven shards).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..train.callbacks import Callback
 from .buckets import DEFAULT_BUCKET_MB, GradBuckets
 from .fingerprint import check_identical
 
@@ -23,6 +26,7 @@ class DataParallel:
     def __init__(self, module: nn.Module, dp_world, bucket_mb: float = DEFAULT_BUCKET_MB,
                  op: str = "avg", check_every: int = 0, overlap: bool = True, background: bool = True,
                  algorithm: str = "auto"):
+        dp_world = getattr(dp_world, "dp_world", dp_world)   # a Topology: its replicas' World
         self.module, self.world, self.check_every = module, dp_world, check_every
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.buckets = GradBuckets(dp_world, [p for _, p in named], bucket_mb, op, overlap,
@@ -65,35 +69,3 @@ def broadcast_state(module: nn.Module, world, root: int = 0) -> None:
         else:
             tmp = t.data.contiguous()
             t.data.copy_(world.bcast_(tmp, root))
-
-
-def attach(trainer, topo, args) -> DataParallel | None:
-    """Make `trainer` (a PipelineTrainer) data-parallel over topo.dp_world when dp > 1.
-
-    The trainer weights each micro-batch's loss by its share of the GLOBAL batch, so the
-    gradients are summed (not averaged) across replicas: the result is the mean over the
-    global batch, as single-process training computes it, even when shards differ in size."""
-    if topo.grid.dp == 1 or trainer.module is None:
-        return None
-    dp = DataParallel(trainer.module, topo.dp_world,
-                      bucket_mb=getattr(args, "bucket_mb", DEFAULT_BUCKET_MB), op="sum",
-                      check_every=getattr(args, "dp_check_every", 0),
-                      algorithm=getattr(args, "allreduce", "auto"))
-    trainer.callbacks.append(SyncGradients(dp))
-    trainer.dp = dp
-    return dp
-
-
-class SyncGradients(Callback):
-    """Arms the overlapped all-reduce before the backward passes and waits for it before
-    clipping and the optimizer step. Attach it first: later after_backward callbacks (loss
-    unscaling, gradient edits) must see the reduced gradients."""
-
-    def __init__(self, dp: DataParallel):
-        self.dp = dp
-
-    def before_step(self, trainer, passes: int) -> None:
-        self.dp.begin_step(passes)
-
-    def after_backward(self, trainer) -> None:
-        self.dp.finish()

@@ -112,25 +112,3 @@ class WeightStash:
     @property
     def held(self) -> int:
         return len(self.versions)
-
-
-def train_reference_2bw(example, specs, train, args):
-    """Single-process training with exactly the 2BW rule above (whole batches, no pipeline)."""
-    from ..model import build_full
-    from ..train.sampler import epoch_batches
-    model = build_full(specs, args.seed)
-    old = copy.deepcopy(model)                      # W(max(t-1, 0))
-    loss_fn = example.loss()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = example.optimizer(params, args)
-    for epoch in range(args.epochs):
-        batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch, example.shuffle)
-        for idx in batches[:args.steps] if args.steps else batches:
-            old.zero_grad(set_to_none=True)
-            loss_fn(old(train.x[idx]), train.y[idx]).backward()
-            now = copy.deepcopy(model)              # W(t): the next batch's weights
-            for p, q in zip(model.parameters(), old.parameters()):
-                p.grad = q.grad
-            opt.step()
-            old = now
-    return model

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .callbacks import AfterBackward
+from ..callbacks import Callback
 
 MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,7 +53,7 @@ class ScaledLoss(nn.Module):
         return self.loss_fn(out, y) * self.scaler.scale
 
 
-class PipelineGradScaler:
+class PipelineGradScaler(Callback):
     """Dynamic loss scaling (torch.amp.GradScaler's rules) for a model split over ranks.
 
     The last stage multiplies its loss by `scale`, so every stage's gradients carry the same
@@ -78,8 +78,16 @@ class PipelineGradScaler:
         for stage in trainer.pipe.stages:   # this rank's model chunks; the last one holds the loss
             if stage.is_last:
                 stage.loss_fn = ScaledLoss(stage.loss_fn, self)
-        trainer.callbacks.append(AfterBackward(lambda t: self.unscale_(t.params)))
+        trainer.callbacks.append(self)
         return self
+
+    def after_backward(self, trainer) -> None:
+        self.unscale_(trainer.params)
+
+    @staticmethod
+    def of(trainer) -> "PipelineGradScaler | None":
+        """The scaler attached to `trainer`, if any."""
+        return next((cb for cb in trainer.callbacks if isinstance(cb, PipelineGradScaler)), None)
 
     @torch.no_grad()
     def unscale_(self, params) -> bool:

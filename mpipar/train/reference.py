@@ -2,11 +2,13 @@
 must reproduce (parity tests compare against it with torch.testing.assert_close)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..model import build_full
 from .metrics import Tally, summarize
-from .sampler import epoch_batches
+from .batches import epoch_batches
 
 
 def train_reference(example, specs, train, args, on_epoch=None):
@@ -59,3 +61,24 @@ def reference_rows(example, specs, train, test, args) -> list[dict]:
 
     train_reference(example, specs, train, args, on_epoch=record)
     return rows
+
+
+def train_reference_2bw(example, specs, train, args):
+    """Single-process training with exactly the 2BW rule of pipeline/pipedream.py (whole batches,
+    no pipeline): each batch's gradient is taken at the weights before the previous update."""
+    model = build_full(specs, args.seed)
+    old = copy.deepcopy(model)                      # W(max(t-1, 0))
+    loss_fn = example.loss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = example.optimizer(params, args)
+    for epoch in range(args.epochs):
+        batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch, example.shuffle)
+        for idx in batches[:args.steps] if args.steps else batches:
+            old.zero_grad(set_to_none=True)
+            loss_fn(old(train.x[idx]), train.y[idx]).backward()
+            now = copy.deepcopy(model)              # W(t): the next batch's weights
+            for p, q in zip(model.parameters(), old.parameters()):
+                p.grad = q.grad
+            opt.step()
+            old = now
+    return model

@@ -1,40 +1,56 @@
-"""The one training loop for sequential models split by the rank map: each rank builds only
-its layers, runs the pipeline schedule per global batch, steps its own optimizer; the
-reporting rank's sums reach rank 0 once per epoch."""
+"""The training loop: epochs of deterministic batches (each dp rank its shard) through a
+Pipeline, the optimizer stepping this rank's parameters, callbacks for everything optional
+(checkpoints, loss scaling, gradient edits), one metrics row per epoch from the reporting rank.
+`python -m mpipar.run` drives it; it is public, for a user who wants epochs, metrics and
+checkpoints without writing the loop:
+
+    trainer = mpipar.Trainer(pipe, optimizer, mpipar.TrainConfig(epochs=3, batch_size=64))
+    rows = trainer.fit(train_dataset, test_dataset)
+"""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..pipeline.plan import StagePlan
-from .callbacks import Callback
+from ..callbacks import Callback
+from ..pipeline.pipe import split_microbatches
+from .batches import sized_batches
 from .clip import clip_global_norm
-from .observe import Dashboard, RankStats
 from .metrics import MetricsFile, Tally, format_row, summarize
-from .sampler import epoch_batches, split_microbatches
+from .observe import Dashboard, RankStats
 
 
-class PipelineTrainer:
-    def __init__(self, topo, rankmap, example, specs, args, log=print):
-        self.topo, self.example, self.args, self.log = topo, example, args, log
-        self.loss_fn = example.loss()
-        self.pipe = StagePlan(topo, rankmap, specs, args, self.loss_fn)   # chunks, stages, engine, schedule
-        self.module, self.stage, self.engine = self.pipe.module, self.pipe.stages[0], self.pipe.engine
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
-        from ..tensor.sharding import tp_plan
-        plan = tp_plan(self.module)
-        self.sharded_ids = {id(p) for n, p in self.module.named_parameters() if n in plan}
-        self.optimizer = example.optimizer(self.params, args) if self.params else None
-        self.scheduler = (example.lr_scheduler(self.optimizer, args)
-                          if self.optimizer and example.lr_scheduler else None)
-        self.schedule = self.pipe.schedule
-        self.callbacks: list[Callback] = []   # data parallel, loss scaling, checkpoints (callbacks.py)
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 64            # global batch (summed over data-parallel replicas)
+    steps: int = 0                  # > 0: stop each epoch after this many batches
+    seed: int = 0                   # batch order
+    shuffle: bool = True            # False: batches in data order (streams)
+    task: str = "classification"    # or "regression": what the metrics rows report
+    clip_grad: float = 0.0          # > 0: clip by the global norm over all stages and shards
+    out: str | None = None          # metrics.jsonl (and plots) here, on rank 0
+    plot: bool = False              # dashboard.png at the end
+    live: bool = False              # dashboard refreshed every epoch
+    name: str = "model"             # how outputs name the run
+    num_workers: int = 0            # DataLoader workers for a map-style Dataset
+    inject_error: tuple[int, int] | None = None   # (rank, step): raise there (tests of the abort path)
+
+
+class Trainer:
+    def __init__(self, pipe, optimizer=None, config: TrainConfig | None = None, scheduler=None, log=print):
+        self.pipe, self.config, self.log = pipe, config or TrainConfig(), log
+        self.topo, self.loss_fn = pipe.topo, pipe.loss_fn
+        self.module, self.stage, self.engine = pipe.module, pipe.stages[0], pipe.engine
+        self.params = pipe.parameters()
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.callbacks: list[Callback] = []   # loss scaling, checkpoints, gradient edits (callbacks.py)
         self.step_count = 0
         self.step_seconds: list[float] = []
-        self.inject = parse_inject(getattr(args, "inject_error", None))
 
     # -- one step -------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor, tally: Tally | None = None,
@@ -42,10 +58,10 @@ class PipelineTrainer:
         """One batch; `position` = (step, steps) in the epoch (a streaming schedule spans them);
         `global_n`: samples in the global batch when x is this data-parallel rank's shard of it."""
         t0 = time.perf_counter()
-        m = self.args.microbatches
+        m = self.pipe.microbatches
         xs, ys = split_microbatches(x, m), split_microbatches(y, m)
         weights = [len(c) / (global_n or len(y)) for c in ys]   # mean over the global batch
-        if self.inject and self.inject == (self.topo.world.rank, self.step_count):
+        if self.config.inject_error and self.config.inject_error == (self.topo.world.rank, self.step_count):
             raise RuntimeError(f"injected error at step {self.step_count} (--inject-error)")
         if self.optimizer and not self.pipe.streaming:
             self.optimizer.zero_grad(set_to_none=True)
@@ -55,92 +71,93 @@ class PipelineTrainer:
                 for cb in self.callbacks:
                     cb.before_step(self, len(xs))
                 self.apply_update()
-            self.pipe.train(xs, ys, weights, on_out, *position, batch=self.step_count, update=update)
+            self.pipe.run_batch(xs, ys, weights, on_out, *position, batch=self.step_count, update=update)
         else:
             for cb in self.callbacks:
                 cb.before_step(self, len(xs))
-            self.pipe.train(xs, ys, weights, on_out, *position, batch=self.step_count, update=None)
+            self.pipe.run_batch(xs, ys, weights, on_out, *position, batch=self.step_count)
             self.apply_update()
         self.step_count += 1
         self.step_seconds.append(time.perf_counter() - t0)
 
     def apply_update(self) -> None:
-        """Gradients are in place: after_backward callbacks (data-parallel sync first), clipping,
+        """Gradients are in place (reduced over dp): after_backward callbacks, clipping,
         optimizer and lr steps."""
         for cb in self.callbacks:
             cb.after_backward(self)
-        if getattr(self.args, "clip_grad", 0):
-            clip_global_norm(self.params, self.args.clip_grad, self.topo.pp_world, self.topo.tp_world,
-                             self.sharded_ids)
+        if self.config.clip_grad:
+            clip_global_norm(self.params, self.config.clip_grad, self.topo.pp_world, self.topo.tp_world,
+                             self.pipe.sharded_ids)
         if self.optimizer:
             self.optimizer.step()
         if self.scheduler:
             self.scheduler.step()
 
     @torch.no_grad()
-    def evaluate(self, split, batch_size: int) -> list[float]:
+    def evaluate(self, data, batch_size: int) -> list[float]:
         self.module.eval()
-        tally = Tally(self.loss_fn, self.example.task)
-        for idx in epoch_batches(len(split.y), batch_size, 0, 0, shuffle=False):
-            x, y = split.x[idx], split.y[idx]
+        tally = Tally(self.loss_fn, self.config.task)
+        for x, y, _ in sized_batches(data, batch_size, shuffle=False, num_workers=self.config.num_workers):
             self.pipe.forward_only(x, y, lambda mb, out: tally.add(out, y))
         self.module.train()
         return tally.vector()
 
     # -- epochs ---------------------------------------------------------------------------
     def fit(self, train, test) -> list[dict]:
-        args, topo, world = self.args, self.topo, self.topo.world
-        metrics = MetricsFile(Path(args.out)) if world.rank == 0 else None
+        c, topo, world = self.config, self.topo, self.topo.world
+        metrics = MetricsFile(Path(c.out)) if world.rank == 0 and c.out else None
         stats = RankStats(world)   # per-rank throughput, communication time and bytes -> rank 0
         hosts = world.hosts()      # collective: every rank calls it
-        dash = (Dashboard(Path(args.out), hosts, f"{self.example.name}: grid pp={topo.grid.pp} "
-                          f"dp={topo.grid.dp} tp={topo.grid.tp}", getattr(args, "plot", False),
-                          getattr(args, "live", False)) if world.rank == 0 else None)
+        dash = (Dashboard(Path(c.out), hosts, f"{c.name}: grid pp={topo.grid.pp} dp={topo.grid.dp} "
+                          f"tp={topo.grid.tp}", c.plot, c.live) if world.rank == 0 and c.out else None)
         cbs = self.callbacks   # a resumed checkpoint: its rows, epoch and batches are done already
         rows = [row for cb in cbs for row in cb.on_fit_start(self, metrics)]
-        for epoch in range(max((cb.first_epoch(self) for cb in cbs), default=0), args.epochs):
-            tally = Tally(self.loss_fn, self.example.task)
-            batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch, self.example.shuffle,
-                                    dp_rank=topo.dp_rank, dp_size=topo.grid.dp)
-            if args.steps:
-                batches = batches[:args.steps]
+        n = len(train)
+        for epoch in range(max((cb.first_epoch(self) for cb in cbs), default=0), c.epochs):
+            tally = Tally(self.loss_fn, c.task)
+            shards = sized_batches(train, c.batch_size, c.seed, epoch, c.shuffle, topo.dp_rank, topo.grid.dp,
+                                   c.steps, c.num_workers)
+            count = -(-n // c.batch_size)
+            count = min(count, c.steps) if c.steps else count
             self.step_seconds = []
             for cb in cbs:
                 cb.on_epoch_start(self, epoch, tally)
             world.barrier()
             t0 = time.perf_counter()
-            for i, idx in enumerate(batches):
+            samples = local = 0
+            for i, (x, y, global_n) in enumerate(shards):
+                samples, local = samples + global_n, local + len(y)
                 if any(cb.skip_batch(self, epoch, i) for cb in cbs):
                     continue
-                self.train_step(train.x[idx], train.y[idx], tally, position=(i, len(batches)),
-                                global_n=min(args.batch_size, len(train.y) - i * args.batch_size))
+                self.train_step(x, y, tally, position=(i, count), global_n=global_n)
                 for cb in cbs:
-                    cb.after_step(self, epoch, i + 1, len(batches), tally, rows)
+                    cb.after_step(self, epoch, i + 1, count, tally, rows)
             world.barrier()
             seconds = time.perf_counter() - t0
-            samples = sum(min(args.batch_size, len(train.y) - i * args.batch_size) for i in range(len(batches)))
-            vec = tally.vector() + self.evaluate(test, args.batch_size)
+            vec = tally.vector() + self.evaluate(test, c.batch_size)
             every = world.allgather_floats(vec)
             sums = every[topo.reporter]
             if topo.grid.dp > 1:   # each data-parallel replica tallied its own shard of the batches
                 sums[:3] = sum(every[topo.grid.rank_of(topo.grid.pp - 1, d, 0)][:3] for d in range(topo.grid.dp))
-            p50, p95, p99 = np.percentile(np.array(self.step_seconds) * 1e3, [50, 95, 99])
-            row = {"epoch": epoch + 1, **summarize(sums[:3], self.example.task, "train"),
-                   **summarize(sums[3:], self.example.task, "test"),
-                   "samples_per_s": samples / seconds, "steps_per_s": len(batches) / seconds,
+            p50, p95, p99 = (np.percentile(np.array(self.step_seconds) * 1e3, [50, 95, 99])
+                             if self.step_seconds else (float("nan"),) * 3)
+            row = {"epoch": epoch + 1, **summarize(sums[:3], c.task, "train"),
+                   **summarize(sums[3:], c.task, "test"),
+                   "samples_per_s": samples / seconds, "steps_per_s": count / seconds,
                    "step_ms_p50": p50, "step_ms_p95": p95, "step_ms_p99": p99, "seconds": seconds}
             if self.scheduler:
                 row["lr"] = self.scheduler.get_last_lr()[0]
             rows.append(row)
-            gathered = world.allgather_floats(stats.snapshot(sum(len(b) for b in batches), len(batches)))
+            gathered = world.allgather_floats(stats.snapshot(local, count))
             if dash:
                 dash.add(row, gathered)
             if metrics:
                 metrics.write(row)
+            if world.rank == 0:
                 self.log(format_row(row))
             for cb in cbs:
                 cb.after_epoch(self, epoch, rows)
-        self.pipe.write_timeline(world, args.microbatches, self.log)
+        self.pipe.write_timeline(self.log)
         for png in (dash.finish() if dash else []):
             self.log(f"per-rank dashboard: {png} (ranks.jsonl beside it)")
         for cb in cbs:
@@ -148,17 +165,14 @@ class PipelineTrainer:
         return rows
 
     def state_dict(self) -> dict:
-        """This stage's parameters as the single-process model names them; with tp > 1 the
-        shards are gathered (a collective over tp: every tp rank calls it)."""
-        if self.pipe.tp_group is not None:
-            from ..tensor.sharding import gather_full_state_dict
-            return gather_full_state_dict(self.module, self.pipe.tp_group)
-        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        """This stage's parameters as the single-process model names them (tp > 1: gathered,
+        a collective over tp)."""
+        return self.pipe.state_dict()
 
     def full_param_count(self) -> int:
         """Parameters this rank would hold without tensor parallelism (shards counted whole)."""
         tp = self.topo.grid.tp
-        return sum(p.numel() * (tp if id(p) in self.sharded_ids else 1) for p in self.module.parameters())
+        return sum(p.numel() * (tp if id(p) in self.pipe.sharded_ids else 1) for p in self.module.parameters())
 
 
 def parse_inject(text: str | None):

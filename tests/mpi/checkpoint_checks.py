@@ -8,16 +8,15 @@ from pathlib import Path
 
 import torch
 
-from mpipar.checkpoint import attach, store
+from mpipar.checkpoint import store
 from mpipar.checkpoint.export import newest_full_state
 from mpipar.comm import World, failure
-from mpipar.data_parallel.wrapper import attach as attach_dp
 from mpipar.model import build_full
 from mpipar.rankmap import Grid, RankMap
 from mpipar.run import parse
-from mpipar.session import partition
+from mpipar.session import build_trainer, partition, run_facts
 from mpipar.topology import Topology
-from mpipar.train.trainer import PipelineTrainer
+from mpipar.train.checkpointing import CheckpointConfig, attach_checkpoint
 
 torch.set_num_threads(1)
 world = World()
@@ -33,12 +32,13 @@ def run(w, grid_text, ckpt, *flags, train_it=True):
                            "--checkpoint-dir", str(ckpt), "--checkpoint-every", "4", *flags])
     grid = Grid.parse(grid_text, w.size)
     specs = example.layers(args)
-    rankmap = RankMap(grid, partition(w, example, specs, args, grid, None))
+    rankmap = RankMap(grid, partition(w, specs, args, grid, None))
     topo = Topology.build(w, grid)
-    trainer = PipelineTrainer(topo, rankmap, example, specs, args, quiet)
-    attach_dp(trainer, topo, args)   # as the session does: dp replicas average gradients
+    trainer = build_trainer(topo, rankmap, example, specs, args, quiet)   # as the session does
     train, test = example.data(args)
-    ck = attach(trainer, rankmap, len(train.y), args, quiet)
+    ck = attach_checkpoint(trainer, rankmap, len(train), CheckpointConfig(
+        args.checkpoint_dir, args.checkpoint_every, args.keep or CheckpointConfig.keep, args.async_checkpoint,
+        args.inject_fault, str(ROOT / "faults")), run_facts(example, args), quiet)
     if train_it:
         trainer.fit(train, test)
     return trainer, ck, args, example

@@ -16,13 +16,13 @@ from mpipar.comm import World, failure
 from mpipar.errors import ConfigError, RankMapError, ShapeError
 from mpipar.example import Example
 from mpipar.model import LayerSpec, param_counts
-from mpipar.pipeline.pipedream import train_reference_2bw
-from mpipar.pipeline.plan import virtual_stage_count
+from mpipar.train.reference import train_reference_2bw
+from mpipar.pipeline.pipe import virtual_stages
 from mpipar.rankmap import Grid, RankMap, parse_balance
 from mpipar.run import parse
 from mpipar.topology import Topology
 from mpipar.train.reference import train_reference
-from mpipar.train.trainer import PipelineTrainer
+from mpipar.session import build_trainer
 
 torch.set_num_threads(1)
 world = World()
@@ -37,16 +37,16 @@ def build(argv, example=None):
     ex = example or ex
     grid = Grid.parse(args.grid, world.size)
     specs = ex.layers(args)
-    stages = parse_balance(args.balance, [s.name for s in specs], virtual_stage_count(args, grid.pp),
+    stages = parse_balance(args.balance, [s.name for s in specs], virtual_stages(args.schedule, args.chunks, grid.pp, args.balance),
                            param_counts(specs))
-    trainer = PipelineTrainer(Topology.build(world, grid), RankMap(grid, stages), ex, specs, args, QUIET)
+    trainer = build_trainer(Topology.build(world, grid), RankMap(grid, stages), ex, specs, args, QUIET)
     return trainer, args, ex, specs
 
 
 def train(argv):
     trainer, args, ex, specs = build(argv)
     data, _ = ex.data(args)
-    from mpipar.train.sampler import epoch_batches
+    from mpipar.train.batches import epoch_batches
     for epoch in range(args.epochs):
         batches = epoch_batches(len(data.y), args.batch_size, args.seed, epoch)[:args.steps]
         for i, idx in enumerate(batches):
@@ -91,7 +91,7 @@ for schedule, extra in [("gpipe", []), ("1f1b", []), ("1f1b", ["--recompute"]), 
         ref = refs.setdefault("sync", train_reference(ex, specs, data, args))
     compare(trainer, ref, f"{schedule} {' '.join(extra)}")
     if "--timeline" in argv:
-        trainer.pipe.write_timeline(world, 4, QUIET)
+        trainer.pipe.write_timeline(QUIET)
         if world.rank == 0:
             doc = json.loads((OUT / "timeline.json").read_text())
             tids = {e["tid"] for e in doc["traceEvents"] if e["ph"] == "X"}
@@ -108,7 +108,7 @@ for schedule, extra in [("gpipe", []), ("1f1b", []), ("1f1b", ["--recompute"]), 
 # -- 2BW resumed mid-epoch (a checkpoint restart skips steps): a new stream starts there ------
 trainer, args, ex, specs = build(COMMON + ["--schedule", "pipedream", "--microbatches", "4"])
 data, _ = ex.data(args)
-from mpipar.train.sampler import epoch_batches  # noqa: E402
+from mpipar.train.batches import epoch_batches  # noqa: E402
 batches = epoch_batches(len(data.y), args.batch_size, args.seed, 0)[:args.steps]
 for i in range(3, len(batches)):
     trainer.train_step(data.x[batches[i]], data.y[batches[i]], None, position=(i, len(batches)))

@@ -17,14 +17,12 @@ failure.install(world.host)
 torch.set_num_threads(1)
 
 import transformer_split as ts  # noqa: E402
-from mpipar.data_parallel.wrapper import attach as attach_dp  # noqa: E402
 from mpipar.rankmap import Grid, RankMap  # noqa: E402
 from mpipar.run import parse  # noqa: E402
-from mpipar.session import partition  # noqa: E402
+from mpipar.session import build_trainer, partition  # noqa: E402
 from mpipar.topology import Topology  # noqa: E402
 from mpipar.train.callbacks import AfterBackward  # noqa: E402
-from mpipar.train.trainer import PipelineTrainer  # noqa: E402
-from mpipar.train.sampler import epoch_batches  # noqa: E402
+from mpipar.train.batches import epoch_batches  # noqa: E402
 
 SMALL = ["--max-number", "999", "--batch-size", "32", "--d-model", "32", "--ff", "64", "--samples", "-1",
          "--out", tempfile.mkdtemp()]
@@ -37,12 +35,11 @@ def trainer_for(*extra):
     grid = Grid.parse(args.grid, world.size)
     specs = example.layers(args)
     train_split, test_split = example.data(args)
-    rankmap = RankMap(grid, partition(world, example, specs, args, grid, train_split))
+    rankmap = RankMap(grid, partition(world, specs, args, grid, train_split))
     topo = Topology.build(world, grid)
-    trainer = PipelineTrainer(topo, rankmap, example, specs, args, quiet)
-    attach_dp(trainer, topo, args)
-    example.on_trainer(trainer, args)
-    return SimpleNamespace(train=train_split, test=test_split, trainer=trainer, scaler=trainer.grad_scaler)
+    trainer = build_trainer(topo, rankmap, example, specs, args, quiet)
+    scaler = example.on_trainer(trainer, args)
+    return SimpleNamespace(train=train_split, test=test_split, trainer=trainer, scaler=scaler, args=args)
 
 
 def train(run, steps, first=0):
@@ -101,7 +98,7 @@ same_everywhere(fp16.scaler.scale, "fp16 loss scale")
 for p in fp16.trainer.params:
     assert p.dtype == torch.float32 and torch.isfinite(p).all()
 
-after = ts.after_fit(fp16.trainer, fp16.train, fp16.test, SimpleNamespace(**{**vars(fp16.trainer.args), "samples": -1}),
+after = ts.after_fit(fp16.trainer, fp16.train, fp16.test, SimpleNamespace(**{**vars(fp16.args), "samples": -1}),
                      quiet)
 assert after.startswith("fp16 loss scale "), after
 

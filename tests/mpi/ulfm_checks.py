@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from mpipar.checkpoint import fault
-from mpipar.checkpoint.survive import SurvivingDataParallel
+from mpipar.train.survive import SurvivingDataParallel
 from mpipar.comm import World, failure, ulfm
 from mpipar.run import parse
 from mpipar.train.reference import train_reference

@@ -1,4 +1,4 @@
-"""The one way to plug into PipelineTrainer: a Callback in `trainer.callbacks`. Checkpointing,
+"""The one way to plug into the Trainer: a Callback in `trainer.callbacks`. Checkpointing,
 the data-parallel gradient sync and loss scaling are callbacks, so the loop itself stays plain.
 
 Every method is a no-op here: a callback overrides only what it needs. They run in list order

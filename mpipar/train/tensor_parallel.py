@@ -9,17 +9,17 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..errors import ConfigError
 from ..rankmap import Grid, human
 from ..topology import Topology
-from ..train.metrics import MetricsFile, Tally, format_row, summarize
-from ..train.sampler import epoch_batches
-from .clip import clip_grad_norm_tp
-from .group import TPGroup
-from .init import counter_init_
-from .parity import largest_relative_difference, parity_line, parity_step
-from .sharding import gather_full_state_dict, tp_plan
+from ..tensor.clip import clip_grad_norm_tp
+from ..tensor.group import TPGroup
+from ..tensor.init import counter_init_
+from ..tensor.sharding import gather_full_state_dict, tp_plan
+from .batches import epoch_batches
+from .metrics import MetricsFile, Tally, format_row, summarize
+from .tp_parity import largest_relative_difference, parity_line, parity_step
 
 
 def tp_group(world, args) -> TPGroup:
@@ -135,7 +135,7 @@ def run_tp_example(world, args, log, example, build, reference, after=None) -> d
 
 def compare(example, reference, states, rows, train, test, args, tp, log) -> None:
     """Rank 0: the single-device twin on the same batches; overlay PNG and the parity verdict."""
-    from ..train.curves import plot_overlay
+    from .curves import plot_overlay
     check_at, tp_snapshot, tp_final = states
     ref, ref_snapshot = counter_init_(reference(args), args.seed), {}
 

@@ -15,7 +15,7 @@ import torch
 
 from ..comm import ulfm
 from ..model import build_full
-from ..train.sampler import epoch_batches
+from .batches import epoch_batches
 
 
 def flat_grads(params) -> torch.Tensor:

@@ -1,0 +1,38 @@
+"""The one import of mpi4py's MPI module. MPI starts when the first World is made, not when
+mpipar is imported, so settings that MPI reads once at start-up are chosen at that moment.
+
+If the program imported mpi4py.MPI first (or runs under `python -m mpi4py`), MPI is already
+running and is used as it is."""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+
+import mpi4py
+
+if "mpi4py.MPI" not in sys.modules:   # ours to start: not at import, in start()
+    mpi4py.rc.initialize = False
+    mpi4py.rc.finalize = False
+
+from mpi4py import MPI  # noqa: E402
+
+# Shared-memory windows (the one-host all-reduce) are osc/sm's job; Open MPI's osc/ucx, tried
+# first by the PyPI wheel, prints an error on hosts without UCX devices before falling back.
+START_ENV = {"OMPI_MCA_osc": "^ucx"}
+
+
+def start() -> None:
+    """Initialise MPI (thread level MULTIPLE: buckets reduce from a background thread) unless
+    it is running; finalised at exit. Variables already set in the environment win."""
+    if MPI.Is_initialized():
+        return
+    for k, v in START_ENV.items():
+        os.environ.setdefault(k, v)
+    MPI.Init_thread(MPI.THREAD_MULTIPLE)
+    atexit.register(finalize)
+
+
+def finalize() -> None:
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()

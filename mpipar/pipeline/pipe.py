@@ -1,0 +1,302 @@
+"""Pipeline: this rank's share of a model split over the pipeline ranks, and one call that runs
+a batch's forward and backward over all its micro-batches.
+
+    pipe = Pipeline(model, topo, schedule="1f1b", microbatches=4, loss_fn=nn.MSELoss())
+    opt = torch.optim.Adam(pipe.parameters())
+    opt.zero_grad(); loss = pipe.step(x, y); opt.step()
+
+The model is an `nn.Sequential` (split between its children; build it from the same seed on
+every rank) or a list of LayerSpecs (each rank builds only its own layers, each from its own
+seed). The rank map cuts the layers into p*v contiguous stages (v model chunks per rank for
+interleaved schedules; rank s holds virtual stages s, s+p, ...), by `balance`. With dp > 1 in
+the grid, the replicas of each stage keep identical through our all-reduce, overlapped with
+backward; with tp > 1, layers that have a tensor-parallel twin (LayerSpec.tp) hold their shard.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..data_parallel.flags import DEFAULT_BUCKET_MB
+from ..errors import ConfigError, RankMapError
+from ..model import LayerSpec, build_stage, check_unique, param_counts
+from ..rankmap import RankMap, load_json, parse_balance
+from . import schedules, timeline
+from .engine import Engine
+from .pipedream import WeightStash
+from .stage import Stage
+
+
+@dataclass
+class DataParallelOptions:
+    """How the replicas of a stage are kept identical (grid dp > 1)."""
+    bucket_mb: float = DEFAULT_BUCKET_MB
+    algorithm: str = "auto"       # auto | ring | halving | doubling | shm
+    check_every: int = 0          # > 0: every N steps prove the replicas bit-identical (debug)
+
+
+def specs_of(model) -> list[LayerSpec]:
+    """LayerSpecs from an nn.Sequential (its children, already built) or a LayerSpec list."""
+    if isinstance(model, nn.Sequential):
+        return [LayerSpec(name, build=lambda child=child: child) for name, child in model.named_children()]
+    specs = list(model)
+    if not all(isinstance(s, LayerSpec) for s in specs):
+        raise ConfigError(f"Pipeline takes an nn.Sequential or a list of LayerSpecs, not {type(model).__name__}")
+    return specs
+
+
+def virtual_stages(schedule: str, chunks: int | None, pp: int, balance=None) -> int:
+    """p*v, validating `chunks` against the schedule and an explicit balance against p*v."""
+    v = schedules.chunks_for(schedule, chunks)
+    n = pp * v
+    spec = balance if isinstance(balance, str) else ""
+    given = len(balance) if isinstance(balance, (list, tuple)) else None
+    if spec and spec[0].isdigit():
+        given = len(spec.split(","))
+    elif spec.endswith(".json"):
+        given = len(load_json(spec))
+    if v > 1 and given is not None and given != n:
+        raise RankMapError(f"--balance {spec or balance} gives {given} stages, but --schedule {schedule} with {v} "
+                           f"chunks per rank on pp={pp} needs p*v = {n} virtual stages (rank s holds stages s, "
+                           f"s+{pp}, ...); give {n} sizes or change --chunks")
+    return n
+
+
+def partition(specs, balance, n_stages: int, world=None, sample: torch.Tensor | None = None,
+              seed: int = 0) -> list[list[str]]:
+    """Layers per virtual stage. `balance`: 'params' (default), 'layers', 'time' (rank 0 times
+    each layer on `sample` and every rank uses its numbers), sizes like [3, 3, 2, 2] or '3,3,2,2',
+    or a JSON file."""
+    names = [s.name for s in specs]
+    if isinstance(balance, (list, tuple)):
+        balance = ",".join(str(int(b)) for b in balance)
+    times = None
+    if balance == "time":
+        if sample is None:
+            raise ConfigError("balance='time' profiles the layers on a sample batch: pass sample=x")
+        buf = torch.zeros(len(specs), dtype=torch.float64)
+        if world is None or world.rank == 0:
+            from ..profile import layer_times
+            buf[:] = torch.tensor(layer_times(specs, sample, seed))
+        times = (world.bcast_(buf, 0) if world is not None else buf).tolist()
+    return parse_balance(balance, names, n_stages, param_counts(specs), times)
+
+
+def recompute_here(flag, s: int, p: int) -> bool:
+    """recompute=True (every stage), 'all', or '0,2' / [0, 2] (those pp ranks): does rank s?"""
+    if not flag:
+        return False
+    if flag is True or flag == "all":
+        return True
+    try:
+        wanted = {int(x) for x in (flag if isinstance(flag, (list, tuple, set)) else str(flag).split(","))}
+    except ValueError:
+        raise RankMapError(f"--recompute {flag}: give stage numbers like 0,1 (or no value for all stages)") from None
+    if not wanted <= set(range(p)):
+        raise RankMapError(f"--recompute {flag}: stages run 0..{p - 1}")
+    return s in wanted
+
+
+def split_microbatches(x, m: int) -> list:
+    """m micro-batches (sizes differ by at most one; fewer when the batch is smaller than m)."""
+    return list(x.tensor_split(min(m, len(x)))) if len(x) else [x]
+
+
+class Pipeline:
+    """This rank's layers of a model split over topo's pipeline ranks, and how to train them.
+
+    Arguments: `model` (nn.Sequential or LayerSpecs), `topo` (mpipar.init's Topology; default:
+    every rank a stage), `loss_fn(out, target)` (a mean over the batch), `schedule` (gpipe |
+    1f1b | interleaved | zb | pipedream), `microbatches`, `chunks` (interleaved, default 2),
+    `balance`, `sample` (a batch, for balance='time'), `recompute` (True, or pp ranks),
+    `seed` (LayerSpec initialisation), `timeline` (path for a trace of the executed schedule),
+    `data_parallel` (DataParallelOptions for dp > 1).
+    """
+
+    def __init__(self, model, topo=None, *, loss_fn: Callable | None = None, schedule: str = "gpipe",
+                 microbatches: int = 1, chunks: int | None = None, balance="params",
+                 sample: torch.Tensor | None = None, recompute=False, seed: int = 0,
+                 timeline: str | None = None, data_parallel: DataParallelOptions | None = None,
+                 rankmap: RankMap | None = None):
+        if topo is None:
+            from ..topology import init
+            topo = init()
+        self.topo, self.loss_fn, self.microbatches = topo, loss_fn, int(microbatches)
+        if self.microbatches < 1:
+            raise ConfigError(f"microbatches={microbatches}: need at least 1")
+        specs = specs_of(model)
+        check_unique(specs)
+        p, s = topo.grid.pp, topo.pp_rank
+        if rankmap is None:
+            n = virtual_stages(schedule, chunks, p, balance)
+            rankmap = RankMap(topo.grid, partition(specs, balance, n, topo.world, sample, seed))
+        if len(rankmap.stages) % p:
+            raise RankMapError(f"the rank map has {len(rankmap.stages)} stages, not a multiple of pp={p}")
+        self.rankmap, self.specs = rankmap, specs
+        self.p, self.s, self.v = p, s, len(rankmap.stages) // p
+        self.schedule = schedules.get(schedule)
+        self.schedule.check(p, self.microbatches, self.v)   # before any training, on every rank
+        # tp > 1: layers with a tensor-parallel builder hold this rank's shard, and their
+        # collectives run on the tp sub-communicator inside every F and B
+        self.tp_group = None
+        if topo.grid.tp > 1:
+            from ..tensor.group import TPGroup
+            self.tp_group = TPGroup(topo.tp_world)
+        chunks_ = [build_stage(specs, rankmap.stages[s + c * p], seed, tp_group=self.tp_group)
+                   for c in range(self.v)]
+        self.module = chunks_[0] if self.v == 1 else nn.Sequential(OrderedDict(
+            (name, layer) for ch in chunks_ for name, layer in ch.named_children()))
+        recompute = recompute_here(recompute, s, p)
+        self.stages = [Stage(ch, s + c * p, p * self.v, topo.pp_world, loss_fn, recompute=recompute,
+                             weights=WeightStash(ch) if self.schedule.streaming else None)
+                       for c, ch in enumerate(chunks_)]
+        self.engine = Engine(self.stages)
+        from ..tensor.sharding import tp_plan
+        plan = tp_plan(self.module)
+        self.sharded_ids = {id(q) for name, q in self.module.named_parameters() if name in plan}
+        self.dp = None
+        if topo.grid.dp > 1:
+            # each micro-batch's loss is weighted by its share of the GLOBAL batch, so replicas SUM
+            # their gradients: the mean over the global batch, even when shards differ in size
+            from ..data_parallel.wrapper import DataParallel
+            o = data_parallel or DataParallelOptions()
+            self.dp = DataParallel(self.module, topo.dp_world, bucket_mb=o.bucket_mb, op="sum",
+                                   check_every=o.check_every, algorithm=o.algorithm)
+        self._stream_start, self._next_step, self._stream_m = 0, -1, 0
+        self.recorder = None
+        self.timeline_path = timeline
+        if timeline:
+            self.recorder = timeline_recorder(topo.world)
+            self.engine.recorder = self.recorder
+
+    # -- what this rank holds -------------------------------------------------------------
+    @property
+    def is_first(self) -> bool:
+        return self.s == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.s == self.p - 1
+
+    @property
+    def streaming(self) -> bool:
+        return self.schedule.streaming
+
+    def parameters(self) -> list[nn.Parameter]:
+        """This rank's trainable parameters (hand them to your optimizer)."""
+        return [q for q in self.module.parameters() if q.requires_grad]
+
+    def state_dict(self) -> dict:
+        """This rank's layers under the single-process model's names; with tp > 1 the shards are
+        gathered (a collective over tp: every tp rank calls it)."""
+        if self.tp_group is not None:
+            from ..tensor.sharding import gather_full_state_dict
+            return gather_full_state_dict(self.module, self.tp_group)
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    # -- training -------------------------------------------------------------------------
+    def step(self, x: torch.Tensor, y, global_n: int | None = None) -> float | None:
+        """Forward and backward of one batch over its micro-batches; gradients accumulate into
+        this rank's parameters as loss.backward() would (zero them, then step your optimizer).
+        With dp > 1, x and y are this replica's shard and `global_n` the global batch size
+        (default: the shards' sizes summed over dp). Returns the mean loss over this rank's
+        samples on the last stage, None on the others."""
+        if self.streaming:
+            raise ConfigError(f"schedule {self.schedule.name} updates the weights inside its lists; "
+                              f"train it with mpipar.Trainer (or run_batch with an update function)")
+        n = len(x)
+        if global_n is None:
+            global_n = n if self.dp is None else int(self.topo.dp_world.allgather_floats([n]).sum())
+        xs, ys = split_microbatches(x, self.microbatches), split_microbatches(y, self.microbatches)
+        weights = [len(c) / global_n for c in ys]
+        total = [0.0]
+
+        def on_out(mb, out):
+            if self.loss_fn is not None:
+                total[0] += float(self.loss_fn(out.detach(), ys[mb])) * len(ys[mb])
+
+        self.run_batch(xs, ys, weights, on_out)
+        return total[0] / max(n, 1) if self.is_last else None
+
+    def run_batch(self, xs: Sequence[torch.Tensor], ys: Sequence, weights: Sequence[float], on_output=None,
+                  step: int = 0, steps: int = 1, batch: int = 0, update: Callable[[], None] | None = None) -> None:
+        """One batch through the pipeline, already cut into micro-batches with loss weights.
+        A streaming schedule runs `update` itself (at its OPT actions); otherwise the caller
+        steps the optimizer after this returns (gradients reduced over dp by then)."""
+        m = len(xs)
+        if self.recorder is not None:
+            self.recorder.begin_step()
+        if not self.streaming:
+            if self.dp is not None:
+                self.dp.begin_step(m)
+            self.engine.run(self.schedule(self.p, m, self.s, self.v), xs, ys, weights, on_output)
+            if self.dp is not None:
+                self.dp.finish()
+            return
+        if step != self._next_step:      # a stream starts: at step 0, or mid-epoch after a resume
+            self._stream_start, self._stream_m = step, m
+        elif m != self._stream_m:        # every rank sees the same m, so every rank raises here
+            raise ConfigError(f"schedule {self.schedule.name} streams micro-batches across the steps of an "
+                              f"epoch, so every batch must split into {self._stream_m} micro-batches, but step "
+                              f"{step} has {m}; use a --batch-size that divides the training set")
+        self._next_step = step + 1
+        k, n = step - self._stream_start, steps - self._stream_start
+
+        def synced_update():
+            if self.dp is not None:
+                self.dp.begin_step(m)
+                self.dp.finish()
+            if update is not None:
+                update()
+
+        acts = self.schedule(self.p, m, self.s, self.v, step=k, steps=n)
+        self.engine.run(acts, xs, ys, weights, on_output, base=k * m, batch=batch, flush=k == n - 1,
+                        on_update=synced_update)
+
+    @torch.no_grad()
+    def forward_only(self, x, y=None, on_output=None) -> None:
+        """x through every stage without stashing; `on_output(0, out)` sees the last stage's output."""
+        rec, self.engine.recorder = self.engine.recorder, None
+        try:
+            self.engine.run(schedules.forward_only(self.p, 1, self.s, self.v), [x], [y], [1.0], on_output)
+        finally:
+            self.engine.recorder = rec
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The model's output for x (eval mode) on the last stage; None on the others."""
+        got = []
+        was = self.module.training
+        self.module.eval()
+        try:
+            self.forward_only(x, None, lambda mb, out: got.append(out))
+        finally:
+            self.module.train(was)
+        return got[0] if got else None
+
+    def write_timeline(self, log=print) -> None:
+        if self.recorder is None:
+            return
+        m = self.microbatches
+        label = f"{self.schedule.name}, p={self.p}, m={m}" + (f", v={self.v}" if self.v > 1 else "")
+        timeline.write(self.topo.world, self.recorder, self.timeline_path,
+                       self.schedule.bubble(self.p, m, self.v), label, log)
+
+    def close(self) -> None:
+        """Release the data-parallel hooks and buffers."""
+        if self.dp is not None:
+            self.dp.remove()
+            self.dp = None
+
+    @property
+    def peak_held(self) -> int:
+        return self.engine.peak_held
+
+
+def timeline_recorder(world):
+    rec = timeline.Recorder()
+    rec.sync(world)
+    return rec

@@ -1,0 +1,124 @@
+"""The README's "Your own model" scripts, run as written under mpirun from a directory outside
+the checkout, each compared with single-process training of the same model, seed and batches
+(torch.testing.assert_close); the checkpoint script is also interrupted and resumed."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mpirun import ROOT, mpirun
+
+pytestmark = pytest.mark.timeout(200)
+
+
+def snippets() -> dict[str, str]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Your own model"):]
+    section = section[:section.index("\n## ", 1)]
+    found = {}
+    for block in re.findall(r"```python\n(.*?)```", section, re.S):
+        m = re.match(r"# your-own: (\S+)\n", block)
+        if m:
+            found[m.group(1)] = block
+    return found
+
+
+SNIPPETS = snippets()
+
+
+def run_snippet(name: str, np: int, cwd: Path, *argv: str):
+    (cwd / name).write_text(SNIPPETS[name])
+    p = mpirun(np, name, *argv, cwd=cwd, timeout=150)
+    assert p.returncode == 0, f"{name} on {np} ranks failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def merged(cwd: Path, stages: int) -> dict:
+    out = {}
+    for s in range(stages):
+        out.update(torch.load(cwd / f"stage{s}.pt", weights_only=True))
+    return out
+
+
+def dataset(n: int):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 16, generator=g), torch.randn(n, 4, generator=g)
+
+
+def reference(model, opt, x, y, batch: int, epochs: int):
+    """Single-process training on the batches mpipar.batches walks (same seed 0 permutation)."""
+    from mpipar.train.batches import epoch_batches
+    losses = []
+    for epoch in range(epochs):
+        for idx in epoch_batches(len(x), batch, 0, epoch):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    return model.state_dict(), losses
+
+
+def check_params(got: dict, want: dict):
+    assert set(got) == set(want)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, msg=lambda m: f"{k}: {m}")
+
+
+def test_readme_has_the_four_scripts_each_at_most_25_lines():
+    assert set(SNIPPETS) == {"pipeline_1f1b.py", "data_parallel.py", "pipeline_x_dp.py", "checkpoint_resume.py"}
+    for name, code in SNIPPETS.items():
+        assert len(code.strip().splitlines()) <= 25, name
+
+
+def test_pipeline_1f1b_on_4_ranks_equals_single_process(tmp_path):
+    p = run_snippet("pipeline_1f1b.py", 4, tmp_path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    want, losses = reference(model, torch.optim.SGD(model.parameters(), lr=0.05), *dataset(512), 64, 2)
+    printed = [float(v) for v in re.findall(r"^loss (\S+)$", p.stdout, re.M)]
+    assert len(printed) == len(losses) == 16
+    torch.testing.assert_close(torch.tensor(printed), torch.tensor(losses), rtol=1e-5, atol=1e-7)
+    check_params(merged(tmp_path, 4), want)
+
+
+def test_data_parallel_in_a_user_loop_equals_single_process(tmp_path):
+    run_snippet("data_parallel.py", 4, tmp_path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    want, _ = reference(model, torch.optim.SGD(model.parameters(), lr=0.05), *dataset(512), 64, 2)
+    check_params(torch.load(tmp_path / "model.pt", weights_only=True), want)
+
+
+def test_pipeline_x_data_parallel_with_a_short_last_batch_equals_single_process(tmp_path):
+    run_snippet("pipeline_x_dp.py", 4, tmp_path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    want, _ = reference(model, torch.optim.Adam(model.parameters(), lr=1e-3), *dataset(480), 64, 2)
+    check_params(merged(tmp_path, 2), want)
+
+
+def test_checkpoint_resume_in_a_user_loop_is_bit_identical(tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    whole.mkdir(), split.mkdir()
+    run_snippet("checkpoint_resume.py", 2, whole, "17")
+    first = run_snippet("checkpoint_resume.py", 2, split, "12")     # checkpoints at 5 and 10
+    assert sorted(p.name for p in (split / "ckpt").glob("step-*")) == ["step-000000005", "step-000000010"]
+    again = run_snippet("checkpoint_resume.py", 2, split, "17")     # resumes at 10, not 12
+    assert "resumed from step-000000010" in again.stdout, again.stdout + first.stdout
+    got, full = merged(split, 2), merged(whole, 2)
+    for k, v in full.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(17):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(32, 16, generator=g), torch.randn(32, 4, generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    check_params(full, model.state_dict())
