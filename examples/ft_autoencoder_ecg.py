@@ -4,7 +4,7 @@ Trained on normal beats only; a beat's anomaly score is its reconstruction error
 says how well that separates the abnormal beats from held-out normal ones. Faults come from
 --inject-fault (a rank SIGKILLs itself). Two ways to survive them:
   * ULFM (`mpirun --with-ft ulfm ...`): the survivors shrink the communicator and go on with n-1
-    ranks, no relaunch (mpipar/checkpoint/survive.py);
+    ranks, no relaunch (mpipar/train/survive.py);
   * otherwise: per-rank checkpoints + the supervisor relaunching the job, which resumes from
     the last checkpoint (`python -m mpipar.run ft-autoencoder-ecg --supervise --np 4 ...`).
 """

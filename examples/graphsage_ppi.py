@@ -26,7 +26,7 @@ from mpipar.data.common import Split
 from mpipar.data.ppi import load_ppi
 from mpipar.example import Example
 from mpipar.model import LayerSpec
-from mpipar.train.callbacks import AfterBackward
+from mpipar.callbacks import AfterBackward
 
 SCALE = 5.0   # link logits are SCALE x cosine similarity (temperature 0.2: s() can saturate)
 

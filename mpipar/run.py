@@ -77,7 +77,7 @@ def main(argv=None) -> int:
             print(f"{name:<28} {doc}")
         return 0
     if "--supervise" in argv:   # relaunch-on-failure wrapper; the ranks run without the flag
-        from .checkpoint.supervisor import supervise_run
+        from .supervise import supervise_run
         return supervise_run(argv)
     from .comm import World
     from .comm import failure

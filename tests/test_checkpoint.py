@@ -48,7 +48,7 @@ def topo(pp=1, pp_rank=0):
 
 
 class MiniTrainer:
-    """What the checkpointer touches of PipelineTrainer, over a whole model or one stage."""
+    """What the checkpointer touches of the Trainer, over a whole model or one stage."""
 
     def __init__(self, layers=NAMES, epochs=3):
         self.module = build_stage(SPECS, layers, seed=0)
@@ -70,7 +70,7 @@ class MiniTrainer:
 
 
 def fit(trainer, ck=None, epochs=3, batches=4, stop_at=None):
-    """The trainer's loop, with the same hook calls PipelineTrainer.fit makes."""
+    """The trainer's loop, with the same hook calls Trainer.fit makes."""
     rows = ck.on_fit_start(trainer, None) if ck else []
     for epoch in range(ck.first_epoch(trainer) if ck else 0, epochs):
         tally = Tally(nn.MSELoss(), "regression")

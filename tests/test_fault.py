@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mpipar.checkpoint import fault
-from mpipar.checkpoint.supervisor import launcher_command, rank_died, split_argv
+from mpipar.supervise import launcher_command, rank_died, split_argv
 from mpipar.errors import ConfigError
 from mpirun import ENV, MPI_DIR, ROOT, kill_group, mpirun, mpirun_exe
 

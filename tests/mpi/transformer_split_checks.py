@@ -21,7 +21,7 @@ from mpipar.rankmap import Grid, RankMap  # noqa: E402
 from mpipar.run import parse  # noqa: E402
 from mpipar.session import build_trainer, partition  # noqa: E402
 from mpipar.topology import Topology  # noqa: E402
-from mpipar.train.callbacks import AfterBackward  # noqa: E402
+from mpipar.callbacks import AfterBackward  # noqa: E402
 from mpipar.train.batches import epoch_batches  # noqa: E402
 
 SMALL = ["--max-number", "999", "--batch-size", "32", "--d-model", "32", "--ff", "64", "--samples", "-1",
