@@ -70,7 +70,7 @@ def test_bad_input_ends_job_with_one_line(tmp_path, name, np_, argv, needle):
     p = mpirun(np_, "-m", "mpipar.run", *argv, "--out", str(tmp_path), timeout=60)
     elapsed = time.monotonic() - t0
     assert p.returncode != 0
-    lines = [ln for ln in p.stderr.splitlines() if re.match(r"rank \d+ \(", ln)]
+    lines = [ln.lstrip("\0 ") for ln in p.stderr.splitlines() if re.match(r"[\0 ]*rank \d+ \(", ln)]
     assert lines, p.stderr[-2000:]
     assert any(needle in ln for ln in lines), "\n".join(lines) + "\n" + p.stderr[-1500:]
     print(f"{name}: exit {p.returncode} after {elapsed:.1f} s: {lines[0]}")
