@@ -70,6 +70,8 @@ def surviving(args, world, log):
     """ULFM: data parallel over all ranks; a dead rank is dropped and its samples re-assigned."""
     from mpipar.checkpoint import fault
     from mpipar.train.checkpointing import total_steps
+    from mpipar.model import build_full
+    from mpipar.session import train_config
     from mpipar.train.survive import SurvivingDataParallel
     train, test = ecg.data(args)
     faults = fault.resolve(fault.parse(args.inject_fault), world.size, total_steps(len(train.y), args.batch_size, args.epochs, args.steps), distinct=True)
@@ -79,7 +81,9 @@ def surviving(args, world, log):
     world.barrier()
     log(f"ULFM data parallel on {world.size} ranks | data: {train.note}\n"
         f"faults planned: {', '.join(f'rank {f.rank} at step {f.step}' for f in faults) or 'none'}")
-    dp = SurvivingDataParallel(world, EXAMPLE, specs(args), args, faults, fault.FaultPlan(faults, marks, world.rank),
+    model = build_full(specs(args), args.seed)
+    dp = SurvivingDataParallel(world, model, EXAMPLE.optimizer(model.parameters(), args), EXAMPLE.loss(),
+                               train_config(EXAMPLE, args), faults, fault.FaultPlan(faults, marks, world.rank),
                                log=print)
     rows = dp.fit(train)
     summary = {"example": EXAMPLE.name, "ranks": dp.world.size, **rows[-1]}

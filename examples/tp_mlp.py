@@ -15,8 +15,8 @@ from torch import nn
 from mpipar.data.cifar10 import load_cifar10
 from mpipar.example import Example
 from mpipar.tensor import ParallelMLP, reference_mlp
-from mpipar.train.tp_parity import add_parity_args
-from mpipar.train.tensor_parallel import run_tp_example
+from mpipar.tp_session import add_parity_args
+from mpipar.tp_session import run_tp_example
 
 PIXELS, CLASSES = 3 * 32 * 32, 10
 

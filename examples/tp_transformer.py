@@ -17,8 +17,8 @@ from torch import nn
 from mpipar.data.numbers import BOS, IGNORE, SRC_VOCAB, TGT_VOCAB, lengths, numbers_to_words
 from mpipar.example import Example
 from mpipar.tensor import ReferenceTransformerLM, TPTransformerLM
-from mpipar.train.tp_parity import add_parity_args
-from mpipar.train.tensor_parallel import run_tp_example
+from mpipar.tp_session import add_parity_args
+from mpipar.tp_session import run_tp_example
 
 SRC_OFFSET = len(TGT_VOCAB)                  # digits share one vocabulary with the words
 VOCAB = -(-(len(TGT_VOCAB) + len(SRC_VOCAB)) // 8) * 8   # padded: divisible by tp = 1, 2, 4, 8

@@ -54,13 +54,37 @@ def build_trainer(topo, rankmap, example, specs, args, log=print):
 def compare(example, specs, train, test, args, rows, grid, log) -> None:
     """Train the same model single-process (rank 0) and overlay the learning curves."""
     from .train.curves import plot_overlay
-    from .train.reference import reference_rows
     ref = reference_rows(example, specs, train, test, args)
     label = f"mpipar pp={grid.pp} dp={grid.dp} tp={grid.tp}, {args.schedule}"
     png = plot_overlay(rows, ref, Path(args.out) / "learning_curves.png",
                        f"{example.name}: {label} vs single process (seed {args.seed})", label)
     gap = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(rows, ref))
     log(f"learning curves: {png} (largest train-loss gap to single process: {gap:.2e})")
+
+
+def reference_model(example, specs, train, args, on_epoch=None, two_bw: bool = False):
+    """The example trained single-process (train/reference.py) with the flags' settings."""
+    from .model import build_full
+    from .train.reference import train_reference
+    model = build_full(specs, args.seed)
+    opt = example.optimizer([p for p in model.parameters() if p.requires_grad], args)
+    sched = example.lr_scheduler(opt, args) if example.lr_scheduler and not two_bw else None
+    return train_reference(model, example.loss(), opt, train, train_config(example, args), sched, on_epoch, two_bw)
+
+
+def reference_rows(example, specs, train, test, args) -> list[dict]:
+    """Per-epoch rows (same keys as the parallel run's) of single-process training."""
+    from .train.metrics import summarize
+    from .train.reference import evaluate
+    rows = []
+
+    def record(model, epoch, tally):
+        rows.append({"epoch": epoch + 1, **summarize(tally.vector(), example.task, "train"),
+                     **summarize(evaluate(model, example.loss(), example.task, test, args.batch_size),
+                                 example.task, "test")})
+
+    reference_model(example, specs, train, args, on_epoch=record)
+    return rows
 
 
 def run_facts(example, args) -> dict:

@@ -4,7 +4,7 @@ by a signal: an injected fault, the OOM killer, a crashed node), launches it aga
 reported itself (a Python exception, a bad flag) is not retried: it would happen again.
 
     python -m mpipar.run EXAMPLE --supervise --np 4 --checkpoint-dir D [flags]
-    python -m mpipar.checkpoint.supervisor [--np N] [--max-restarts R] [--launcher mpirun|srun] \\
+    python -m mpipar.supervise [--np N] [--max-restarts R] [--launcher mpirun|srun] \\
         [--mpirun-arg=ARG ...] [--restart-on-error] [--] EXAMPLE [flags] | -m MODULE ... | SCRIPT.py ...
 
 Inside a SLURM allocation (SLURM_JOB_ID set) -np defaults to SLURM_NTASKS and mpirun is not
@@ -30,7 +30,7 @@ REPORTED = re.compile(r"MPI_ABORT was invoked|calling\s+\"abort\"")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mpipar.checkpoint.supervisor", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m mpipar.supervise", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--np", type=int, default=None, help="ranks (default: SLURM_NTASKS, else 4)")
     p.add_argument("--max-restarts", type=int, default=3)

@@ -3,7 +3,7 @@ train the same model single-process, and require equal parameters (assert_close)
 import torch
 
 from mpipar.run import parse
-from mpipar.train.reference import train_reference
+from mpipar.session import reference_model
 from mpirun import mpirun
 
 
@@ -16,7 +16,7 @@ def check_parity(tmp_path, np_, argv, timeout=240):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     args, example = parse(argv)
     train, _ = example.data(args)
-    ref = train_reference(example, example.layers(args), train, args).state_dict()
+    ref = reference_model(example, example.layers(args), train, args).state_dict()
     got = {}
     for f in sorted(save.glob("stage*.pt")):
         got.update(torch.load(f, weights_only=True))

@@ -40,7 +40,7 @@ def run(cmd, timeout):
 
 
 def supervised(tmp, *flags, timeout=300):
-    return run([sys.executable, "-m", "mpipar.checkpoint.supervisor", "--np", "4", "--max-restarts", "2", "--",
+    return run([sys.executable, "-m", "mpipar.supervise", "--np", "4", "--max-restarts", "2", "--",
                 "-m", "mpipar.run", *ARGV, "--checkpoint-dir", str(tmp / "ckpt"), "--out", str(tmp / "out"),
                 "--save-params", str(tmp / "params"), *flags], timeout)
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1] / "mpipar"
 LAYER = {"errors": 0, "callbacks": 0, "version": 0, "comm": 1, "rankmap": 1, "layers": 1, "data": 1,
          "topology": 2, "tensor": 3, "data_parallel": 3, "checkpoint": 3, "async_ps": 4, "model": 4,
          "profile": 5, "pipeline": 6, "train": 7, "example": 8, "registry": 8, "session": 9, "supervise": 9,
-         "run": 10, "bench": 11, "__main__": 12}
+         "tp_session": 9, "run": 10, "bench": 11, "__main__": 12}
 
 
 def node(path: Path) -> str:
@@ -88,9 +88,6 @@ def test_no_argparse_namespace_below_the_command_line():
                 if re.search(r"\bargs\.|getattr\(args|import argparse", line) and pkg != "data_parallel" \
                         or (pkg == "data_parallel" and re.search(r"\bargs\.", line)):
                     found.append(f"{f.relative_to(ROOT)}:{i}: {line.strip()}")
-    # the TP examples' flow (train/tensor_parallel.py) still reads the command line: allowed, listed
-    found = [x for x in found if not x.startswith(("train/tensor_parallel.py", "train/tp_parity.py",
-                                                   "train/reference.py", "train/survive.py"))]
     assert not found, "\n".join(found)
 
 

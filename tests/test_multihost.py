@@ -88,7 +88,7 @@ class HostJob:
 
 def test_training_spreads_over_three_hosts_and_matches_single_process(hosts, tmp_path):
     from mpipar.run import parse
-    from mpipar.train.reference import reference_rows
+    from mpipar.session import reference_rows
 
     argv = ["mlp", "--epochs", "2", "--steps", "10", "--out", str(tmp_path / "out")]
     t0 = time.monotonic()

@@ -11,11 +11,10 @@ import torch
 from torch import nn
 
 from mpipar.errors import ConfigError
-from mpipar.train.reference import train_reference_2bw
 from mpipar.pipeline.stage import Stage
 from mpipar.rankmap import Grid, RankMap
 from mpipar.run import parse
-from mpipar.train.reference import train_reference
+from mpipar.session import reference_model
 from mpipar.session import build_trainer
 from mpipar.topology import Topology
 from mpipar.comm import World
@@ -81,11 +80,11 @@ def one_stage(schedule, *extra):
                                              ("zb", ["--recompute"]), ("pipedream", [])])
 def test_every_schedule_on_one_stage_equals_its_reference(schedule, extra):
     trainer, ex, specs, data, args = one_stage(schedule, *extra)
-    ref = (train_reference_2bw if schedule == "pipedream" else train_reference)(ex, specs, data, args).state_dict()
+    ref = reference_model(ex, specs, data, args, two_bw=schedule == "pipedream").state_dict()
     for k, v in trainer.state_dict().items():
         torch.testing.assert_close(v, ref[k], msg=lambda m: f"{k}: {m}")
     if schedule == "pipedream":   # and 2BW really is stale: it differs from synchronous training
-        sync = train_reference(ex, specs, data, args).state_dict()
+        sync = reference_model(ex, specs, data, args).state_dict()
         assert max(float((v - sync[k]).abs().max()) for k, v in trainer.state_dict().items()) > 1e-4
 
 

@@ -13,7 +13,7 @@ from mpipar.rankmap import parse_balance
 from mpipar.run import parse
 from mpipar.train.amp import Autocast
 from mpipar.train.noam import noam, noam_factor
-from mpipar.train.reference import train_reference
+from mpipar.session import reference_model
 from mpirun import mpirun, run_script
 
 torch.set_num_threads(1)
@@ -140,7 +140,7 @@ def reference_params(argv, **override):
     args, example = parse(argv)
     vars(args).update(override)
     train, _ = example.data(args)
-    return train_reference(example, example.layers(args), train, args).state_dict()
+    return reference_model(example, example.layers(args), train, args).state_dict()
 
 
 def assert_same(got, ref):

@@ -55,7 +55,7 @@ def job(opts, tmp: Path, *flags) -> list[str]:
 
 
 def faults(opts) -> int:
-    from ..checkpoint.supervisor import launcher_command
+    from ..supervise import launcher_command
     with tempfile.TemporaryDirectory(prefix="mpipar-bench-ckpt-") as d:
         base = Path(d) / "fault-free"
         rc, out, err = run(launcher_command(opts.np, job(opts, base)))
@@ -73,7 +73,7 @@ def faults(opts) -> int:
                      ["--inject-fault", f"random={seed},phase=write", "--async-checkpoint"])
             tmp = Path(d) / f"run{i}"
             t0 = time.perf_counter()
-            rc, out, err = run([sys.executable, "-m", "mpipar.checkpoint.supervisor", "--np", str(opts.np),
+            rc, out, err = run([sys.executable, "-m", "mpipar.supervise", "--np", str(opts.np),
                                 "--max-restarts", "3", "--", *job(opts, tmp, *flags)])
             dt = time.perf_counter() - t0
             died = re.search(r"rank (\d+): injected fault 0: SIGKILL at step (\d+) \(phase (\w+)", err)
@@ -94,7 +94,7 @@ def faults(opts) -> int:
 
 
 def overhead(opts) -> int:
-    from ..checkpoint.supervisor import launcher_command
+    from ..supervise import launcher_command
     with tempfile.TemporaryDirectory(prefix="mpipar-bench-ckpt-") as d:
         common = ["-m", "mpipar.run", "ft-autoencoder-ecg", "--epochs", str(opts.epochs), *opts.extra]
         rc, out, err = run(launcher_command(opts.np, [*common, "--checkpoint-dir", f"{d}/ckpt", "--out", f"{d}/a"]))

@@ -34,6 +34,12 @@ class World:
         self._to_world = MPI.Group.Translate_ranks(group, list(range(self.size)), wgroup)
         self.board = BOARD
 
+    @classmethod
+    def alone(cls) -> "World":
+        """This process by itself (MPI_COMM_SELF): a single-process reference inside a job."""
+        mpi.start()
+        return cls(MPI.COMM_SELF, name="self")
+
     # -- identity -------------------------------------------------------------------------
     def world_rank_of(self, rank: int) -> int:
         return self._to_world[rank] if 0 <= rank < self.size else rank

@@ -8,7 +8,7 @@ double-buffered weights. Its semantics, precisely:
     gradient) is then applied to the newest weights:
         W(t+1) = optimizer_step(W(t), g(t)),   g(t) = grad of loss(batch t) at W(max(t-1, 0)).
     That is a uniform delay of one step on all stages, as in the paper's W(t+1) = W(t) - lr *
-    grad f(W(t-1)); `train_reference_2bw` below is the same rule in one process.
+    grad f(W(t-1)); train/reference.py (two_bw=True) is the same rule in one process.
 
 Why it needs only two versions: each stage runs one continuous 1F1B stream over all
 micro-batches of an epoch and updates its weights (action OPT t) right after the backward of

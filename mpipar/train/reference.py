@@ -1,40 +1,49 @@
-"""Single-process training of the same model, seed and batches: what every parallel mode
-must reproduce (parity tests compare against it with torch.testing.assert_close)."""
+"""Single-process training of the same model, seed and batches: what every parallel mode must
+reproduce (parity tests compare against it with torch.testing.assert_close). Deliberately a
+separate, plain loop (forward, loss, backward, step) rather than the Trainer: an oracle that
+shares no code with what it checks."""
 from __future__ import annotations
 
 import copy
 
 import torch
 
-from ..model import build_full
-from .metrics import Tally, summarize
 from .batches import epoch_batches
+from .metrics import Tally
 
 
-def train_reference(example, specs, train, args, on_epoch=None):
-    """Train the whole model in this process; returns it. `on_epoch(model, epoch, tally)` is
-    called after each epoch with the epoch's training-loss tally."""
-    model = build_full(specs, args.seed)
-    loss_fn = example.loss()
+def train_reference(model, loss_fn, optimizer, train, cfg, scheduler=None, on_epoch=None, two_bw: bool = False):
+    """Train `model` in this process on cfg's batches (epochs, batch_size, steps, seed, shuffle,
+    clip_grad of a TrainConfig); returns it. `on_epoch(model, epoch, tally)` after each epoch.
+    `two_bw`: PipeDream-2BW's rule, each batch's gradient taken at the weights before the
+    previous update (pipeline/pipedream.py), clipping and scheduler unused."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = example.optimizer(params, args)
-    sched = example.lr_scheduler(opt, args) if example.lr_scheduler else None
-    for epoch in range(args.epochs):
-        batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch, example.shuffle)
-        if args.steps:
-            batches = batches[:args.steps]
-        tally = Tally(loss_fn, example.task)
+    old = copy.deepcopy(model) if two_bw else None          # W(max(t-1, 0))
+    x_all, y_all = train.x, train.y
+    for epoch in range(cfg.epochs):
+        batches = epoch_batches(len(y_all), cfg.batch_size, cfg.seed, epoch, cfg.shuffle)
+        if cfg.steps:
+            batches = batches[:cfg.steps]
+        tally = Tally(loss_fn, cfg.task)
         for idx in batches:
-            x, y = train.x[idx], train.y[idx]
-            opt.zero_grad(set_to_none=True)
+            x, y = x_all[idx], y_all[idx]
+            if two_bw:
+                old.zero_grad(set_to_none=True)
+                loss_fn(old(x), y).backward()
+                now = copy.deepcopy(model)              # W(t): the next batch's weights
+                for p, q in zip(model.parameters(), old.parameters()):
+                    p.grad = q.grad
+                optimizer.step()
+                old = now
+                continue
+            optimizer.zero_grad(set_to_none=True)
             out = model(x)
-            loss = loss_fn(out, y)
-            loss.backward()
-            if getattr(args, "clip_grad", 0):
-                torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-            opt.step()
-            if sched:
-                sched.step()
+            loss_fn(out, y).backward()
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            optimizer.step()
+            if scheduler:
+                scheduler.step()
             tally.add(out, y)
         if on_epoch is not None:
             on_epoch(model, epoch, tally)
@@ -42,43 +51,10 @@ def train_reference(example, specs, train, args, on_epoch=None):
 
 
 @torch.no_grad()
-def evaluate(model, example, split, batch_size) -> list[float]:
+def evaluate(model, loss_fn, task: str, split, batch_size: int) -> list[float]:
     model.eval()
-    tally = Tally(example.loss(), example.task)
+    tally = Tally(loss_fn, task)
     for idx in epoch_batches(len(split.y), batch_size, 0, 0, shuffle=False):
         tally.add(model(split.x[idx]), split.y[idx])
     model.train()
     return tally.vector()
-
-
-def reference_rows(example, specs, train, test, args) -> list[dict]:
-    """Per-epoch rows (same keys as the parallel run's) of single-process training."""
-    rows = []
-
-    def record(model, epoch, tally):
-        rows.append({"epoch": epoch + 1, **summarize(tally.vector(), example.task, "train"),
-                     **summarize(evaluate(model, example, test, args.batch_size), example.task, "test")})
-
-    train_reference(example, specs, train, args, on_epoch=record)
-    return rows
-
-
-def train_reference_2bw(example, specs, train, args):
-    """Single-process training with exactly the 2BW rule of pipeline/pipedream.py (whole batches,
-    no pipeline): each batch's gradient is taken at the weights before the previous update."""
-    model = build_full(specs, args.seed)
-    old = copy.deepcopy(model)                      # W(max(t-1, 0))
-    loss_fn = example.loss()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = example.optimizer(params, args)
-    for epoch in range(args.epochs):
-        batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch, example.shuffle)
-        for idx in batches[:args.steps] if args.steps else batches:
-            old.zero_grad(set_to_none=True)
-            loss_fn(old(train.x[idx]), train.y[idx]).backward()
-            now = copy.deepcopy(model)              # W(t): the next batch's weights
-            for p, q in zip(model.parameters(), old.parameters()):
-                p.grad = q.grad
-            opt.step()
-            old = now
-    return model

@@ -14,7 +14,6 @@ import time
 import torch
 
 from ..comm import ulfm
-from ..model import build_full
 from .batches import epoch_batches
 
 
@@ -31,13 +30,15 @@ def set_grads(params, flat: torch.Tensor) -> None:
 
 
 class SurvivingDataParallel:
-    def __init__(self, world, example, specs, args, faults=(), fault_plan=None, log=print):
+    def __init__(self, world, model, optimizer, loss_fn, cfg, faults=(), fault_plan=None, log=print):
+        """`model` whole on every rank, its `optimizer`, `loss_fn` (a batch mean); `cfg` a
+        TrainConfig (epochs, batch_size, steps, seed, shuffle)."""
         self.world = ulfm.resilient(world, "dp")
-        self.example, self.args, self.log = example, args, log
-        self.model = build_full(specs, args.seed)
+        self.cfg, self.log = cfg, log
+        self.model = model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = example.optimizer(self.params, args)
-        self.loss_fn = example.loss()
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
         self.faults, self.plan = list(faults), fault_plan
         self.step_count = 0
         self.lost: list[int] = []       # COMM_WORLD ranks that died, in order
@@ -85,11 +86,11 @@ class SurvivingDataParallel:
                      f"samples re-assigned")
 
     def fit(self, train) -> list[dict]:
-        args, rows = self.args, []
-        for epoch in range(args.epochs):
-            batches = epoch_batches(len(train.y), args.batch_size, args.seed, epoch, self.example.shuffle)
-            if args.steps:
-                batches = batches[:args.steps]
+        c, rows = self.cfg, []
+        for epoch in range(c.epochs):
+            batches = epoch_batches(len(train.y), c.batch_size, c.seed, epoch, c.shuffle)
+            if c.steps:
+                batches = batches[:c.steps]
             t0, total = time.perf_counter(), 0.0
             for idx in batches:
                 total += self.step(train.x[idx], train.y[idx]) * len(idx)

@@ -16,12 +16,11 @@ from mpipar.comm import World, failure
 from mpipar.errors import ConfigError, RankMapError, ShapeError
 from mpipar.example import Example
 from mpipar.model import LayerSpec, param_counts
-from mpipar.train.reference import train_reference_2bw
 from mpipar.pipeline.pipe import virtual_stages
 from mpipar.rankmap import Grid, RankMap, parse_balance
 from mpipar.run import parse
 from mpipar.topology import Topology
-from mpipar.train.reference import train_reference
+from mpipar.session import reference_model
 from mpipar.session import build_trainer
 
 torch.set_num_threads(1)
@@ -83,12 +82,12 @@ for schedule, extra in [("gpipe", []), ("1f1b", []), ("1f1b", ["--recompute"]), 
         argv += ["--timeline", str(OUT / "timeline")]
     trainer, args, ex, specs, data = train(argv)
     if schedule == "pipedream":
-        ref = train_reference_2bw(ex, specs, data, args)
-        plain = refs.setdefault("sync", train_reference(ex, specs, data, args))
+        ref = reference_model(ex, specs, data, args, two_bw=True)
+        plain = refs.setdefault("sync", reference_model(ex, specs, data, args))
         diff = max(float((a - plain.state_dict()[k]).abs().max()) for k, a in trainer.state_dict().items())
         assert diff > 1e-4, f"2BW must differ from synchronous training (max diff {diff})"
     else:
-        ref = refs.setdefault("sync", train_reference(ex, specs, data, args))
+        ref = refs.setdefault("sync", reference_model(ex, specs, data, args))
     compare(trainer, ref, f"{schedule} {' '.join(extra)}")
     if "--timeline" in argv:
         trainer.pipe.write_timeline(QUIET)

@@ -11,7 +11,8 @@ from mpipar.checkpoint import fault
 from mpipar.train.survive import SurvivingDataParallel
 from mpipar.comm import World, failure, ulfm
 from mpipar.run import parse
-from mpipar.train.reference import train_reference
+from mpipar.model import build_full
+from mpipar.session import reference_model, train_config
 
 torch.set_num_threads(1)
 world = World()
@@ -21,11 +22,13 @@ args, example = parse(["mlp", "--epochs", "2", "--steps", "8", "--log-level", "q
 specs = example.layers(args)
 train, _ = example.data(args)
 faults = [fault.Fault(2, 5)]
-dp = SurvivingDataParallel(world, example, specs, args, faults, fault.FaultPlan(faults, Path(sys.argv[1]), world.rank),
+model = build_full(specs, args.seed)
+dp = SurvivingDataParallel(world, model, example.optimizer(model.parameters(), args), example.loss(),
+                           train_config(example, args), faults, fault.FaultPlan(faults, Path(sys.argv[1]), world.rank),
                            log=lambda *a, **k: None)
 dp.fit(train)
 assert dp.world.size == 3 and dp.lost == [2] and dp.redone == 1, (dp.world.size, dp.lost, dp.redone)
-ref = train_reference(example, specs, train, args).state_dict()
+ref = reference_model(example, specs, train, args).state_dict()
 for k, v in dp.model.state_dict().items():
     torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"rank {world.rank}: {k}: {m}")
 if dp.world.rank == 0:
