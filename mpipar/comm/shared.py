@@ -73,9 +73,9 @@ class SharedBuffer:
 def one_host(world) -> bool:
     """True when MPI can give every rank of `world` memory in common (MPI's own notion of a
     node: COMM_TYPE_SHARED, not host names). Collective the first time; cached."""
-    cached = getattr(world, "_one_host", None)
+    cached = world.state.get("one_host")
     if cached is None:
         node = world.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        cached = world._one_host = node.Get_size() == world.size
+        cached = world.state["one_host"] = node.Get_size() == world.size
         node.Free()
     return cached

@@ -33,6 +33,9 @@ class World:
         group, wgroup = self.comm.Get_group(), MPI.COMM_WORLD.Get_group()
         self._to_world = MPI.Group.Translate_ranks(group, list(range(self.size)), wgroup)
         self.board = BOARD
+        # what other layers keep per communicator (ring tag sequence, shared-memory arena,
+        # host layout), declared here so that nothing is attached to a World from outside
+        self.state: dict = {}
 
     @classmethod
     def alone(cls) -> "World":

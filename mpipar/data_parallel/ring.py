@@ -31,8 +31,8 @@ def next_seq(world) -> int:
     """Tag sequence number for the next collective on `world`: every rank issues collectives
     in the same order, so every rank draws the same number. The World carries the counter, so
     it lives and dies with the communicator."""
-    s = getattr(world, "_ring_seq", 0)
-    world._ring_seq = (s + 1) % AUTO_SEQ
+    s = world.state.get("ring_seq", 0)
+    world.state["ring_seq"] = (s + 1) % AUTO_SEQ
     return s
 
 
@@ -110,12 +110,12 @@ def all_reduce(world, t: torch.Tensor, op: str = "sum", algorithm: str = "auto",
 def arena(world, nbytes: int) -> SharedBuffer:
     """The World's shared buffer for blocking calls, at least `nbytes` per rank (collective:
     every rank asks for the same sizes in the same order, so all grow it together)."""
-    buf = getattr(world, "_shm_arena", None)
+    buf = world.state.get("shm_arena")
     if buf is None or buf.nbytes < nbytes:
         if buf is not None:
             buf.free()
         size = 1 << max(20, (nbytes - 1).bit_length())
-        buf = world._shm_arena = SharedBuffer(world, size)
+        buf = world.state["shm_arena"] = SharedBuffer(world, size)
     return buf
 
 
