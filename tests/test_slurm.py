@@ -3,7 +3,7 @@ machine, auth none, one oversubscribed node): jobs complete, `sbatch launch/mpip
 gives the same metrics as the same run under plain mpirun, `srun --mpi=pmix` works with the
 bundled Open MPI, and the hostfile generator agrees with SLURM's own host-list expansion.
 
-Installs slurm-wlm with apt-get when missing (root); skips with the reason otherwise.
+Installs slurm-wlm with apt-get when missing (root); skips with the reason otherwise (fails under CI=true).
 """
 import json
 import os
@@ -28,8 +28,8 @@ JOB_TIMEOUT = 240
 def cluster(tmp_path_factory):
     reason = slurm.why_unavailable()
     if reason:
-        print(f"test_slurm skipped: {reason}", file=sys.stderr)
-        pytest.skip(reason)
+        from cluster import netns
+        netns.unavailable(reason, "test_slurm")   # fails under CI=true, skips elsewhere
     t0 = time.monotonic()
     slurm.install()
     s = slurm.Slurm(tmp_path_factory.mktemp("slurm"))

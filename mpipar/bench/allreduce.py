@@ -24,7 +24,7 @@ import torch
 from ..comm import World, failure
 from ..comm.peers import allreduce_blocking
 from ..comm.shared import one_host
-from ..data_parallel.ring import choose_algorithm, make_plan, next_seq
+from ..data_parallel.ring import choose_algorithm, grouped, make_plan, next_seq
 
 SIZES = "1K,4K,16K,64K,256K,1M,4M,16M,64M"
 UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
@@ -76,16 +76,20 @@ def measure(world: World, fn, buf: torch.Tensor, calls: int) -> float:
     return float(world.allgather_floats([dt]).max())
 
 
-def ours(world: World, args):
+def ours(world: World, args, algorithm: str | None = None):
     """Our all-reduce as gradient buckets run it: prepared once per buffer (make_plan, like
     MPI_Allreduce_init), then run per call with fresh requests."""
     current = {}
+    algorithm = algorithm or args.algorithm
 
     def run(buf):
         if current.get("buf") is not buf:
             if current:
                 current["plan"].close()
-            current.update(buf=buf, plan=make_plan(world, buf, "sum", args.algorithm,
+            alg = algorithm   # "flat": auto's choice before the hierarchical all-reduce (by size only)
+            if alg == "flat":
+                alg = choose_algorithm(buf.numel() * buf.element_size(), world.size).replace("none", "ring")
+            current.update(buf=buf, plan=make_plan(world, buf, "sum", alg,
                                                    args.piece_kb * 1024 if args.piece_kb else None))
         current["plan"].run(next_seq(world))
     return run
@@ -99,6 +103,8 @@ def implementations(world: World, dist, args) -> dict:
     }
     if dist is not None:
         impls["gloo"] = lambda b: dist.all_reduce(b)
+    for alg in filter(None, (args.extra or "").split(",")):
+        impls[f"ours:{alg}"] = ours(world, args, alg)   # in --out's rows only
     return impls
 
 
@@ -148,7 +154,9 @@ def main(argv) -> int:
     p.add_argument("--sizes", default=SIZES, help=f"comma-separated byte sizes (default {SIZES})")
     p.add_argument("--rounds", type=int, default=7, help="rounds per size")
     p.add_argument("--stat", default="best", choices=["best", "median"], help="statistic over rounds")
-    p.add_argument("--algorithm", default="auto", choices=["auto", "ring", "halving", "doubling", "shm"])
+    p.add_argument("--algorithm", default="auto", choices=["auto", "ring", "halving", "doubling", "shm", "hier"])
+    p.add_argument("--extra", default="", help="also time these algorithms of ours, e.g. flat,hier "
+                   "(flat: auto's choice by size alone, blind to hosts; written to --out only; see allreduce_hosts)")
     p.add_argument("--piece-kb", type=int, default=0, help="ring piece size in KiB (0: default)")
     p.add_argument("--no-gloo", action="store_true", help="skip the torch.distributed gloo peer")
     p.add_argument("--out", default=None, help="also write the rows as JSON here (rank 0)")
@@ -170,7 +178,7 @@ def main(argv) -> int:
         rounds = bench_size(world, impls, nbytes, args.rounds)
         pick = min if args.stat == "best" else statistics.median
         seconds = {name: pick(ts) for name, ts in rounds.items()}
-        algorithm = args.algorithm if args.algorithm != "auto" else choose_algorithm(nbytes, world.size, one_host(world))
+        algorithm = args.algorithm if args.algorithm != "auto" else choose_algorithm(nbytes, world.size, one_host(world), grouped(world), not one_host(world))
         rows.append({"bytes": nbytes, "algorithm": algorithm, "seconds": seconds, "rounds": rounds})
         if world.rank == 0 and not args.out:
             print(f"  {human_bytes(nbytes)} done", flush=True)

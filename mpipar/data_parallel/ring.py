@@ -1,7 +1,9 @@
 """Our own all-reduce over a World's point-to-point messages (never MPI_Allreduce): the pipelined
 ring (ringplan.py) for bandwidth-bound sizes, recursive doubling or halving-doubling
 (doubling.py) for latency-bound ones, chosen by size, and, when every rank shares one host, a
-reduction straight out of the peers' memory (shm.py); plus ring reduce-scatter and all-gather.
+reduction straight out of the peers' memory (shm.py), and, when the World spans hosts with
+several ranks on some host, the hierarchical all-reduce (hier.py); plus ring reduce-scatter and
+all-gather.
 
 Any n >= 1, any size (0, 1, fewer elements than ranks), float and integer dtypes; bfloat16 and
 float16 are accumulated in float32 and rounded once. All work in place. `make_plan` prepares an
@@ -18,13 +20,15 @@ from .layout import RingLayout
 from .ops import check_op
 from .plan import Plan, StagedPlan
 from .ringplan import RingPlan
+from .hier import HierPlan
 from .shm import SharedPlan
+from ..comm.hosts import host_layout
 from ..comm.shared import SharedBuffer, one_host
 
 DOUBLING_MAX = 64 * 1024       # up to this: recursive doubling (log2 n messages, latency-bound)
 RING_MIN = 64 * 2 ** 20        # power-of-two n > 2: halving-doubling below this, the ring from here
 AUTO_SEQ = 0x8000              # tag sequence numbers below this are per-World automatic ones
-ALGORITHMS = ("ring", "halving", "doubling", "shm")
+ALGORITHMS = ("ring", "halving", "doubling", "shm", "hier")
 
 
 def next_seq(world) -> int:
@@ -36,7 +40,8 @@ def next_seq(world) -> int:
     return s
 
 
-def choose_algorithm(nbytes: int, n: int, shared: bool = False) -> str:
+def choose_algorithm(nbytes: int, n: int, shared: bool = False, grouped: bool = False,
+                     across: bool = False) -> str:
     """By size S and ranks n (measured with `python -m mpipar.bench allreduce` on 2-8 ranks):
     'doubling' up to DOUBLING_MAX: log2 n whole-vector swaps, the fewest hand-offs;
     'halving' (Rabenseifner) for power-of-two n > 2 below RING_MIN: the ring's 2(n-1)/n·S bytes
@@ -47,14 +52,22 @@ def choose_algorithm(nbytes: int, n: int, shared: bool = False) -> str:
     'shm' when every rank shares one host (`shared`), at any size on 3+ ranks and past
     DOUBLING_MAX on 2 (where one swap is as cheap as two barriers): reduce straight out of the
     peers' memory (shm.py), fewer copies and one barrier per piece instead of 2(n-1) hand-offs
-    (4 ranks: 1.4x native MPI_Allreduce at 64 KiB, 1.8x at 4 MiB)."""
+    (4 ranks: 1.4x native MPI_Allreduce at 64 KiB, 1.8x at 4 MiB).
+    'hier' when the ranks span hosts and some host holds several (`grouped`), at any size:
+    one vector per host crosses the links instead of one per rank (hier.py), which wins
+    wherever a link is slower than a host's memory (see python -m mpipar.bench allreduce-hosts).
+    `across` (the ranks span hosts): no 'halving' -- its unpipelined rounds leave a capped link
+    idle between rounds (4 hosts x 1 rank at 1 Gbit/s, 16 MiB: the ring reached 0.87 of the link
+    limit, halving 0.46-0.55); the ring streams pieces without pause."""
     if n == 1:
         return "none"
+    if grouped and not shared:
+        return "hier"
     if shared and (n > 2 or nbytes > DOUBLING_MAX):
         return "shm"
     if nbytes <= DOUBLING_MAX:
         return "doubling"
-    if n > 2 and n & (n - 1) == 0 and nbytes < RING_MIN:
+    if n > 2 and n & (n - 1) == 0 and nbytes < RING_MIN and not across:
         return "halving"
     return "ring"
 
@@ -70,19 +83,22 @@ def make_plan(world, t: torch.Tensor, op: str = "sum", algorithm: str = "auto",
     close() when done. Every rank must use the same size, dtype, op and algorithm. Collective
     (every rank makes its plans in the same order): `auto` asks once whether the World lives on
     one host, and a shared-memory plan maps its buffer (its own, or `buffer`) now.
-    shared_ok=False keeps `auto` off shared memory."""
+    shared_ok=False keeps `auto` off shared memory (so off 'shm' and 'hier')."""
     check_op(op, t.dtype)
     if world.size == 1 or t.numel() == 0:
         return _Nothing(world, t)
     if algorithm == "auto":
+        alone = one_host(world)
         algorithm = choose_algorithm(t.numel() * t.element_size(), world.size,
-                                     shared_ok and one_host(world))
+                                     shared_ok and alone, shared_ok and grouped(world), not alone)
     elif algorithm not in ALGORITHMS:
         raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; use auto, {', '.join(ALGORITHMS)}")
     elif algorithm == "shm" and not one_host(world):
         raise ValueError(f"algorithm 'shm' needs every rank of {world.name} on one host")
 
     def make(x):
+        if algorithm == "hier":
+            return HierPlan(world, x, op, host_layout(world), buffer)
         if algorithm == "shm":
             return SharedPlan(world, x, op, buffer, piece_bytes)
         if algorithm == "ring":
@@ -91,15 +107,24 @@ def make_plan(world, t: torch.Tensor, op: str = "sum", algorithm: str = "auto",
     return make(t) if t.device.type == "cpu" else StagedPlan(world, t, make)
 
 
+def grouped(world) -> bool:
+    """True when `world` spans hosts and some host holds several of its ranks (collective the
+    first time, like one_host; cached)."""
+    return not one_host(world) and max(host_layout(world).sizes) > 1
+
+
 def all_reduce(world, t: torch.Tensor, op: str = "sum", algorithm: str = "auto",
                piece_bytes: int | None = None) -> torch.Tensor:
-    """In-place all-reduce of `t` over `world` (blocking); returns `t`. On one host the
-    shared-memory algorithm reuses one buffer per World (`arena`), grown as needed."""
+    """In-place all-reduce of `t` over `world` (blocking); returns `t`. The shared-memory
+    algorithms reuse one buffer per host World (`arena`), grown as needed."""
     nbytes = t.numel() * t.element_size()
-    shared = world.size > 1 and t.numel() > 0 and (
-        algorithm == "shm" or algorithm == "auto" and choose_algorithm(nbytes, world.size, one_host(world)) == "shm")
-    buffer = arena(world, 2 * nbytes) if shared else None
-    algorithm = "shm" if shared else algorithm
+    if world.size > 1 and t.numel() > 0 and algorithm == "auto":
+        alone = one_host(world)
+        algorithm = choose_algorithm(nbytes, world.size, alone, grouped(world), not alone)
+        algorithm = algorithm if algorithm in ("shm", "hier") else "auto"
+    buffer = None
+    if world.size > 1 and t.numel() > 0 and algorithm in ("shm", "hier"):
+        buffer = arena(world if algorithm == "shm" else host_layout(world).node, 2 * nbytes)
     plan = make_plan(world, t, op, algorithm, piece_bytes, buffer=buffer)
     try:
         return plan.run(next_seq(world))

@@ -11,6 +11,7 @@ import itertools
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,16 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()}")
     return p
+
+
+def unavailable(reason: str, what: str) -> None:
+    """Skip the test with `reason`, or fail it under CI=true: a CI runner that cannot build the
+    hosts must say so, not pass quietly."""
+    import pytest
+    print(f"{what}: cannot run: {reason}", file=sys.stderr)
+    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+        pytest.fail(f"{what} cannot run under CI=true: {reason}")
+    pytest.skip(reason)
 
 
 def why_unavailable() -> str | None:
@@ -135,3 +146,56 @@ class Hosts:
     def run_on(self, name: str) -> list[str]:
         """Command prefix that runs a program "on" host `name` (its netns and hostname)."""
         return ["ip", "netns", "exec", name, "unshare", "--uts", "sh", "-c", 'hostname "$0"; exec "$@"', name]
+
+
+class HostJob:
+    """`python ARGV...` under mpirun started on the first host (--hostfile, the rsh agent, TCP
+    between hosts only). Output goes to files: a pipe held open by an unreachable host's
+    processes would block the reader forever."""
+
+    def __init__(self, hosts: Hosts, workdir: Path, np: int, argv: list[str], env: dict | None = None,
+                 mpirun: str = "mpirun", cwd: Path | None = None):
+        self.out, self.err = workdir / "stdout.txt", workdir / "stderr.txt"
+        full = {**os.environ, **(env or {}),
+                "PRTE_MCA_plm_ssh_agent": str(hosts.agent),     # Open MPI 5 (PRRTE) launcher agent
+                "OMPI_MCA_btl": "tcp,self",                     # no shared memory between "hosts"
+                "OMPI_MCA_btl_tcp_if_include": SUBNET,
+                "OMPI_MCA_oob_tcp_if_include": SUBNET}
+        cmd = [*hosts.run_on(hosts.names[0]), mpirun, "--hostfile", str(hosts.hostfile),
+               "-np", str(np), "--bind-to", "none", sys.executable, *argv]
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full, cwd=cwd, start_new_session=True)
+
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.stdout():
+            assert self.proc.poll() is None, f"job ended before printing {needle!r}:\n{self.report()}"
+            assert time.monotonic() < deadline, f"no {needle!r} after {timeout} s:\n{self.report()}"
+            time.sleep(0.2)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"mpirun still running after {timeout} s:\n{self.report()}") from None
+
+    def kill(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=5)
+                return
+            except ProcessLookupError:
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def report(self) -> str:
+        return f"stdout:\n{self.stdout()[-2500:]}\nstderr:\n{self.stderr()[-2500:]}"

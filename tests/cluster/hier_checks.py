@@ -1,0 +1,127 @@
+"""Hierarchical all-reduce against MPI_Allreduce on whatever hosts the job spans (run by
+tests/test_hier_hosts.py on network-namespace hosts; also runs on one host, with 'hier' forced).
+
+On the whole World and on sub-worlds of other rank -> host layouts (with 5 ranks on hosts of
+2+2+1: also 2+2 and 2+1+1), every dtype and op at sizes
+0, 1, fewer elements than slices, odd, several ring pieces: integers exactly equal to MPI, floats
+close, 16-bit types accumulated in float32 (bf16 sum == round(float32 sum)), every rank holding
+the same bits; several plans in flight at once, as gradient buckets run them. Prints what `auto`
+chose for each layout. Exits non-zero on failure.
+
+Usage: mpirun ... python tests/cluster/hier_checks.py [--expect-hier]   (auto must pick 'hier'
+on the whole World)
+"""
+import sys
+
+import torch
+
+from mpipar.comm import World, failure
+from mpipar.comm.hosts import host_layout
+from mpipar.comm.shared import one_host
+from mpipar.data_parallel import all_reduce
+from mpipar.data_parallel.fingerprint import checksum
+from mpipar.data_parallel.ring import choose_algorithm, grouped, make_plan
+
+torch.set_num_threads(1)
+world = World()
+failure.install(world.host, debug="--debug" in sys.argv)
+failure.start_watchdog(60, world.host)
+
+
+def data(numel, dtype, rank, salt=0):
+    g = torch.Generator().manual_seed(1000 * rank + salt + numel)
+    if dtype.is_floating_point:
+        return torch.randn(numel, generator=g).to(dtype)
+    return torch.randint(-1000, 1000, (numel,), generator=g).to(dtype)
+
+
+def native(w, x, op):
+    ref = x.to(torch.float64 if x.dtype.is_floating_point else torch.int64).clone()
+    w.allreduce_native(ref, "sum" if op == "avg" else op)
+    return ref / w.size if op == "avg" else ref
+
+
+def same_everywhere(w, x, what):
+    sums = w.allgather_floats([checksum([x])])[:, 0]
+    assert (sums == sums[0]).all(), f"{what}: ranks of {w.name} disagree (checksums {sums.tolist()})"
+
+
+def check(w, numel, dtype, op, algorithm="hier", salt=0):
+    x = data(numel, dtype, w.rank, salt)
+    ref = native(w, x, op)
+    out = all_reduce(w, x, op, algorithm)
+    what = f"all_reduce {w.name} n={w.size} numel={numel} {dtype} {op} {algorithm}"
+    assert out.data_ptr() == x.data_ptr(), f"{what}: not in place"
+    if dtype.is_floating_point:
+        tol = {torch.bfloat16: 1e-2, torch.float16: 1e-3}.get(dtype, 1e-5)
+        torch.testing.assert_close(out.double(), ref.to(out.dtype).double(), rtol=tol, atol=tol * 4,
+                                   msg=lambda m: f"{what}: {m}")
+    else:
+        assert torch.equal(out, ref.to(dtype)), f"{what}: differs from MPI_Allreduce"
+    same_everywhere(w, out, what)
+
+
+def check_bf16_rounded_once(w):
+    x = torch.full((4099,), 1.0 + 2 ** -7, dtype=torch.bfloat16) * (1 + w.rank)
+    ref = (x.float() * 0 + sum((1.0 + 2 ** -7) * (1 + q) for q in range(w.size))).to(torch.bfloat16)
+    got = all_reduce(w, x.clone(), "sum", "hier")
+    assert torch.equal(got, ref), f"bf16 hier {w.name}: {got[:3]} != {ref[:3]}"
+
+
+def check_concurrent(w):
+    """Plans held and run in flight together (as gradient buckets do), twice each."""
+    xs = [data(numel, torch.float32, w.rank, 3) for numel in (5, 70_000, 300_001)]
+    refs = [native(w, x, "sum") for x in xs]
+    plans = [make_plan(w, x.clone(), "sum", "hier") for x in xs]
+    for rnd in range(2):
+        for p, x in zip(plans, xs):
+            p.tensor.copy_(x)
+        handles = [p.start(0x8000 + i) for i, p in enumerate(plans)]
+        for h in handles:
+            h.progress()
+        for h, ref in zip(reversed(handles), reversed(refs)):
+            torch.testing.assert_close(h.wait().double(), ref, rtol=1e-5, atol=1e-5)
+    for p in plans:
+        p.close()
+
+
+def checks_for(w, full=False):
+    lay = host_layout(w)
+    slices = lay.slices
+    for numel in sorted({0, 1, max(slices - 1, 0), 2 * w.size + 1, 1001, 300_001}):
+        check(w, numel, torch.float32, "sum", "auto")
+        check(w, numel, torch.int64, "sum", salt=1)
+        check(w, numel, torch.float32, "avg", salt=2)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64, torch.int32):
+        for op in ("sum", "max", "min") + (("avg",) if dtype.is_floating_point else ()):
+            check(w, 1001 if full else 257, dtype, op, salt=5)
+    check(w, 300_001, torch.bfloat16, "avg", salt=6)
+    check_bf16_rounded_once(w)
+    if full:
+        check(w, 4 * 2 ** 20 + 3, torch.int32, "sum", "auto", salt=7)   # rails run the pipelined ring
+        check_concurrent(w)
+    picked = choose_algorithm(4 * 2 ** 20, w.size, one_host(w), grouped(w), not one_host(w))
+    return f"{w.name}: {w.size} ranks, {lay.describe()} per host, auto picks {picked}"
+
+
+def main():
+    lines = []
+    # sub-worlds of other layouts from the same hosts: the first four ranks, and all but rank 3
+    # (on hosts of 2+2+1 ranks: 2+2, and 2+1+1); the ranks left out run alone
+    if world.size >= 5:
+        for name, inside in (("first4", world.rank < 4), ("no3", world.rank != 3)):
+            sub = world.split(0 if inside else 1, world.rank, name if inside else "alone")
+            line = checks_for(sub)
+            if inside:
+                lines.append(line)
+    lines.append(checks_for(world, full=True))
+    expect = "--expect-hier" in sys.argv
+    if expect and not grouped(world):
+        raise AssertionError(f"auto does not pick hier on {host_layout(world).describe()} ranks per host")
+    world.barrier()
+    if world.rank == 0:
+        print("\n".join(lines))
+        print(f"hier checks passed on {len(set(host_layout(world).host_of))} host(s)", flush=True)
+
+
+main()

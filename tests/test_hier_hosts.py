@@ -1,0 +1,84 @@
+"""The hierarchical all-reduce across real "hosts" (network namespaces joined by a bridge, TCP
+between hosts, mpirun --hostfile): equal to MPI_Allreduce on hosts of 2+2+1 ranks (and the 2+2
+and 2+1+1 layouts inside that job), `auto` picking it; and a host's cable cut during it ends the
+job with the stall watchdog's report, leaving no process behind.
+
+Needs root (ip netns): skips with the reason otherwise, fails under CI=true.
+"""
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import netns
+from mpirun import ENV, ROOT, mpirun_exe
+
+pytestmark = pytest.mark.timeout(200)
+
+SLOTS = [2, 2, 1]          # 5 ranks on 3 hosts
+TCP_RETRIES2 = "6"         # a dead peer with unacknowledged data is given up after ~25 s
+STALL = 6                  # --stall-timeout of the fault run
+HERE = Path(__file__).resolve().parent / "cluster"
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    reason = netns.why_unavailable()
+    if reason:
+        netns.unavailable(reason, "test_hier_hosts")
+    h = netns.Hosts(len(SLOTS))
+    try:
+        h.up()
+        h.sysctl("net.ipv4.tcp_retries2", TCP_RETRIES2)
+        h.write_rsh_agent(tmp_path / "netns-rsh")
+        h.write_hostfile(tmp_path / "hostfile", SLOTS)
+        yield h
+    finally:
+        left = h.down()
+        assert not any(Path(f"/run/netns/{ns}").exists() for ns in [*h.names, h.switch])
+        if left:
+            print(f"teardown killed leftover pids {left}", file=sys.stderr)
+
+
+def job(hosts, tmp_path, script, *args):
+    return netns.HostJob(hosts, tmp_path, sum(SLOTS), [str(HERE / script), *args],
+                         env={**ENV, "PYTHONPATH": str(ROOT)}, mpirun=mpirun_exe(), cwd=ROOT)
+
+
+def test_hierarchical_allreduce_equals_mpi_across_hosts(hosts, tmp_path):
+    t0 = time.monotonic()
+    j = job(hosts, tmp_path, "hier_checks.py", "--expect-hier")
+    rc = j.wait(150)
+    out = j.stdout()
+    print(f"exit {rc} after {time.monotonic() - t0:.1f} s\n{out}")
+    assert rc == 0, j.report()
+    assert "hier checks passed on 3 host(s)" in out, j.report()
+    assert "world: 5 ranks, 2+2+1 per host, auto picks hier" in out, out
+    assert "first4: 4 ranks, 2+2 per host, auto picks hier" in out, out
+    assert "no3: 4 ranks, 2+1+1 per host, auto picks hier" in out, out
+
+
+def test_cut_link_during_hierarchical_allreduce_ends_with_stall_report(hosts, tmp_path):
+    j = job(hosts, tmp_path, "hier_stall.py", str(STALL))
+    j.wait_for("running", timeout=90)
+    victim = hosts.names[2]
+    assert hosts.pids(victim), "no process on the third host before the cut"
+    hosts.cut(victim)
+    t_cut = time.monotonic()
+    rc = j.wait(STALL + 70)
+    ended = time.monotonic() - t_cut
+    stalls = re.findall(rf"rank \d \(\S+\): StallError: waited \d+ s for (?:RING|HIER)[^(]*?"
+                        rf"(?:from rank \d|the other ranks) \(--stall-timeout {STALL}\)", j.stderr())
+    print(f"link of {victim} cut; mpirun exit {rc} after {ended:.1f} s; reports:\n" + "\n".join(stalls))
+    assert rc != 0, j.report()
+    assert stalls, j.report()
+    deadline = time.monotonic() + 40
+    while hosts.pids() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = {ns: hosts.pids(ns) for ns in hosts.names if hosts.pids(ns)}
+    assert not left, f"processes left behind: {left}\n" + subprocess.run(
+        ["ps", "-o", "pid,stat,etime,args", "-p", ",".join(str(p) for v in left.values() for p in v)],
+        capture_output=True, text=True).stdout
