@@ -36,11 +36,16 @@ def tensors_of(data):
     return None
 
 
+def size_of(data) -> int:
+    """Samples in `data` (a Dataset, a Split, or an (x, y) pair of tensors)."""
+    return len(data[0]) if isinstance(data, (tuple, list)) else len(data)
+
+
 def sized_batches(data, batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True,
                   dp_rank: int = 0, dp_size: int = 1, steps: int = 0,
                   num_workers: int = 0) -> Iterator[tuple]:
     """(x, y, global_n) for this rank's shard of each global batch; `steps` > 0 stops early."""
-    n = len(data[0]) if isinstance(data, (tuple, list)) else len(data)
+    n = size_of(data)
     idx = epoch_batches(n, batch_size, seed, epoch, shuffle, dp_rank, dp_size)
     if steps:
         idx = idx[:steps]

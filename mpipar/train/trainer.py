@@ -18,7 +18,7 @@ import torch
 
 from ..callbacks import Callback
 from ..pipeline.pipe import split_microbatches
-from .batches import sized_batches
+from .batches import size_of, sized_batches
 from .clip import clip_global_norm
 from .metrics import MetricsFile, Tally, format_row, summarize
 from .observe import Dashboard, RankStats
@@ -112,7 +112,7 @@ class Trainer:
                           f"tp={topo.grid.tp}", c.plot, c.live) if world.rank == 0 and c.out else None)
         cbs = self.callbacks   # a resumed checkpoint: its rows, epoch and batches are done already
         rows = [row for cb in cbs for row in cb.on_fit_start(self, metrics)]
-        n = len(train)
+        n = size_of(train)
         for epoch in range(max((cb.first_epoch(self) for cb in cbs), default=0), c.epochs):
             tally = Tally(self.loss_fn, c.task)
             shards = sized_batches(train, c.batch_size, c.seed, epoch, c.shuffle, topo.dp_rank, topo.grid.dp,

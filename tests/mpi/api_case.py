@@ -1,0 +1,121 @@
+"""One public-API training run on N ranks, as a user writes it: `python api_case.py OUT CASE`.
+Each rank writes its layers' final parameters to OUT/params-<rank>.pt (tp shards gathered);
+tests/test_api.py trains the same model single-process and compares (assert_close).
+
+The model and data live here so the test builds exactly the same ones."""
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mpipar
+from mpipar.tensor import ColumnParallelLinear, RowParallelLinear, TPGroup, load_full_state_dict
+
+CASES = {   # name: (ranks, grid, schedule, microbatches, chunks, batch, data kind)
+    "one-rank": (1, None, "gpipe", 3, None, 30, "tensors"),
+    "dp2-uneven": (2, "dp=2", "gpipe", 1, None, 31, "tensors"),
+    "gpipe": (4, None, "gpipe", 4, None, 40, "tensors"),
+    "1f1b": (4, None, "1f1b", 4, None, 30, "tensors"),
+    "interleaved": (4, None, "interleaved", 8, 2, 40, "tensors"),
+    "zb": (4, None, "zb", 4, None, 30, "tensors"),
+    "pipedream": (4, None, "pipedream", 4, None, 32, "trainer"),
+    "pp2xdp2-dataset": (4, "pp=2,dp=2", "1f1b", 2, None, 31, "dataset"),
+    "pp2xdp2xtp2-user-tp": (8, "pp=2,dp=2,tp=2", "1f1b", 2, None, 30, "tensors"),
+}
+N, STEPS_EPOCHS, LR = 150, 2, 0.05
+
+
+def reference_model() -> nn.Sequential:
+    """Eight children with parameters, so interleaving can cut it into p*v = 8 stages."""
+    torch.manual_seed(0)
+    dims = [16, 32, 32, 32, 32, 32, 32, 32, 4]
+    last = len(dims) - 2
+    return nn.Sequential(*[nn.Linear(a, b) if i == last else nn.Sequential(nn.Linear(a, b), nn.Tanh())
+                           for i, (a, b) in enumerate(zip(dims, dims[1:]))])
+
+
+class TPPair(nn.Module):
+    """A user's own tensor-parallel block: column-parallel, tanh, row-parallel (one all-reduce)."""
+
+    def __init__(self, group, width=32, hidden=64):
+        super().__init__()
+        self.up, self.down = ColumnParallelLinear(width, hidden, group), RowParallelLinear(hidden, width, group)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def tp_reference_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    pair = nn.Module()
+    pair.up, pair.down = nn.Linear(32, 64), nn.Linear(64, 32)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), _Pair(pair), nn.Tanh(), nn.Linear(32, 4))
+
+
+class _Pair(nn.Module):
+    """TPPair's single-device twin (same state-dict names: up.*, down.*)."""
+
+    def __init__(self, pair):
+        super().__init__()
+        self.up, self.down = pair.up, pair.down
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(N, 16, generator=g), torch.randn(N, 4, generator=g)
+
+
+class PairsDataset(torch.utils.data.Dataset):
+    """A map-style Dataset that is not a TensorDataset (goes through a DataLoader with workers)."""
+
+    def __init__(self):
+        self.x, self.y = data()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def user_model(topo, case):
+    if case.endswith("user-tp"):
+        ref = tp_reference_model()
+        pair = TPPair(TPGroup(topo.tp_world))
+        load_full_state_dict(pair, ref[2].state_dict(), pair.up.group)
+        ref[2] = pair
+        return ref
+    return reference_model()
+
+
+def main(out: Path, case: str) -> None:
+    ranks, grid, schedule, m, chunks, batch, kind = CASES[case]
+    topo = mpipar.init(grid=grid, stall_timeout=60)
+    if topo.world.size != ranks:
+        raise SystemExit(f"case {case} runs on {ranks} ranks, not {topo.world.size}")
+    pipe = mpipar.Pipeline(user_model(topo, case), topo, schedule=schedule, microbatches=m, chunks=chunks,
+                           loss_fn=nn.MSELoss(), balance="layers")
+    opt = torch.optim.SGD(pipe.parameters(), lr=LR)
+    if kind == "trainer":   # 2BW updates inside its lists: the Trainer drives it
+        cfg = mpipar.TrainConfig(epochs=STEPS_EPOCHS, batch_size=batch, seed=0, task="regression")
+        x, y = data()
+        mpipar.Trainer(pipe, opt, cfg, log=lambda *a, **k: None).fit((x, y), (x[:8], y[:8]))
+    else:
+        source = PairsDataset() if kind == "dataset" else torch.utils.data.TensorDataset(*data())
+        workers = 2 if kind == "dataset" else 0
+        for epoch in range(STEPS_EPOCHS):
+            for xb, yb in mpipar.batches(source, batch, topo, epoch=epoch, num_workers=workers):
+                opt.zero_grad()
+                pipe.step(xb, yb)
+                opt.step()
+    state = pipe.state_dict()   # tp > 1: a collective over tp
+    if topo.dp_rank == 0 and topo.tp_rank == 0:
+        torch.save(state, out / f"params-{topo.rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
