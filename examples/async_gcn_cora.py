@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mpipar.async_ps import AsyncPlan, Roles, train_async
-from mpipar.async_ps.session import check_plan
+from mpipar.async_ps.training import check_plan
 from mpipar.async_ps.report import evaluate_all, histogram_lines, share_snapshots, time_to
 from mpipar.data.cora import load_cora
 from mpipar.example import Example

@@ -49,9 +49,22 @@ def shared_parser() -> argparse.ArgumentParser:
     p.add_argument("--supervise", action="store_true", help="(no mpirun) launch mpirun and relaunch it when a rank dies")
     p.add_argument("--max-restarts", type=int, default=3, help="with --supervise: relaunches allowed")
     p.add_argument("--np", type=int, default=None, help="with --supervise: ranks (default: SLURM_NTASKS or 4)")
-    from .data_parallel.flags import add_args as add_dp_args   # --bucket-mb, --dp-check-every
     add_dp_args(p)
     return p
+
+
+def add_dp_args(p: argparse.ArgumentParser) -> None:
+    """Data-parallel flags (--bucket-mb, --allreduce, --dp-check-every)."""
+    from .data_parallel.buckets import DEFAULT_BUCKET_MB
+    p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB,
+                   help=f"data parallel: gradient bucket size in MiB (default {DEFAULT_BUCKET_MB:g}, "
+                        f"see python -m mpipar.bench allreduce --overlap)")
+    p.add_argument("--allreduce", default="auto", choices=["auto", "ring", "halving", "doubling", "shm", "hier"],
+                   help="data parallel: all-reduce algorithm (default auto: by size and placement; "
+                        "shm when the dp group shares one host, hier when it spans hosts with "
+                        "several ranks on some host)")
+    p.add_argument("--dp-check-every", type=int, default=0,
+                   help="data parallel: every N steps check replicas are bit-identical (0: never)")
 
 
 def parse(argv):

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 
-from .version import __version__
 from .errors import ConfigError
-from .model import check_unique, param_counts
-from .rankmap import Grid, RankMap, human, parse_balance
+from .model import check_unique
+from .rankmap import Grid, RankMap, human
 from .topology import Topology, share_cores
+from .train.trainer import TrainConfig, Trainer, parse_inject
+from .version import __version__
 
 
 def banner(world, hosts, example, args, grid) -> str:
@@ -30,8 +31,7 @@ def partition(world, specs, args, grid, train):
     return cut(specs, args.balance, n, world, sample, args.seed)
 
 
-def train_config(example, args) -> "TrainConfig":
-    from .train.trainer import TrainConfig, parse_inject
+def train_config(example, args) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, steps=args.steps, seed=args.seed,
                        shuffle=example.shuffle, task=example.task, clip_grad=args.clip_grad, out=args.out,
                        plot=args.plot, live=args.live, name=example.name, inject_error=parse_inject(args.inject_error))
@@ -40,7 +40,6 @@ def train_config(example, args) -> "TrainConfig":
 def build_trainer(topo, rankmap, example, specs, args, log=print):
     """The Pipeline and Trainer an example asks for, from the command line's flags."""
     from .pipeline.pipe import DataParallelOptions, Pipeline
-    from .train.trainer import Trainer
     pipe = Pipeline(specs, topo, loss_fn=example.loss(), schedule=args.schedule, microbatches=args.microbatches,
                     chunks=args.chunks, rankmap=rankmap, recompute=args.recompute, seed=args.seed,
                     timeline=args.timeline,

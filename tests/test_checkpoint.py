@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from mpipar.checkpoint import fault, reshard, restart, shard, store
-from mpipar.checkpoint.atomic import atomic_write, sha256_hex
+from mpipar.checkpoint import fault, restart, state, store
+from mpipar.checkpoint.store import atomic_write, sha256_hex
 from mpipar.checkpoint.checkpointer import Checkpointer
-from mpipar.checkpoint.export import newest_full_state
-from mpipar.checkpoint.manifest import CheckpointError, Manifest, ShardInfo
+from mpipar.checkpoint.restart import newest_full_state
+from mpipar.checkpoint.store import CheckpointError, Manifest, ShardInfo
 from mpipar.checkpoint.state import deserialize, rng_state, serialize, set_rng_state
 from mpipar.model import LayerSpec, build_stage
 from mpipar.rankmap import Grid, RankMap
@@ -163,7 +163,7 @@ def test_loading_never_executes_pickle(tmp_path):
 def test_rng_and_optimizer_state_survive_weights_only():
     t = MiniTrainer()
     t.train_step(DATA[:8])
-    snap = deserialize(serialize(shard.snapshot(t, topo(), copy=True)))
+    snap = deserialize(serialize(state.snapshot(t, topo(), copy=True)))
     assert snap["optim"]["state"]["l0.0.weight"]["exp_avg"].shape == (16, 6)
     before = rng_state()
     a = torch.rand(3)
@@ -257,15 +257,15 @@ def test_two_stage_shards_load_into_one_stage(tmp_path):
     folder.mkdir(parents=True)
     infos = []
     for r, s in enumerate(stages):
-        data = serialize(shard.snapshot(s, topo(2, r), copy=False))
+        data = serialize(state.snapshot(s, topo(2, r), copy=False))
         (folder / store.shard_name(r)).write_bytes(data)
         infos.append(ShardInfo(store.shard_name(r), r, [r, 0, 0], NAMES[2 * r:2 * r + 2], len(data), sha256_hex(data)))
     man = Manifest(1, 0, 1, {"pp": 2, "dp": 1, "tp": 1}, [NAMES[:2], NAMES[2:]], infos)
-    assert [i.file for i in reshard.needed(man, Grid(1, 1, 1), 0, (0, 0, 0), NAMES)] == ["rank-00000.pt", "rank-00001.pt"]
+    assert [i.file for i in restart.needed(man, Grid(1, 1, 1), 0, (0, 0, 0), NAMES)] == ["rank-00000.pt", "rank-00001.pt"]
     merged = MiniTrainer()
-    state, problem = restart.load_mine(man, folder, Grid(1, 1, 1), 0, (0, 0, 0), NAMES, list(merged.module.state_dict()))
+    loaded, problem = restart.load_mine(man, folder, Grid(1, 1, 1), 0, (0, 0, 0), NAMES, list(merged.module.state_dict()))
     assert problem is None
-    shard.apply(merged, state)
+    state.apply(merged, loaded)
     for k, v in whole.module.state_dict().items():
         torch.testing.assert_close(merged.module.state_dict()[k], v)
     torch.manual_seed(0)
@@ -279,9 +279,9 @@ def test_two_stage_shards_load_into_one_stage(tmp_path):
 def test_a_changed_model_is_a_clear_error():
     man = Manifest(1, 0, 1, {"pp": 1, "dp": 1, "tp": 1}, [["a", "b"]], [ShardInfo("r", 0, [0, 0, 0], ["a", "b"], 1, "")])
     with pytest.raises(CheckpointError, match="no state for layer"):
-        reshard.model_sources(man, ["a", "c"], 0, 1)
+        restart.model_sources(man, ["a", "c"], 0, 1)
     with pytest.raises(CheckpointError, match="tp=1 and this run has tp=2"):
-        reshard.model_sources(man, ["a"], 0, 2)
+        restart.model_sources(man, ["a"], 0, 2)
 
 
 def test_checkpoint_checks_on_4_ranks(tmp_path):
@@ -293,7 +293,7 @@ def test_checkpoint_checks_on_4_ranks(tmp_path):
 
 
 def test_auto_interval_keeps_saving_near_the_budget():
-    from mpipar.checkpoint.interval import BUDGET, FIRST, Interval
+    from mpipar.checkpoint.checkpointer import BUDGET, FIRST, Interval
     iv = Interval(None)
     assert iv.auto and iv.every == FIRST and iv.due(FIRST) and not iv.due(FIRST - 1)
     iv.saved(FIRST)

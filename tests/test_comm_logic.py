@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from mpipar.comm import header as H
+from mpipar.comm import messages as H
 from mpipar.comm.cuda import BufferPolicy, mpi_buffer, query_cuda_support
-from mpipar.comm.tags import Kind, label, tag, untag
+from mpipar.comm.messages import Kind, label, tag, untag
 
 
 @pytest.mark.parametrize("shape", [(), (0,), (3, 4), (1, 2, 3, 4, 5, 6, 7, 8)])

@@ -7,7 +7,6 @@ Needs root (ip netns): skips with the reason otherwise, fails under CI=true.
 """
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,21 +25,8 @@ HERE = Path(__file__).resolve().parent / "cluster"
 
 @pytest.fixture
 def hosts(tmp_path):
-    reason = netns.why_unavailable()
-    if reason:
-        netns.unavailable(reason, "test_hier_hosts")
-    h = netns.Hosts(len(SLOTS))
-    try:
-        h.up()
-        h.sysctl("net.ipv4.tcp_retries2", TCP_RETRIES2)
-        h.write_rsh_agent(tmp_path / "netns-rsh")
-        h.write_hostfile(tmp_path / "hostfile", SLOTS)
+    with netns.hosts_up(tmp_path, SLOTS, "test_hier_hosts", TCP_RETRIES2) as h:
         yield h
-    finally:
-        left = h.down()
-        assert not any(Path(f"/run/netns/{ns}").exists() for ns in [*h.names, h.switch])
-        if left:
-            print(f"teardown killed leftover pids {left}", file=sys.stderr)
 
 
 def job(hosts, tmp_path, script, *args):

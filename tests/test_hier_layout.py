@@ -4,8 +4,8 @@ exactly one rail with one rank per host), and when `auto` picks it (tests/test_h
 runs it across hosts)."""
 import pytest
 
-from mpipar.comm.hosts import HostLayout
-from mpipar.data_parallel.ring import choose_algorithm
+from mpipar.comm.shared import HostLayout
+from mpipar.data_parallel.reduce import choose_algorithm
 
 
 def layout(sizes):

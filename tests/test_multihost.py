@@ -5,12 +5,9 @@ mid-run ends the job with mpipar's stall report and leaves no process behind.
 Needs root (ip netns); skips with the reason otherwise, and fails under CI=true.
 """
 import json
-import os
 import re
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,61 +25,15 @@ STALL = 10                 # --stall-timeout of the fault run: well below the TC
 
 @pytest.fixture
 def hosts(tmp_path):
-    """Three hosts, a hostfile naming them and the rsh agent; every namespace deleted afterwards."""
-    reason = netns.why_unavailable()
-    if reason:
-        netns.unavailable(reason, "test_multihost")   # fails under CI=true, skips elsewhere
-    h = netns.Hosts(3)
-    try:
-        h.up()
-        h.sysctl("net.ipv4.tcp_retries2", TCP_RETRIES2)
-        h.write_rsh_agent(tmp_path / "netns-rsh")
-        h.write_hostfile(tmp_path / "hostfile", SLOTS)
+    """Three hosts; every namespace deleted afterwards."""
+    with netns.hosts_up(tmp_path, SLOTS, "test_multihost", TCP_RETRIES2) as h:
         yield h
-    finally:
-        left = h.down()
-        assert not any(Path(f"/run/netns/{ns}").exists() for ns in [*h.names, h.switch])
-        if left:
-            print(f"teardown killed leftover pids {left}", file=sys.stderr)
 
 
-class HostJob:
-    """mpirun started on the first host; output goes to files (a pipe held open by an unreachable
-    host's processes would block the reader forever)."""
-
-    def __init__(self, hosts, tmp_path: Path, argv: list[str]):
-        self.out, self.err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-        env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT),
-               "PRTE_MCA_plm_ssh_agent": str(hosts.agent),     # Open MPI 5 (PRRTE) launcher agent
-               "OMPI_MCA_btl": "tcp,self",                     # no shared memory between "hosts"
-               "OMPI_MCA_btl_tcp_if_include": netns.SUBNET,
-               "OMPI_MCA_oob_tcp_if_include": netns.SUBNET}
-        cmd = [*hosts.run_on(hosts.names[0]), mpirun_exe(), "--hostfile", str(hosts.hostfile),
-               "-np", str(sum(SLOTS)), "--bind-to", "none", sys.executable, "-m", "mpipar.run", *argv]
-        with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT, start_new_session=True)
-
-    def stdout(self) -> str:
-        return self.out.read_text(errors="replace")
-
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def wait_for(self, needle: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while needle not in self.stdout():
-            assert self.proc.poll() is None, f"job ended before printing {needle!r}:\n{self.report()}"
-            assert time.monotonic() < deadline, f"no {needle!r} after {timeout} s:\n{self.report()}"
-            time.sleep(0.2)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"mpirun still running after {timeout} s:\n{self.report()}") from None
-
-    def report(self) -> str:
-        return f"stdout:\n{self.stdout()[-2500:]}\nstderr:\n{self.stderr()[-2500:]}"
+def host_job(hosts, tmp_path, argv):
+    """`python -m mpipar.run ARGV` under mpirun started on the first host."""
+    return netns.HostJob(hosts, tmp_path, sum(SLOTS), ["-m", "mpipar.run", *argv],
+                         env={**ENV, "PYTHONPATH": str(ROOT)}, mpirun=mpirun_exe(), cwd=ROOT)
 
 
 def test_training_spreads_over_three_hosts_and_matches_single_process(hosts, tmp_path):
@@ -91,7 +42,7 @@ def test_training_spreads_over_three_hosts_and_matches_single_process(hosts, tmp
 
     argv = ["mlp", "--epochs", "2", "--steps", "10", "--out", str(tmp_path / "out")]
     t0 = time.monotonic()
-    job = HostJob(hosts, tmp_path, argv)
+    job = host_job(hosts, tmp_path, argv)
     rc = job.wait(170)
     print(f"3-host run: exit {rc} after {time.monotonic() - t0:.1f} s")
     assert rc == 0, job.report()
@@ -114,7 +65,7 @@ def test_training_spreads_over_three_hosts_and_matches_single_process(hosts, tmp
 
 def test_cut_link_ends_job_with_stall_report_and_no_orphans(hosts, tmp_path):
     argv = ["mlp", "--epochs", "1000", "--steps", "5", "--stall-timeout", str(STALL), "--out", str(tmp_path / "out")]
-    job = HostJob(hosts, tmp_path, argv)
+    job = host_job(hosts, tmp_path, argv)
     job.wait_for("epoch 1 ", timeout=170)           # training is under way on all three hosts
     victim = hosts.names[2]
     assert hosts.pids(victim), "no process on the third host before the cut"

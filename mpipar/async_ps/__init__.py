@@ -33,7 +33,7 @@ Why two-sided non-blocking sends rather than MPI one-sided Accumulate into a win
 """
 from .gate import ProtocolError, StalenessGate, Update
 from .protocol import Op, Roles, ShardLayout
-from .session import AsyncPlan, AsyncResult, train_async
+from .training import AsyncPlan, AsyncResult, train_async
 
 __all__ = ["AsyncPlan", "AsyncResult", "train_async", "StalenessGate", "Update", "ProtocolError",
            "Op", "Roles", "ShardLayout"]

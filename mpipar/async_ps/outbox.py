@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..comm.progress import all_done
-from ..comm.tags import label
+from ..comm.waits import all_done
+from ..comm.messages import label
 from ..comm.waits import BOARD
 
 

@@ -19,8 +19,8 @@ from enum import IntEnum
 
 import torch
 
-from ..comm.tags import Kind, tag
-from ..data_parallel.layout import split_bounds
+from ..comm.messages import Kind, tag
+from ..data_parallel.plan import split_bounds
 from ..errors import ConfigError
 
 CTRL_TAG = tag(Kind.CTRL, 0, 0)      # worker -> coordinator: [op, base]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .flat import flatten_
-from .session import AsyncResult, Snapshot
+from .training import AsyncResult, Snapshot
 
 
 def share_snapshots(world, result: AsyncResult) -> list[Snapshot]:

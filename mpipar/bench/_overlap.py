@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from ..data_parallel.flags import DEFAULT_BUCKET_MB
+from ..data_parallel.buckets import DEFAULT_BUCKET_MB
 from ..data_parallel.wrapper import DataParallel
 
 

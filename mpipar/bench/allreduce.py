@@ -22,9 +22,9 @@ import time
 import torch
 
 from ..comm import World, failure
-from ..comm.peers import allreduce_blocking
+from ..comm.world import allreduce_blocking
 from ..comm.shared import one_host
-from ..data_parallel.ring import choose_algorithm, grouped, make_plan, next_seq
+from ..data_parallel.reduce import choose_algorithm, grouped, make_plan, next_seq
 
 SIZES = "1K,4K,16K,64K,256K,1M,4M,16M,64M"
 UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}

@@ -4,22 +4,112 @@ shard is on disk, keeps the last K, and fires injected faults.
 
 Commit protocol: each rank writes its shard atomically, then all ranks exchange (bytes, sha256)
 in one allgather and rank 0 writes manifest.json atomically, last. A rank that dies before the
-allgather leaves no manifest, so the folder never counts as a checkpoint.
-"""
+allgather leaves no manifest, so the folder never counts as a checkpoint."""
 from __future__ import annotations
 
+import math
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..callbacks import Callback
-from . import reshard, restart, shard, store
-from .atomic import atomic_write_text
-from .manifest import Manifest, ShardInfo
-from .interval import Interval
-from .writer import ShardWriter
+from . import restart, store
+from .state import apply as apply_state, serialize, snapshot
+from .store import Manifest, ShardInfo, atomic_write, atomic_write_text, sha256_hex
 
+
+# -------------------------------------------------------------------------------------------------
+# When to checkpoint: every N steps (--checkpoint-every N), or by default an interval measured
+# from the run itself: after each checkpoint, N = (time a save holds training up) / (BUDGET x mean
+# step time), both averaged over the run so far on the slowest rank, so saving costs about BUDGET
+# of the training time whatever the model and the disk.
+# -------------------------------------------------------------------------------------------------
+BUDGET = 0.02     # share of the step time that checkpointing may take (auto)
+FIRST = 20        # auto: steps before the first checkpoint (then measured)
+MOST = 2000       # auto: never more steps than this between checkpoints
+
+
+class Interval:
+    def __init__(self, every: int | None):
+        self.auto = not every
+        self.every = FIRST if self.auto else int(every)
+        self.last = 0   # step of the last checkpoint (auto counts from it)
+
+    def due(self, step: int) -> bool:
+        return step - self.last >= self.every if self.auto else step % self.every == 0
+
+    def saved(self, step: int) -> None:
+        self.last = step
+
+    def adapt(self, save_seconds: float, step_seconds: float) -> bool:
+        """Auto: the next interval from the measured costs (the same numbers on every rank, as
+        they come from one allgather). True when it changed."""
+        if not self.auto or step_seconds <= 0:
+            return False
+        new = min(MOST, max(FIRST, math.ceil(save_seconds / (BUDGET * step_seconds))))
+        changed, self.every = new != self.every, new
+        return changed
+
+    def describe(self) -> str:
+        return f"every {self.every} steps" + (f" (auto: ~{BUDGET:.0%} of step time)" if self.auto else "")
+
+
+# -------------------------------------------------------------------------------------------------
+# Writes this rank's shard: in the caller (sync) or in a background thread after the state
+# was copied (async), so training does not wait on the disk.
+# -------------------------------------------------------------------------------------------------
+class ShardWriter:
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.result: tuple[str, int] | None = None
+        self.error: BaseException | None = None
+
+    def _write(self, path: Path, obj, on_half_written) -> None:
+        try:
+            data = serialize(obj)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, data, on_half_written)
+            self.result = (sha256_hex(data), len(data))
+        except BaseException as e:   # re-raised in the training thread by wait()
+            self.error = e
+
+    def start(self, path: Path, obj, background: bool, on_half_written=None) -> None:
+        """Write `obj` (already a private copy when `background`) to `path` atomically."""
+        self.wait()
+        self.result, self.error = None, None
+        if background:
+            self.thread = threading.Thread(target=self._write, args=(Path(path), obj, on_half_written),
+                                           name="mpipar-checkpoint-writer", daemon=True)
+            self.thread.start()
+        else:
+            self._write(Path(path), obj, on_half_written)
+
+    @property
+    def busy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def wait(self) -> tuple[str, int] | None:
+        """(sha256 hex, bytes) of the last shard written; raises what the writer raised."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+        return self.result
+
+
+# -------------------------------------------------------------------------------------------------
+# The trainer's checkpoint callback: resumes before the first step, saves every N steps (sync, or
+# copy-then-write in a background thread), commits a checkpoint with a manifest once every rank's
+# shard is on disk, keeps the last K, and fires injected faults.
+#
+# Commit protocol: each rank writes its shard atomically, then all ranks exchange (bytes, sha256)
+# in one allgather and rank 0 writes manifest.json atomically, last. A rank that dies before the
+# allgather leaves no manifest, so the folder never counts as a checkpoint.
+# -------------------------------------------------------------------------------------------------
 MIN_COMMIT_LAG = 2   # async: commit max(this, every/2) steps after the snapshot (the write overlaps them)
 
 
@@ -53,21 +143,21 @@ class Checkpointer(Callback):
         if self.root is None:
             return None
         t = self.topo
-        layers = reshard.rank_layers(self.rankmap.stages, t.pp_rank, t.grid.pp)
+        layers = restart.rank_layers(self.rankmap.stages, t.pp_rank, t.grid.pp)
         keys = list(trainer.module.state_dict())
         man, state = restart.find_and_load(self.world, self.root, t.grid, (t.pp_rank, t.dp_rank, t.tp_rank),
                                            layers, keys, self.log)
         if man is None:
             self.log(f"checkpoint: none usable in {self.root}; starting from step 0")
             return None
-        shard.apply(trainer, state)
+        apply_state(trainer, state)
         trainer.step_count = man.step
         self.interval.saved(man.step)
         self.start_epoch, self.start_step, self.rows = man.epoch, man.step_in_epoch, list(man.rows)
         self.tally = self._my_tally(man)
         self.resumed = man
         g = man.grid
-        moved = "" if reshard.same_grid(man, t.grid) else \
+        moved = "" if restart.same_grid(man, t.grid) else \
             f", resharded to pp={t.grid.pp} dp={t.grid.dp} tp={t.grid.tp}"
         self.log(f"checkpoint: resumed from {store.step_dir(self.root, man.step).name} (step {man.step}: epoch "
                  f"{man.epoch + 1}, {man.step_in_epoch} batches into it) written with pp={g['pp']} dp={g['dp']} "
@@ -85,7 +175,7 @@ class Checkpointer(Callback):
         """Same grid: this rank's sums. Otherwise the old reporter's, for the new reporter."""
         if not man.tallies:
             return None
-        if reshard.same_grid(man, self.topo.grid):
+        if restart.same_grid(man, self.topo.grid):
             return man.tallies[self.world.rank]
         g = man.grid
         old_reporter = (g["pp"] - 1) * g["dp"] * g["tp"]
@@ -162,7 +252,7 @@ class Checkpointer(Callback):
         due = self.faults.due(step, "write") if self.faults else None
         on_half = (lambda: self.faults.die(*due, step)) if due else None
         path = store.step_dir(self.root, step) / store.shard_name(self.world.rank)
-        self.writer.start(path, shard.snapshot(trainer, self.topo, copy=self.background), self.background, on_half)
+        self.writer.start(path, snapshot(trainer, self.topo, copy=self.background), self.background, on_half)
         self.pending = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
                         "tally": list(tally), "rows": list(rows), "cost": time.perf_counter() - t0}
         if not self.background:
@@ -190,7 +280,7 @@ class Checkpointer(Callback):
         shards = []
         for r in range(self.world.size):
             pp, dp, tp = grid.coords(r)
-            shards.append(ShardInfo(store.shard_name(r), r, [pp, dp, tp], reshard.rank_layers(stages, pp, grid.pp) if dp == 0 else [],
+            shards.append(ShardInfo(store.shard_name(r), r, [pp, dp, tp], restart.rank_layers(stages, pp, grid.pp) if dp == 0 else [],
                                     int(table[r, 0]), words_hex(table[r, 4:12])))
         man = Manifest(p["step"], p["epoch"], p["step_in_epoch"], {"pp": grid.pp, "dp": grid.dp, "tp": grid.tp},
                        [list(s) for s in stages], shards, table[:, 1:4].tolist(), p["rows"], self.run)
@@ -198,4 +288,3 @@ class Checkpointer(Callback):
         atomic_write_text(folder / "manifest.json", man.to_json())
         store.write_latest(self.root, p["step"])
         store.prune(self.root, self.keep)
-

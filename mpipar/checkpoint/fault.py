@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from .atomic import atomic_write_text
+from .store import atomic_write_text
 
 PHASES = ("step", "write")
 

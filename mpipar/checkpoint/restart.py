@@ -1,6 +1,6 @@
-"""Restart: every rank agrees on the newest checkpoint that is complete (has a manifest) and
-whose shards this run needs all verify; a truncated or corrupted shard is reported and the
-previous checkpoint is tried. Loading never executes pickle (weights_only)."""
+"""Restart: every rank agrees on the newest checkpoint that is complete and whose shards this run
+needs all verify, then assembles its state from them for any grid (shards are keyed by global
+layer names, so pp=4 or dp=2 loads on pp=2 or dp=4); and the whole model's state for export."""
 from __future__ import annotations
 
 import sys
@@ -8,11 +8,106 @@ from pathlib import Path
 
 import torch
 
-from . import reshard, store
-from .manifest import Manifest, read as read_manifest
+from . import store
 from .state import deserialize
+from .store import CheckpointError, Manifest, ShardInfo, read as read_manifest
 
 
+# -------------------------------------------------------------------------------------------------
+# Which shards a rank needs, and its state assembled from them, for any grid: shards are keyed
+# by global layer names, so a checkpoint written with pp=4 (or dp=2) loads on pp=2 (or dp=4) by
+# looking up, for each of this rank's layers, the shard that held it.
+# -------------------------------------------------------------------------------------------------
+def layer_of(key: str) -> str:
+    """'fc3.0.weight' -> 'fc3' (the stage's nn.Sequential names its children by layer name)."""
+    return key.split(".", 1)[0]
+
+
+def rank_layers(stages: list[list[str]], pp_rank: int, pp: int) -> list[str]:
+    """The layers a pipeline rank holds: virtual stages pp_rank, pp_rank+p, ... (v chunks each)."""
+    return [n for st in stages[pp_rank::pp] for n in st]
+
+
+def same_grid(man: Manifest, grid) -> bool:
+    return (man.grid["pp"], man.grid["dp"], man.grid["tp"]) == (grid.pp, grid.dp, grid.tp)
+
+
+def model_sources(man: Manifest, layers: list[str], tp_rank: int, tp_size: int) -> dict[str, ShardInfo]:
+    """layer -> the shard holding its parameters and optimizer state (written by a dp=0 rank)."""
+    if man.grid["tp"] != tp_size:
+        raise CheckpointError(f"the checkpoint was written with tp={man.grid['tp']} and this run has tp={tp_size}; "
+                              f"tensor-parallel shards cannot be re-split yet: use --grid with tp={man.grid['tp']}")
+    holder = {}
+    for s in man.shards:
+        if s.coords[2] == tp_rank:
+            for name in s.layers:
+                holder.setdefault(name, s)
+    missing = [n for n in layers if n not in holder]
+    if missing:
+        raise CheckpointError(f"the checkpoint has no state for layer(s) {', '.join(missing)} "
+                              f"(it holds {', '.join(n for st in man.stages for n in st)}); "
+                              f"the model changed since it was written: use another --checkpoint-dir")
+    return {n: holder[n] for n in layers}
+
+
+def rng_source(man: Manifest, grid, rank: int, sources: dict[str, ShardInfo]) -> ShardInfo:
+    """Same grid: this rank's own shard. Otherwise: the shard that ran this rank's first layer."""
+    if same_grid(man, grid):
+        return man.shards[rank]
+    return next(iter(sources.values()))
+
+
+def needed(man: Manifest, grid, rank: int, coords, layers: list[str]) -> list[ShardInfo]:
+    """Every shard this rank must read (and verify) to resume, without duplicates."""
+    src = model_sources(man, layers, coords[2], grid.tp)
+    out = {s.file: s for s in src.values()}
+    r = rng_source(man, grid, rank, src)
+    out.setdefault(r.file, r)
+    return list(out.values())
+
+
+def assemble(man: Manifest, payloads: dict[str, dict], grid, rank: int, coords, layers: list[str],
+             model_keys: list[str]) -> dict:
+    """This rank's {"model", "optim_state", "groups", "sched", "rng"} from the loaded shards."""
+    src = model_sources(man, layers, coords[2], grid.tp)
+    model, optim_state = {}, {}
+    for key in model_keys:
+        shard = payloads[src[layer_of(key)].file]
+        if key not in shard["model"]:
+            raise CheckpointError(f"the checkpoint has no tensor {key!r}; the model changed since it was written")
+        model[key] = shard["model"][key]
+    for name in layers:
+        optim = payloads[src[name].file].get("optim")
+        if optim:
+            optim_state.update({k: v for k, v in optim["state"].items() if layer_of(k) == name})
+    first = payloads[src[layers[0]].file]
+    groups = (first.get("optim") or {}).get("groups", [])
+    for name in layers:   # a stage whose first layers have no parameters: take the first that has
+        optim = payloads[src[name].file].get("optim")
+        if optim:
+            groups = optim["groups"]
+            break
+    return {"model": model, "optim_state": optim_state, "groups": groups, "sched": first.get("sched"),
+            "rng": payloads[rng_source(man, grid, rank, src).file]["rng"]}
+
+
+def full_model_state(man: Manifest, payloads: dict[str, dict]) -> dict:
+    """The whole model's state dict (single process: evaluation, export, parity checks)."""
+    layers = [n for stage in man.stages for n in stage]
+    src = model_sources(man, layers, 0, man.grid["tp"]) if man.grid["tp"] == 1 else None
+    if src is None:
+        raise CheckpointError("a tensor-parallel checkpoint cannot be merged into one model yet")
+    out = {}
+    for s in {s.file: s for s in src.values()}.values():
+        out.update(payloads[s.file]["model"])
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Restart: every rank agrees on the newest checkpoint that is complete (has a manifest) and
+# whose shards this run needs all verify; a truncated or corrupted shard is reported and the
+# previous checkpoint is tried. Loading never executes pickle (weights_only).
+# -------------------------------------------------------------------------------------------------
 def candidate_steps(world, root: Path, log) -> list[int]:
     """Rank 0 lists the complete checkpoints, newest first, and tells everyone (one listing)."""
     steps = []
@@ -31,7 +126,7 @@ def candidate_steps(world, root: Path, log) -> list[int]:
 def load_mine(man: Manifest, path: Path, grid, rank: int, coords, layers, model_keys):
     """(state, None) with this rank's state from the shards it needs, or (None, what is wrong)."""
     payloads = {}
-    for info in reshard.needed(man, grid, rank, coords, layers):
+    for info in needed(man, grid, rank, coords, layers):
         data, problem = store.read_verified(path, info)
         if problem:
             return None, problem
@@ -39,7 +134,7 @@ def load_mine(man: Manifest, path: Path, grid, rank: int, coords, layers, model_
             payloads[info.file] = deserialize(data)
         except Exception as e:   # weights_only refuses anything but tensors and plain types
             return None, f"{path / info.file}: cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    return reshard.assemble(man, payloads, grid, rank, coords, layers, model_keys), None
+    return assemble(man, payloads, grid, rank, coords, layers, model_keys), None
 
 
 def find_and_load(world, root: Path, grid, coords, layers, model_keys, log):
@@ -65,3 +160,25 @@ def find_and_load(world, root: Path, grid, coords, layers, model_keys, log):
             log(f"checkpoint: removed {gone.name} (newer than the checkpoint we resume from)")
     world.barrier()
     return chosen
+
+
+# -------------------------------------------------------------------------------------------------
+# A checkpoint as one model, in one process (evaluation, export, parity checks): the newest
+# complete checkpoint whose model shards verify, merged by layer name, read with weights_only.
+# -------------------------------------------------------------------------------------------------
+def newest_full_state(root) -> tuple[Manifest, dict]:
+    """(manifest, whole-model state dict); a bad shard makes it fall back to an older checkpoint."""
+    problems = []
+    for step, path, man in store.complete(Path(root)):
+        layers = [n for stage in man.stages for n in stage]
+        payloads, bad = {}, None
+        for info in {s.file: s for s in model_sources(man, layers, 0, man.grid["tp"]).values()}.values():
+            data, bad = store.read_verified(path, info)
+            if bad:
+                break
+            payloads[info.file] = deserialize(data)
+        if bad:
+            problems.append(bad)
+            continue
+        return man, full_model_state(man, payloads)
+    raise CheckpointError(f"no usable checkpoint in {root}" + (f" ({'; '.join(problems)})" if problems else ""))

@@ -1,6 +1,7 @@
-"""Training state as tensors and plain types only, so `torch.load(weights_only=True)` reads it
-back without executing pickle code: RNG states, and optimizer state keyed by global parameter
-names (not positions), so it can move to another partition of the layers."""
+"""What one rank saves and restores: its layers' parameters and buffers, optimizer and
+LR-scheduler state (keyed by global parameter names, so it can move to another partition) and
+its RNG states, as tensors and plain types only, so `torch.load(weights_only=True)` reads it
+back without executing pickle code."""
 from __future__ import annotations
 
 import io
@@ -10,6 +11,11 @@ import numpy as np
 import torch
 
 
+# -------------------------------------------------------------------------------------------------
+# Training state as tensors and plain types only, so `torch.load(weights_only=True)` reads it
+# back without executing pickle code: RNG states, and optimizer state keyed by global parameter
+# names (not positions), so it can move to another partition of the layers.
+# -------------------------------------------------------------------------------------------------
 def serialize(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -73,7 +79,7 @@ def load_optimizer_by_name(optimizer, names: list[str], state: dict, groups: lis
     come from saved group i; the parameter lists stay this optimizer's own)."""
     own = optimizer.state_dict()["param_groups"]
     if len(own) != len(groups):
-        from .manifest import CheckpointError
+        from .store import CheckpointError
         raise CheckpointError(f"the optimizer has {len(own)} parameter group(s) but the checkpoint has "
                               f"{len(groups)}; the example's optimizer changed since it was written")
     index = {n: i for i, n in enumerate(names)}
@@ -81,3 +87,29 @@ def load_optimizer_by_name(optimizer, names: list[str], state: dict, groups: lis
               for g, saved in zip(own, groups)]
     optimizer.load_state_dict({"state": {index[n]: s for n, s in state.items() if n in index},
                                "param_groups": merged})
+
+
+# -------------------------------------------------------------------------------------------------
+# One rank's shard: its layers' parameters and buffers, optimizer and LR-scheduler state (on
+# the dp=0 replica only: the other replicas hold identical copies), and its own RNG states.
+# -------------------------------------------------------------------------------------------------
+def snapshot(trainer, topo, copy: bool) -> dict:
+    """What this rank writes; `copy` clones every tensor (for a background writer)."""
+    out = {"rank": topo.world.rank, "coords": [topo.pp_rank, topo.dp_rank, topo.tp_rank], "rng": rng_state()}
+    if topo.dp_rank == 0:
+        out["model"] = {k: v.detach() for k, v in trainer.module.state_dict().items()}
+        out["optim"] = (optimizer_by_name(trainer.optimizer, param_names(trainer.module))
+                        if trainer.optimizer else None)
+        out["sched"] = trainer.scheduler.state_dict() if trainer.scheduler else None
+    return cloned(out) if copy else out
+
+
+def apply(trainer, state: dict) -> None:
+    """Load an assembled state (see reshard.assemble) into the trainer's stage, in place."""
+    trainer.module.load_state_dict(state["model"])
+    if trainer.optimizer is not None:
+        load_optimizer_by_name(trainer.optimizer, param_names(trainer.module), state["optim_state"],
+                               state["groups"])
+    if trainer.scheduler is not None and state.get("sched"):
+        trainer.scheduler.load_state_dict(state["sched"])
+    set_rng_state(state["rng"])

@@ -1,18 +1,142 @@
-"""The checkpoint directory: one `step-NNNNNNNNN/` folder per checkpoint (shards + manifest),
-found newest first, verified by size and sha256, pruned to the last K complete ones.
+"""The checkpoint directory and its files: one `step-NNNNNNNNN/` folder per checkpoint (shards +
+manifest), files written atomically, the manifest naming every shard with its size and sha256
+(written last, so a folder without one is incomplete), found newest first and pruned.
 
     ROOT/step-000000120/rank-00000.pt ... manifest.json   (manifest written last)
-    ROOT/LATEST                                            (for people; never trusted on load)
-"""
+    ROOT/LATEST                                            (for people; never trusted on load)"""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import manifest as M
-from .atomic import atomic_write_text, sha256_hex
+from ..errors import MpiparError
 
+
+# -------------------------------------------------------------------------------------------------
+# Atomic file writes (temp file, fsync, rename, fsync the directory): a reader sees the old
+# file or the whole new one, never a torn one, even if the writer is killed mid-write.
+# -------------------------------------------------------------------------------------------------
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, on_half_written=None, durable: bool = True) -> None:
+    """Write `data` to `path` atomically. `on_half_written()` runs after half the bytes are on
+    disk in the temp file (fault injection: a crash in the middle of a checkpoint write).
+    durable=False skips the fsyncs (a file that only says what another durable file says)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        if on_half_written is not None:
+            half = len(data) // 2
+            f.write(data[:half])
+            f.flush()
+            os.fsync(f.fileno())
+            on_half_written()
+            f.write(data[half:])
+        else:
+            f.write(data)
+        f.flush()
+        if durable:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
+    atomic_write(path, text.encode(), durable=durable)
+
+
+# -------------------------------------------------------------------------------------------------
+# The manifest: one JSON file per checkpoint naming every shard with its size and sha256, the
+# grid and rank map it was written with, and where training stood. Written last, so a checkpoint
+# without one is incomplete by definition.
+# -------------------------------------------------------------------------------------------------
+FORMAT = 1
+NAME = "manifest.json"
+
+
+class CheckpointError(MpiparError):
+    """A checkpoint cannot be used for this run (model, optimizer or grid do not fit)."""
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    rank: int
+    coords: list[int]          # (pp, dp, tp) of the writer
+    layers: list[str]          # layers whose model/optimizer state the shard holds ([] for replicas)
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    step: int                  # global optimizer steps done
+    epoch: int                 # resume in this epoch ...
+    step_in_epoch: int         # ... skipping this many of its batches
+    grid: dict                 # {"pp": P, "dp": D, "tp": T}
+    stages: list[list[str]]    # the rank map's layers per stage
+    shards: list[ShardInfo]
+    tallies: list[list[float]] = field(default_factory=list)   # per rank: the epoch's metric sums so far
+    rows: list[dict] = field(default_factory=list)             # finished epochs' metrics rows
+    run: dict = field(default_factory=dict)                    # seed, batch size, schedule, ... (for people)
+    format: int = FORMAT
+
+    @property
+    def world_size(self) -> int:
+        return len(self.shards)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        doc = json.loads(text)
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"manifest format {doc.get('format')!r}, expected {FORMAT}")
+        doc["shards"] = [ShardInfo(**s) for s in doc["shards"]]
+        return cls(**doc)
+
+
+def read(step_dir: Path) -> tuple[Manifest | None, str | None]:
+    """(manifest, None), or (None, why not) for a missing or unreadable manifest."""
+    path = Path(step_dir) / NAME
+    if not path.is_file():
+        return None, "no manifest (incomplete: the job stopped while writing it)"
+    try:
+        return Manifest.from_json(path.read_text()), None
+    except (ValueError, TypeError, KeyError) as e:
+        return None, f"unreadable manifest ({type(e).__name__}: {' '.join(str(e).split())[:100]})"
+
+
+# -------------------------------------------------------------------------------------------------
+# The checkpoint directory: one `step-NNNNNNNNN/` folder per checkpoint (shards + manifest),
+# found newest first, verified by size and sha256, pruned to the last K complete ones.
+#
+#     ROOT/step-000000120/rank-00000.pt ... manifest.json   (manifest written last)
+#     ROOT/LATEST                                            (for people; never trusted on load)
+# -------------------------------------------------------------------------------------------------
 STEP_RE = re.compile(r"^step-(\d{9})$")
 
 
@@ -33,17 +157,17 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def complete(root: Path) -> list[tuple[int, Path, M.Manifest]]:
+def complete(root: Path) -> list[tuple[int, Path, Manifest]]:
     """Folders with a readable manifest, newest first (shards not yet verified)."""
     out = []
     for step, path in step_dirs(root):
-        man, _ = M.read(path)
+        man, _ = read(path)
         if man is not None:
             out.append((step, path, man))
     return out
 
 
-def read_verified(step_path: Path, info: M.ShardInfo) -> tuple[bytes | None, str | None]:
+def read_verified(step_path: Path, info: ShardInfo) -> tuple[bytes | None, str | None]:
     """The shard's bytes if size and sha256 match the manifest, else (None, what is wrong)."""
     path = Path(step_path) / info.file
     try:
@@ -68,7 +192,7 @@ def prune(root: Path, keep: int) -> list[Path]:
     removed, kept = [], 0
     newest_complete = None
     for step, path in step_dirs(root):
-        done = (path / M.NAME).is_file()
+        done = (path / NAME).is_file()
         if done:
             newest_complete = step if newest_complete is None else newest_complete
             kept += 1

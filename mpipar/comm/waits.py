@@ -4,11 +4,13 @@ plus the bytes this process sent (for per-rank traffic metrics)."""
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .mpi import MPI
+
+
 _Request = MPI.Request
 
 
@@ -24,7 +26,7 @@ class Waiting:
         the hot path only stores the tag)."""
         if self.tag is None:
             return self.what
-        from .tags import label
+        from .messages import label
         return self.what.replace("{tag}", label(self.tag))
 
 
@@ -136,3 +138,12 @@ def _tight_timer_slack() -> None:
 
 
 BOARD = WaitBoard()  # one per process: there is one main thread doing communication
+
+
+# -------------------------------------------------------------------------------------------------
+# Non-blocking completion checks, so an all-reduce started during backward can move on between
+# autograd hooks without ever blocking (blocking waits still go through BOARD).
+# -------------------------------------------------------------------------------------------------
+def all_done(requests) -> bool:
+    """True when every request has completed (completed requests are released); never blocks."""
+    return bool(MPI.Request.Testall(requests)) if requests else True

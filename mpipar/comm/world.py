@@ -1,19 +1,21 @@
-"""World: one MPI communicator with its rank, size, host and buffer policy.
+"""World: one MPI communicator with its rank, size, host and buffer policy, and the native
+collectives mpipar uses on it (metrics, broadcasts, tensor-parallel all-reduce and all-gather,
+benchmark peers).
 
 Sub-communicators (pp/dp/tp) are Worlds too, made by `split`, and remember how their ranks map
-to COMM_WORLD ranks so every message names the rank a user sees in mpirun's output.
-"""
+to COMM_WORLD ranks so every message names the rank a user sees in mpirun's output."""
 from __future__ import annotations
 
 import socket
 
 import numpy as np
 import torch
-from .mpi import MPI
 
-from . import mpi, p2p
-from .cuda import BufferPolicy, query_cuda_support
+from . import messages, mpi
+from .cuda import BufferPolicy, mpi_buffer, query_cuda_support
+from .mpi import MPI
 from .waits import BOARD
+
 
 HOST_BYTES = 64
 
@@ -63,13 +65,13 @@ class World:
     def split(self, color: int, key: int, name: str) -> "World":
         return World(self.comm.Split(color, key), name=name, policy=self.policy)
 
-    # -- point to point (see p2p.py) ------------------------------------------------------
-    isend = p2p.isend
-    send = p2p.send
-    irecv = p2p.irecv
-    recv = p2p.recv
-    isend_raw = p2p.isend_raw
-    irecv_raw = p2p.irecv_raw
+    # -- point to point (see messages.py) ---------------------------------------------------
+    isend = messages.isend
+    send = messages.send
+    irecv = messages.irecv
+    recv = messages.recv
+    isend_raw = messages.isend_raw
+    irecv_raw = messages.irecv_raw
 
     # -- collectives (native MPI; our own ring lives in data_parallel/) -------------------
     def barrier(self) -> None:
@@ -99,3 +101,57 @@ class World:
 
 
 finalize = mpi.finalize
+
+
+# -------------------------------------------------------------------------------------------------
+# Out-of-place native collectives for tensor parallelism: the input stays untouched (autograd
+# may still need it) and the result is a new tensor. Every wait goes through BOARD.
+# -------------------------------------------------------------------------------------------------
+REDUCIBLE = (torch.float32, torch.float64)
+
+
+def _typed(t: torch.Tensor):
+    """A typed view MPI can reduce: numpy on CPU, the tensor itself (CUDA array interface) on GPU."""
+    return t.numpy() if t.device.type == "cpu" else t
+
+
+def allreduce_sum(world, t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over every rank of `world`, as a new tensor (MPI_Iallreduce, out of place)."""
+    if t.dtype not in REDUCIBLE:
+        raise TypeError(f"allreduce_sum supports float32/float64 tensors, not {t.dtype}")
+    src = world.policy.to_wire(t)
+    out = torch.empty_like(src)
+    BOARD.wait(world.comm.Iallreduce(_typed(src), _typed(out), op=MPI.SUM),
+               f"ALLREDUCE on {world.name}", -1)
+    return world.policy.from_wire(out, t.device)
+
+
+def allgather(world, t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` stacked in rank order: shape [world.size, *t.shape] (raw bytes, any dtype)."""
+    src = world.policy.to_wire(t)
+    out = torch.empty((world.size, *src.shape), dtype=src.dtype, device=src.device)
+    BOARD.wait(world.comm.Iallgather(mpi_buffer(src), mpi_buffer(out)),
+               f"ALLGATHER on {world.name}", -1)
+    return world.policy.from_wire(out, t.device)
+
+
+# -------------------------------------------------------------------------------------------------
+# Benchmark peers only: the blocking MPI_Allreduce (Open MPI's tuned component, often faster
+# than the non-blocking libnbc path behind World.allreduce_native). Training never calls this.
+# -------------------------------------------------------------------------------------------------
+def allreduce_blocking(world, t: torch.Tensor) -> torch.Tensor:
+    """In-place blocking MPI_Allreduce(SUM) of a contiguous CPU tensor (not bf16)."""
+    world.comm.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
+    return t
+
+
+# -------------------------------------------------------------------------------------------------
+# Is a message still waiting to be received? Asked when a protocol has ended, to prove that it
+# left nothing in flight (ANY_SOURCE is fine here: we only look, we never receive).
+# -------------------------------------------------------------------------------------------------
+def pending_message(world) -> tuple[int, int] | None:
+    """(world rank of the sender, tag) of a message that arrived and was never received, or None."""
+    status = MPI.Status()
+    if world.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+        return world.world_rank_of(status.Get_source()), status.Get_tag()
+    return None

@@ -1,19 +1,17 @@
-"""data_parallel: our own ring all-reduce over the dp sub-World, gradient buckets that overlap
-communication with backward, and the DataParallel wrapper that keeps replicas identical.
+"""data_parallel: our own all-reduce over the dp sub-World (message passing, shared memory on one
+host, hierarchical across hosts), gradient buckets that overlap it with backward, and
+DataParallel, which keeps replicas identical.
 
-Imports are lazy so `flags` (read by the command-line parser) never initialises MPI."""
+    plan.py        what every all-reduce plan is made of (ops, layout, scratch, Handle, Plan)
+    algorithms.py  the message-passing all-reduces: pipelined ring, doubling, halving-doubling
+    shm.py         the shared-memory ones: one host, and hierarchical across hosts
+    reduce.py      all_reduce / reduce_scatter / all_gather: which algorithm, and running it
+    buckets.py     gradients bucketed and reduced from autograd hooks; replica fingerprints
+    wrapper.py     DataParallel
+"""
+from .buckets import DEFAULT_BUCKET_MB, GradBuckets
+from .reduce import all_gather, all_reduce, all_reduce_start, choose_algorithm, make_plan, reduce_scatter, segment_of
+from .wrapper import DataParallel
+
 __all__ = ["all_reduce", "all_reduce_start", "all_gather", "reduce_scatter", "segment_of",
-           "choose_algorithm", "make_plan", "DataParallel", "GradBuckets"]
-
-
-def __getattr__(name):
-    if name in ("DataParallel",):
-        from . import wrapper
-        return getattr(wrapper, name)
-    if name in ("GradBuckets",):
-        from . import buckets
-        return getattr(buckets, name)
-    if name in __all__:
-        from . import ring
-        return getattr(ring, name)
-    raise AttributeError(name)
+           "choose_algorithm", "make_plan", "DataParallel", "GradBuckets", "DEFAULT_BUCKET_MB"]

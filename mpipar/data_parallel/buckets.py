@@ -5,29 +5,166 @@ Backward produces gradients roughly from the last layer to the first, so buckets
 reverse parameter order (as torch DDP does). A parameter's post-accumulate-grad hook copies its
 gradient into its bucket once the step's last backward pass (micro-batch) has reached it; the
 bucket's all-reduce starts when its last parameter arrives and is then moved on by a background
-thread that only tests its messages (progress.py; without it, by every later hook), so it
+thread that only tests its messages (ProgressThread below; without it, by every later hook), so it
 advances while backward computes the earlier layers. `finish()` starts what backward never
 completed, waits for all, and points each `.grad` at its slice of the reduced buffer.
 
 Each bucket ends with one flag per parameter (1 when this rank has a gradient for it), reduced
 with the gradients: a parameter no rank used keeps `.grad = None`, as in single-process
-training, while one used on some ranks only gets their (zero-padded) contribution everywhere.
-"""
+training, while one used on some ranks only gets their (zero-padded) contribution everywhere."""
 from __future__ import annotations
 
+import hashlib
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from .fingerprint import check_layout
-from .flags import DEFAULT_BUCKET_MB
-from .handle import Handle
-from .plan import Plan
-from .progress import ProgressThread
-from .ring import AUTO_SEQ, make_plan
+from ..errors import MpiparError
+from .plan import Handle, Plan
+from .reduce import AUTO_SEQ, make_plan
+
+DEFAULT_BUCKET_MB = 4.0   # tuned with python -m mpipar.bench allreduce --overlap
 
 
+# -------------------------------------------------------------------------------------------------
+# Agreement checks across data-parallel replicas: the gradient layout at construction (a model
+# built differently on one rank must fail with one clear line, not hang or silently mix
+# gradients), and bit-identical parameters every N steps in debug mode.
+# -------------------------------------------------------------------------------------------------
+HASH_BITS = 48  # fits a float64 exactly, so fingerprints travel through allgather_floats
+
+
+class ReplicaMismatchError(MpiparError):
+    """Data-parallel replicas disagree (gradient layout, or parameters that should be identical)."""
+
+
+def digest(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> (64 - HASH_BITS)
+
+
+def layout_fingerprint(shapes: Sequence[tuple], dtypes: Sequence[torch.dtype],
+                       plan: Sequence[Sequence[int]]) -> list[float]:
+    """(parameters, elements, buckets, hash of shapes+dtypes, hash of the bucket plan)."""
+    numel = sum(int(torch.Size(s).numel()) for s in shapes)
+    described = ";".join(f"{list(s)}:{d}" for s, d in zip(shapes, dtypes))
+    return [len(shapes), numel, len(plan), digest(described), digest(repr([list(b) for b in plan]))]
+
+
+def check_layout(world, shapes, dtypes, plan) -> None:
+    """Raise ReplicaMismatchError on every rank unless all ranks of `world` have the same layout."""
+    mine = layout_fingerprint(shapes, dtypes, plan)
+    rows = world.allgather_floats(mine)
+    ref = rows[0]
+    bad = [r for r in range(world.size) if not (rows[r] == ref).all()]
+    if not bad:
+        return
+
+    def what(row):
+        return f"{int(row[0])} parameters / {int(row[1]):,} elements in {int(row[2])} bucket(s)"
+    why = ("parameter shapes or dtypes differ" if any(rows[r][3] != ref[3] for r in bad)
+           else "bucket plans differ (is --bucket-mb the same everywhere?)")
+    others = ", ".join(f"rank {world.world_rank_of(r)} has {what(rows[r])}" for r in bad)
+    raise ReplicaMismatchError(
+        f"data-parallel replicas on {world.name} disagree on the gradient layout: rank "
+        f"{world.world_rank_of(0)} has {what(ref)}, {others} ({why}); build the same model "
+        f"on every data-parallel rank")
+
+
+def checksum(tensors: Sequence[torch.Tensor]) -> int:
+    """A 48-bit hash of the exact bits of `tensors` (position-weighted, so swaps show)."""
+    total = 0
+    for t in tensors:
+        b = t.detach().reshape(-1).contiguous().view(torch.uint8)
+        if b.numel() % 4 == 0:
+            b = b.view(torch.int32)
+        v = b.to(torch.int64)
+        w = torch.arange(1, v.numel() + 1, dtype=torch.int64, device=v.device) % 65_521 + 1
+        total = (total * 1_000_003 + int((v * w).sum())) % (1 << HASH_BITS)
+    return total
+
+
+def check_identical(world, tensors: Sequence[torch.Tensor], what: str) -> None:
+    """Raise ReplicaMismatchError unless `tensors` have the same bits on every rank of `world`."""
+    sums = world.allgather_floats([checksum(tensors)])[:, 0]
+    bad = [world.world_rank_of(r) for r in range(world.size) if sums[r] != sums[0]]
+    if bad:
+        raise ReplicaMismatchError(
+            f"data-parallel replicas diverged: {what} on rank(s) {', '.join(map(str, bad))} differ "
+            f"from rank {world.world_rank_of(0)} (checksums {int(sums[0])} vs "
+            f"{', '.join(str(int(sums[r])) for r in range(world.size) if sums[r] != sums[0])})")
+
+
+# -------------------------------------------------------------------------------------------------
+# Background progress for bucket all-reduces started during backward.
+#
+# Between autograd hooks nothing in the main thread touches MPI, so a ring started for the last
+# layers' bucket would otherwise sit still while the earlier layers' backward runs (MPI moves a
+# large message only while a process is inside an MPI call). This thread keeps polling the
+# in-flight handles: it only tests (never blocks, so BOARD's one waiting path stays the main
+# thread's), and numpy adds and MPI calls release the GIL, so it runs beside the backward kernels.
+# Needs MPI_THREAD_MULTIPLE (what mpi4py asks for); the main thread takes the handles back
+# (`drain`) before waiting on them.
+# -------------------------------------------------------------------------------------------------
+class ProgressThread(threading.Thread):
+    def __init__(self, poll_seconds: float = 50e-6):
+        super().__init__(name="mpipar-dp-progress", daemon=True)
+        self.poll = poll_seconds
+        self.lock = threading.Lock()          # held while a handle's generator runs
+        self.wake = threading.Condition(self.lock)
+        self.handles: list = []
+        self.stopping = False
+
+    def add(self, handle) -> None:
+        with self.wake:
+            self.handles.append(handle)
+            self.wake.notify()
+
+    def drain(self) -> None:
+        """Stop touching the handles (the caller waits on them now)."""
+        with self.lock:
+            self.handles = []
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping, self.handles = True, []
+            self.wake.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.wake:
+                while not self.handles and not self.stopping:
+                    self.wake.wait()
+                if self.stopping:
+                    return
+                moved = False
+                for h in self.handles:
+                    before = h.pending
+                    h.progress()
+                    moved |= h.pending is not before
+                self.handles = [h for h in self.handles if not h.done]
+            if not moved:
+                time.sleep(self.poll)
+
+
+# -------------------------------------------------------------------------------------------------
+# Gradient buckets: parameters grouped into flat buffers of about `bucket_mb`, each all-reduced
+# as soon as all its gradients exist, while backward is still computing the earlier layers.
+#
+# Backward produces gradients roughly from the last layer to the first, so buckets are filled in
+# reverse parameter order (as torch DDP does). A parameter's post-accumulate-grad hook copies its
+# gradient into its bucket once the step's last backward pass (micro-batch) has reached it; the
+# bucket's all-reduce starts when its last parameter arrives and is then moved on by a background
+# thread that only tests its messages (ProgressThread below; without it, by every later hook), so it
+# advances while backward computes the earlier layers. `finish()` starts what backward never
+# completed, waits for all, and points each `.grad` at its slice of the reduced buffer.
+#
+# Each bucket ends with one flag per parameter (1 when this rank has a gradient for it), reduced
+# with the gradients: a parameter no rank used keeps `.grad = None`, as in single-process
+# training, while one used on some ranks only gets their (zero-padded) contribution everywhere.
+# -------------------------------------------------------------------------------------------------
 def plan_buckets(sizes: Sequence[tuple[int, torch.dtype]], bucket_bytes: int) -> list[list[int]]:
     """Group parameter indices (given (numel, dtype) in model order) into buckets: reverse order,
     one dtype per bucket, a new bucket once adding a parameter would pass `bucket_bytes` (a

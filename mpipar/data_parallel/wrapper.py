@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .buckets import DEFAULT_BUCKET_MB, GradBuckets
-from .fingerprint import check_identical
+from .buckets import DEFAULT_BUCKET_MB, GradBuckets, check_identical
 
 
 class DataParallel:

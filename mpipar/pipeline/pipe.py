@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..data_parallel.flags import DEFAULT_BUCKET_MB
+from ..data_parallel.buckets import DEFAULT_BUCKET_MB
 from ..errors import ConfigError, RankMapError
 from ..model import LayerSpec, build_stage, check_unique, param_counts
 from ..rankmap import RankMap, load_json, parse_balance

@@ -22,7 +22,6 @@ epoch, so the bubble is (p-1)/(T*m+p-1) for T steps instead of 1F1B's (p-1)/(m+p
 """
 from __future__ import annotations
 
-import copy
 from functools import lru_cache
 
 import torch

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..comm.header import describe
-from ..comm.tags import Kind, tag
+from ..comm.messages import describe
+from ..comm.messages import Kind, tag
 from ..errors import ShapeError
 
 

@@ -3,7 +3,7 @@ slice of the neurons of every layer."""
 from .attention import ParallelSelfAttention
 from .group import CommCounter, TPGroup
 from .init import counter_init_
-from .layers import ColumnParallelLinear, RowParallelLinear
+from .linear import ColumnParallelLinear, RowParallelLinear
 from .mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
 from .mlp import ParallelMLP, reference_mlp
 from .norm import ShardedBatchNorm1d

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .group import TPGroup, divisible
-from .layers import RowParallelLinear
+from .linear import RowParallelLinear
 from .mappings import copy_to_tp
 from .sharding import QKV
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..comm import collectives
+from ..comm.world import allgather, allreduce_sum
 from ..errors import ConfigError
 
 
@@ -70,7 +70,7 @@ class TPGroup:
             return t
         self._need_world("all-reduce")
         self.counter.add("allreduce", phase, t.numel() * t.element_size(), self.size)
-        return collectives.allreduce_sum(self.world, t.contiguous())
+        return allreduce_sum(self.world, t.contiguous())
 
     def all_gather(self, t: torch.Tensor, phase: str) -> torch.Tensor:
         """Every rank's `t` stacked in rank order: [p, *t.shape]."""
@@ -78,7 +78,7 @@ class TPGroup:
             return t.unsqueeze(0)
         self._need_world("all-gather")
         self.counter.add("allgather", phase, t.numel() * t.element_size(), self.size)
-        return collectives.allgather(self.world, t.contiguous())
+        return allgather(self.world, t.contiguous())
 
     def all_gather_last(self, t: torch.Tensor, phase: str) -> torch.Tensor:
         """Concatenate every rank's `t` along the last dimension (rank order)."""

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .group import TPGroup
-from .layers import ColumnParallelLinear, RowParallelLinear
+from .linear import ColumnParallelLinear, RowParallelLinear
 from .norm import ShardedBatchNorm1d
 
 NORMS = (None, "layer", "batch")

@@ -20,7 +20,7 @@ from torch import nn
 
 from .attention import ParallelSelfAttention
 from .group import TPGroup
-from .layers import ColumnParallelLinear, RowParallelLinear
+from .linear import ColumnParallelLinear, RowParallelLinear
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..checkpoint import DEFAULT_KEEP, fault
 from ..checkpoint.checkpointer import Checkpointer
-from ..checkpoint.reshard import layer_of
+from ..checkpoint.restart import layer_of
 from ..rankmap import RankMap
 
 

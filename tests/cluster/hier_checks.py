@@ -16,11 +16,11 @@ import sys
 import torch
 
 from mpipar.comm import World, failure
-from mpipar.comm.hosts import host_layout
+from mpipar.comm.shared import host_layout
 from mpipar.comm.shared import one_host
 from mpipar.data_parallel import all_reduce
-from mpipar.data_parallel.fingerprint import checksum
-from mpipar.data_parallel.ring import choose_algorithm, grouped, make_plan
+from mpipar.data_parallel.buckets import checksum
+from mpipar.data_parallel.reduce import choose_algorithm, grouped, make_plan
 
 torch.set_num_threads(1)
 world = World()

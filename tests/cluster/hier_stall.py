@@ -10,7 +10,7 @@ import torch
 
 from mpipar.comm import World, failure
 from mpipar.data_parallel import all_reduce
-from mpipar.data_parallel.ring import grouped
+from mpipar.data_parallel.reduce import grouped
 
 torch.set_num_threads(1)
 world = World()

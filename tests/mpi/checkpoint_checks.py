@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from mpipar.checkpoint import store
-from mpipar.checkpoint.export import newest_full_state
+from mpipar.checkpoint.restart import newest_full_state
 from mpipar.comm import World, failure
 from mpipar.model import build_full
 from mpipar.rankmap import Grid, RankMap

@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..comm.probe import pending_message
-from ..comm.tags import label
+from ..comm.world import pending_message
+from ..comm.messages import label
 from ..errors import ConfigError
 from .flat import flat_grad, flatten_
 from .gate import ProtocolError

@@ -1,8 +1,8 @@
 """Our own all-reduce over a World's point-to-point messages (never MPI_Allreduce): the pipelined
-ring (ringplan.py) for bandwidth-bound sizes, recursive doubling or halving-doubling
-(doubling.py) for latency-bound ones, chosen by size, and, when every rank shares one host, a
+ring for bandwidth-bound sizes, recursive doubling or halving-doubling (algorithms.py)
+for latency-bound ones, chosen by size, and, when every rank shares one host, a
 reduction straight out of the peers' memory (shm.py), and, when the World spans hosts with
-several ranks on some host, the hierarchical all-reduce (hier.py); plus ring reduce-scatter and
+several ranks on some host, the hierarchical all-reduce (shm.py); plus ring reduce-scatter and
 all-gather.
 
 Any n >= 1, any size (0, 1, fewer elements than ranks), float and integer dtypes; bfloat16 and
@@ -14,16 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .doubling import DoublingPlan, HalvingPlan
-from .handle import Handle, finished
-from .layout import RingLayout
-from .ops import check_op
-from .plan import Plan, StagedPlan
-from .ringplan import RingPlan
-from .hier import HierPlan
-from .shm import SharedPlan
-from ..comm.hosts import host_layout
-from ..comm.shared import SharedBuffer, one_host
+from ..comm.shared import SharedBuffer, host_layout, one_host
+from .algorithms import DoublingPlan, HalvingPlan, RingPlan
+from .plan import Handle, Plan, RingLayout, StagedPlan, check_op, finished
+from .shm import HierPlan, SharedPlan
 
 DOUBLING_MAX = 64 * 1024       # up to this: recursive doubling (log2 n messages, latency-bound)
 RING_MIN = 64 * 2 ** 20        # power-of-two n > 2: halving-doubling below this, the ring from here
@@ -54,7 +48,7 @@ def choose_algorithm(nbytes: int, n: int, shared: bool = False, grouped: bool = 
     peers' memory (shm.py), fewer copies and one barrier per piece instead of 2(n-1) hand-offs
     (4 ranks: 1.4x native MPI_Allreduce at 64 KiB, 1.8x at 4 MiB).
     'hier' when the ranks span hosts and some host holds several (`grouped`), at any size:
-    one vector per host crosses the links instead of one per rank (hier.py), which wins
+    one vector per host crosses the links instead of one per rank (shm.py), which wins
     wherever a link is slower than a host's memory (see python -m mpipar.bench allreduce-hosts).
     `across` (the ranks span hosts): no 'halving' -- its unpipelined rounds leave a capped link
     idle between rounds (4 hosts x 1 rank at 1 Gbit/s, 16 MiB: the ring reached 0.87 of the link
