@@ -19,6 +19,8 @@ ENV = {
     "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
     "PRTE_MCA_prte_silence_shared_fs": "1",
     "OMP_NUM_THREADS": "1",
+    "OMPI_MCA_osc": "^ucx",                   # what mpipar's World sets when it starts MPI itself; under
+                                              # `python -m mpi4py` MPI starts first (osc/ucx would complain)
 }
 
 
@@ -44,6 +46,9 @@ def mpirun(np: int, *argv: str, timeout: float = 120, env: dict | None = None,
         out, err = proc.communicate()
         raise AssertionError(f"mpirun -np {np} {' '.join(argv)} hung for {timeout} s\n"
                              f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}") from None
+    except BaseException:   # Ctrl-C, pytest-timeout: the ranks are in their own session, end them too
+        kill_group(proc)
+        raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

@@ -2,7 +2,7 @@
 import torch
 
 from mpipar.data_parallel.buckets import plan_buckets
-from mpipar.data_parallel.fingerprint import checksum, layout_fingerprint
+from mpipar.data_parallel.buckets import checksum, layout_fingerprint
 
 F, H = torch.float32, torch.bfloat16
 

@@ -1,29 +1,25 @@
-"""Synchronous data parallelism: DataParallel/buckets against single-process training
-(tests/mpi/dp_checks.py), the trainer's `--grid dp=D` path against train_reference with the
-same global batch (uneven shards included), composition with pipeline stages, and a model
-built differently on one rank ending the job with one clear line instead of a hang."""
+"""Synchronous data parallelism: the trainer's `--grid dp=D` path against train_reference with
+the same global batch (uneven shards included), composition with pipeline stages, and a model
+built differently on one rank ending the job with one clear line instead of a hang.
+DataParallel/buckets against single-process training: tests/mpi/cases_dp.py, run case by case
+by tests/test_mpi_cases.py."""
 import torch
 
-from mpirun import mpirun, run_script
+from mpirun import mpirun
 from parity import check_parity
 
 torch.set_num_threads(1)
 
 
-def test_data_parallel_buckets_overlap_and_replica_checks():
-    out = run_script(4, "dp_checks.py", timeout=180)
-    assert "dp checks passed on 4 ranks" in out.stdout
-
-
 def test_mismatched_models_end_the_job_with_the_layout_error():
-    p = mpirun(2, "tests/mpi/dp_checks.py", "--mismatch", timeout=90)
+    p = mpirun(2, "tests/mpi/dp_mismatch.py", timeout=90)
     assert p.returncode != 0
     line = next((l for l in p.stderr.splitlines() if "ReplicaMismatchError" in l), "")
     assert "disagree on the gradient layout" in line and "rank 1 has 10 parameters / 3,986 elements" in line, p.stderr[-2000:]
 
 
 def test_dp4_equals_single_process_with_the_same_global_batch(tmp_path):
-    # (uneven shards are checked with SGD in dp_checks.py: Adam's first steps turn the
+    # (uneven shards are checked with SGD in tests/mpi/cases_dp.py: Adam's first steps turn the
     # last-bit differences of a 7-vs-8-sample shard mean into ~1e-4 parameter differences)
     out = check_parity(tmp_path, 4, ["mlp", "--grid", "dp=4", "--steps", "20", "--epochs", "1",
                                "--dp-check-every", "5"])

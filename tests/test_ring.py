@@ -1,14 +1,14 @@
 """Ring all-reduce: the cut arithmetic in one process (every element in exactly one piece, each
-rank sends 2(n-1)/n·S), then ring == MPI_Allreduce for every ring size 1..8 in one 8-rank
-launch (tests/mpi/ring_checks.py: sizes 0, 1, n-1, odd, multi-piece, one 64 MiB buffer; int
-exact, floats close, bf16/fp16 accumulated in float32; replicas bit-identical)."""
+rank sends 2(n-1)/n·S). Ring == MPI_Allreduce for every ring size 1..8 in one 8-rank launch
+(sizes 0, 1, n-1, odd, multi-piece, one 64 MiB buffer; int exact, floats close, bf16/fp16
+accumulated in float32; replicas bit-identical) is tests/mpi/cases_ring.py, run case by case by
+tests/test_mpi_cases.py."""
 import pytest
 import torch
 
-from mpipar.data_parallel.layout import RingLayout, pieces_for, split_bounds
-from mpipar.data_parallel.ops import accumulate_dtype, check_op, finish_into, reduce_into
-from mpipar.data_parallel.ring import choose_algorithm
-from mpirun import run_script
+from mpipar.data_parallel.plan import RingLayout, pieces_for, split_bounds
+from mpipar.data_parallel.plan import accumulate_dtype, check_op, finish_into, reduce_into
+from mpipar.data_parallel.reduce import choose_algorithm
 
 
 @pytest.mark.parametrize("numel", [0, 1, 2, 7, 8, 9, 1001])
@@ -70,7 +70,3 @@ def test_ops_accumulate_half_precision_in_float32():
     finish_into("avg", 2, acc, acc.numpy(), same=True)     # same memory: in place
     assert acc.tolist() == [1.5, 2.5]
 
-
-def test_ring_equals_native_allreduce_for_1_to_8_ranks():
-    out = run_script(8, "ring_checks.py", "--large", timeout=240)
-    assert "ring checks passed: ring sizes 1..8" in out.stdout

@@ -1,10 +1,11 @@
-"""Tensor parallelism: sharding and init logic in one process, then every module's parity with
-its single-device twin on 2 and 4 ranks (tests/mpi/tensor_checks.py, one launch per size)."""
+"""Tensor parallelism: sharding and init logic in one process. Every module's parity with its
+single-device twin on 2 and 4 ranks is tests/mpi/cases_tensor.py (one launch per size, run case
+by case by tests/test_mpi_cases.py)."""
 import pytest
 import torch
 from torch import nn
 
-from mpirun import mpirun, run_script
+from mpirun import mpirun
 from mpipar.errors import ConfigError
 from mpipar.tensor import (QKV, ColumnParallelLinear, ParallelMLP, ParallelSelfAttention, ReferenceTransformerLM,
                            RowParallelLinear, ShardedBatchNorm1d, ShardRule, TPGroup, TPTransformerLM, counter_init_,
@@ -111,12 +112,6 @@ def test_offline_group_refuses_to_communicate():
         ColumnParallelLinear(4, 4, g, gather_output=True)(torch.ones(1, 4))
 
 
-@pytest.mark.parametrize("np_", [2, 4])
-def test_tensor_parallel_parity_on_ranks(np_):
-    p = run_script(np_, "tensor_checks.py", timeout=170)
-    assert f"all tensor checks passed on {np_} ranks" in p.stdout
-
-
 @pytest.mark.parametrize("argv", [
     ["tp-mlp", "--n-train", "640", "--n-test", "200", "--hidden", "128", "--epochs", "2", "--steps", "10"],
     ["tp-transformer", "--max-number", "999", "--epochs", "2", "--d-model", "32", "--ff", "64"],
@@ -128,7 +123,7 @@ def test_tp_examples_keep_parity_and_write_curves(tmp_path, argv):
     assert "allreduce forward" in p.stdout and (tmp_path / "learning_curves.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("argv, needle", [   # (ColumnParallelLinear's message: tensor_checks.py)
+@pytest.mark.parametrize("argv, needle", [   # (ColumnParallelLinear's message: cases_tensor.py)
     (["tp-transformer", "--heads", "3", "--d-model", "48"], "ConfigError: ParallelSelfAttention num_heads is 3, "
                                                              "not divisible by the tensor-parallel size tp=2"),
 ])

@@ -1,21 +1,22 @@
-"""DataParallel and gradient buckets against single-process training, in one launch.
+"""DataParallel and gradient buckets against single-process training: the same CNN trained on
+one process and data parallel (replicas start different: rank 0's are broadcast), with tiny
+buckets, one big bucket, no overlap, two backward passes per step, an uneven batch; a diverged
+replica and a gradient arriving after its bucket left are reported; replicas built differently
+raise the layout error on every rank. (That such an error ends the whole job with one line:
+tests/test_dp.py with tests/mpi/dp_mismatch.py.)"""
+import functools
 
-Usage: mpirun -np N python tests/mpi/dp_checks.py            (N must divide 12)
-       mpirun -np N python tests/mpi/dp_checks.py --mismatch (rank 1 builds another model: must
-                                                              abort with the layout error)
-"""
-import sys
-
+import pytest
 import torch
 from torch import nn
 
-from mpipar.comm import World, failure
 from mpipar.data_parallel import DataParallel
-from mpipar.data_parallel.fingerprint import ReplicaMismatchError
+from mpipar.data_parallel.buckets import ReplicaMismatchError
+
+NP = (4,)   # any N dividing 12
+TIMEOUT = 180
 
 torch.set_num_threads(1)
-world = World()
-failure.install(world.host)
 B, STEPS = 12, 4
 
 
@@ -48,6 +49,7 @@ def batches(b: int = B):
     return [(torch.randn(b, 3, 8, 8, generator=g), torch.randint(0, 10, (b,), generator=g)) for _ in range(STEPS)]
 
 
+@functools.cache
 def reference(b: int = B) -> nn.Module:
     model = cnn()
     opt = sgd(model)
@@ -58,7 +60,7 @@ def reference(b: int = B) -> nn.Module:
     return model
 
 
-def data_parallel(bucket_mb: float, overlap: bool, passes: int, b: int = B) -> tuple[nn.Module, DataParallel]:
+def data_parallel(world, bucket_mb: float, overlap: bool, passes: int, b: int = B) -> tuple[nn.Module, DataParallel]:
     """Each rank takes its shard of every global batch of b; op 'sum' with each loss weighted by
     its share of the global batch (as the trainer does), so uneven shards give the global mean."""
     model = cnn()
@@ -79,63 +81,64 @@ def data_parallel(bucket_mb: float, overlap: bool, passes: int, b: int = B) -> t
     return model, dp
 
 
-def check_parity() -> None:
-    refs = {b: reference(b) for b in (B, B + 2)}
-    for bucket_mb, overlap, passes, b in [(0.001, True, 1, B), (100.0, True, 1, B), (0.004, False, 1, B),
-                                          (0.004, True, 2, B), (0.004, True, 1, B + 2)]:
-        ref = refs[b]
-        model, dp = data_parallel(bucket_mb, overlap, passes, b)
-        what = f"bucket_mb={bucket_mb} overlap={overlap} passes={passes} batch={b} ({len(dp.buckets.buckets)} buckets)"
-        for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {name}: {m}")
-        assert model.unused.weight.grad is None, f"{what}: an unused parameter got a gradient"
-        dp.check_replicas()
-        dp.remove()
+def check_parity(world, bucket_mb, overlap, passes, b) -> None:
+    ref = reference(b)
+    model, dp = data_parallel(world, bucket_mb, overlap, passes, b)
+    what = f"bucket_mb={bucket_mb} overlap={overlap} passes={passes} batch={b} ({len(dp.buckets.buckets)} buckets)"
+    for (name, a), want in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {name}: {m}")
+    assert model.unused.weight.grad is None, f"{what}: an unused parameter got a gradient"
+    dp.check_replicas()
+    dp.remove()
 
 
-def check_divergence_is_reported() -> None:
+def test_parity_with_a_bucket_per_parameter_overlapped(world):
+    check_parity(world, 0.001, True, 1, B)
+
+
+def test_parity_with_one_big_bucket(world):
+    check_parity(world, 100.0, True, 1, B)
+
+
+def test_parity_without_overlap(world):
+    check_parity(world, 0.004, False, 1, B)
+
+
+def test_parity_with_two_backward_passes_per_step(world):
+    check_parity(world, 0.004, True, 2, B)
+
+
+def test_parity_with_uneven_shards(world):
+    check_parity(world, 0.004, True, 1, B + 2)
+
+
+def test_a_diverged_replica_is_reported(world):
     model = cnn()
     dp = DataParallel(model, world)
     if world.rank == world.size - 1:
         with torch.no_grad():
             model.body[0].bias[0] += 1e-6
-    try:
+    with pytest.raises(ReplicaMismatchError) as e:
         dp.check_replicas()
-    except ReplicaMismatchError as e:
-        assert f"rank(s) {world.size - 1} differ from rank 0" in str(e), str(e)
-    else:
-        raise AssertionError("a replica that diverged was not reported")
+    assert f"rank(s) {world.size - 1} differ from rank 0" in str(e.value), str(e.value)
     dp.remove()
 
 
-def check_extra_backward_is_refused() -> None:
+def test_a_gradient_after_its_bucket_left_is_refused(world):
     """A gradient arriving after its bucket left must raise, not be silently dropped."""
     model = cnn()
     dp = DataParallel(model, world, bucket_mb=1e-4)   # one bucket per parameter: used ones launch
     x, y = batches()[0]
     dp.begin_step(1)
     nn.functional.cross_entropy(model(x), y).backward()
-    try:
+    with pytest.raises(RuntimeError) as e:
         nn.functional.cross_entropy(model(x), y).backward()
-    except RuntimeError as e:
-        assert "after its bucket" in str(e), str(e)
-    else:
-        raise AssertionError("a second backward after the bucket launched was accepted")
+    assert "after its bucket" in str(e.value), str(e.value)
     dp.finish()   # drains the bucket already in flight on every rank
     dp.remove()
 
 
-def mismatch() -> None:
-    """Rank 1 builds a wider first layer: the job must end with the layout error, not hang."""
-    DataParallel(cnn(wide=9 if world.rank == 1 else 8), world)
-    raise AssertionError("mismatched models were accepted")
-
-
-if "--mismatch" in sys.argv:
-    mismatch()
-check_parity()
-check_divergence_is_reported()
-check_extra_backward_is_refused()
-world.barrier()
-if world.rank == 0:
-    print(f"dp checks passed on {world.size} ranks", flush=True)
+def test_replicas_built_differently_raise_the_layout_error_on_every_rank(world):
+    with pytest.raises(ReplicaMismatchError) as e:
+        DataParallel(cnn(wide=9 if world.rank == 1 else 8), world)
+    assert "disagree on the gradient layout" in str(e.value) and "rank 1 has 10 parameters" in str(e.value), str(e.value)
