@@ -1,7 +1,7 @@
 """Checkpoint logic in one process: atomic writes, manifests, verification (truncated and
 corrupted shards fall back to the previous checkpoint), weights_only loading (no pickle),
 keep-K, re-keying optimizer state by layer name across partitions, bit-identical resume, the
-auto interval; and the 4-rank checks (tests/mpi/checkpoint_checks.py)."""
+auto interval. The 4-rank cases (resume, fallback, resharding, async) are tests/mpi/cases_checkpoint.py."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -282,14 +282,6 @@ def test_a_changed_model_is_a_clear_error():
         restart.model_sources(man, ["a", "c"], 0, 1)
     with pytest.raises(CheckpointError, match="tp=1 and this run has tp=2"):
         restart.model_sources(man, ["a"], 0, 2)
-
-
-def test_checkpoint_checks_on_4_ranks(tmp_path):
-    """Resume, fallback on damaged shards, resharding to pp=2 and pp=2 x dp=2, async writes."""
-    from mpirun import run_script
-    p = run_script(4, "checkpoint_checks.py", str(tmp_path), timeout=300)
-    assert "checkpoint checks: all passed" in p.stdout
-    assert "corrupted (sha256 differs from the manifest)" in p.stderr and "truncated (" in p.stderr
 
 
 def test_auto_interval_keeps_saving_near_the_budget():

@@ -1,6 +1,6 @@
 """transformer-split: the numbers-to-words task, the packed encoder|decoder layers, autocast, Noam,
 and on 2 and 4 ranks parity with single-process training (plain, clipped, bf16) plus the
-pipeline loss scaler's agreement across stages."""
+pipeline loss scaler across stages (tests/mpi/cases_transformer_split.py)."""
 import math
 
 import pytest
@@ -14,7 +14,7 @@ from mpipar.run import parse
 from mpipar.train.amp import Autocast
 from mpipar.train.noam import noam, noam_factor
 from mpipar.session import reference_model
-from mpirun import mpirun, run_script
+from mpirun import mpirun
 
 torch.set_num_threads(1)
 SMALL = ["--max-number", "999", "--batch-size", "32", "--epochs", "1", "--steps", "20", "--d-model", "32",
@@ -178,7 +178,3 @@ def test_two_stage_bf16_parity(tmp_path):
     got, out = pipeline_params(tmp_path, 2, argv)
     assert "amp bf16" in out
     assert_same(got, reference_params(argv))
-
-
-def test_loss_scaler_agrees_across_stages():
-    run_script(2, "transformer_split_checks.py", timeout=180)

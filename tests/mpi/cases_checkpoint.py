@@ -1,0 +1,163 @@
+"""Checkpoint/restart on 4 ranks: an uninterrupted pp=4 run checkpoints at steps 4, 8 and 12;
+resuming from step 4 is bit-identical; a corrupted or truncated shard makes every rank fall back
+to the previous checkpoint (and the rank that read it says why); the pp=4 checkpoint resumes on
+pp=2 x dp=2 and on pp=2 with the same model function and trains on to the uninterrupted run's
+parameters; async writes give the same result."""
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpipar.checkpoint import store
+from mpipar.checkpoint.restart import newest_full_state
+from mpipar.model import build_full
+from mpipar.rankmap import Grid, RankMap
+from mpipar.run import parse
+from mpipar.session import build_trainer, partition, run_facts
+from mpipar.topology import Topology
+from mpipar.train.checkpointing import CheckpointConfig, attach_checkpoint
+
+NP = (4,)
+TIMEOUT = 300
+
+torch.set_num_threads(1)
+quiet = lambda *a, **k: None  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def root(world):
+    """One folder every rank sees (rank 0 makes it and broadcasts its name); removed at the end."""
+    name = torch.zeros(256, dtype=torch.uint8)
+    if world.rank == 0:
+        raw = tempfile.mkdtemp(prefix="mpipar-ckpt-cases-").encode()
+        name[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    world.bcast_(name, 0)
+    path = Path(bytes(name.tolist()).rstrip(b"\0").decode())
+    yield path
+    world.barrier()
+    if world.rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run(w, root, grid_text, ckpt, *flags, train_it=True):
+    """Build the mlp example on World `w` with `grid_text`, attach a checkpointer (resuming
+    from `ckpt` if it holds one), train; returns (trainer, checkpointer, args, example)."""
+    args, example = parse(["mlp", "--epochs", "2", "--steps", "6", "--log-level", "quiet", "--out", str(root / "out"),
+                           "--checkpoint-dir", str(ckpt), "--checkpoint-every", "4", *flags])
+    grid = Grid.parse(grid_text, w.size)
+    specs = example.layers(args)
+    rankmap = RankMap(grid, partition(w, specs, args, grid, None))
+    trainer = build_trainer(Topology.build(w, grid), rankmap, example, specs, args, quiet)   # as the session does
+    train, test = example.data(args)
+    ck = attach_checkpoint(trainer, rankmap, len(train), CheckpointConfig(
+        args.checkpoint_dir, args.checkpoint_every, args.keep or CheckpointConfig.keep, args.async_checkpoint,
+        args.inject_fault, str(root / "faults")), run_facts(example, args), quiet)
+    if train_it:
+        trainer.fit(train, test)
+    return trainer, ck, args, example
+
+
+def stage_params(trainer):
+    return {k: v.detach().clone() for k, v in trainer.module.state_dict().items()}
+
+
+def same_bits(a, b, what):
+    assert sorted(a) == sorted(b), f"{what}: keys differ"
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+def keep_only(world, src, dst, steps):
+    """Rank 0 copies the chosen checkpoint folders of `src` into `dst`; then everyone goes on."""
+    if world.rank == 0:
+        dst.mkdir(parents=True)
+        for s in steps:
+            shutil.copytree(store.step_dir(src, s), store.step_dir(dst, s))
+    world.barrier()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, root):
+    """The pp=4 run with sync checkpoints at steps 4, 8 and the final 12: (folder, this rank's
+    parameters, checkpointer, args, example)."""
+    a = root / "a"
+    trainer, ck, args, example = run(world, root, "pp=4", a)
+    return a, stage_params(trainer), ck, args, example
+
+
+def test_an_uninterrupted_run_checkpoints_every_4_steps_and_at_the_end(uninterrupted):
+    a, _, ck, _, _ = uninterrupted
+    assert [s for s, _ in store.step_dirs(a)] == [12, 8, 4]
+    assert ck.report["saves"] == 3
+
+
+def test_resuming_from_step_4_is_bit_identical(world, root, uninterrupted):
+    a, reference, *_ = uninterrupted
+    b = root / "b"
+    keep_only(world, a, b, [4])
+    t, ck, _, _ = run(world, root, "pp=4", b)
+    assert ck.resumed.step == 4 and (ck.resumed.epoch, ck.resumed.step_in_epoch) == (0, 4)
+    same_bits(stage_params(t), reference, "resumed from step 4")
+
+
+@pytest.mark.parametrize("damage, said", [("corrupt", "corrupted (sha256 differs from the manifest)"),
+                                          ("truncate", "truncated (")])
+def test_a_damaged_shard_makes_every_rank_fall_back(world, root, uninterrupted, capfd, damage, said):
+    a, reference, *_ = uninterrupted
+    c = root / f"c-{damage}"
+    keep_only(world, a, c, [4, 8])
+    if world.rank == 0:
+        f = store.step_dir(c, 8) / "rank-00002.pt"
+        raw = bytearray(f.read_bytes())
+        if damage == "corrupt":
+            raw[len(raw) // 2] ^= 0x10
+        else:
+            raw = raw[:len(raw) // 3]
+        f.write_bytes(bytes(raw))
+    world.barrier()
+    t, ck, _, _ = run(world, root, "pp=4", c)
+    assert ck.resumed.step == 4, (damage, ck.resumed.step)
+    same_bits(stage_params(t), reference, f"after a {damage}ed shard")
+    if world.rank == 2:   # the rank that read the shard says what is wrong with it
+        assert said in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("grid_text", ["pp=2,dp=2", "pp=2"])
+def test_a_pp4_checkpoint_resumes_on_another_grid(world, root, uninterrupted, grid_text):
+    a, _, _, args, example = uninterrupted
+    d = root / f"d-{grid_text.replace(',', '-').replace('=', '')}"
+    keep_only(world, a, d, [8])
+    _, full_state = newest_full_state(d)
+    full = build_full(example.layers(args), args.seed)
+    full.load_state_dict(full_state)
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = full(x)
+    w = world if grid_text == "pp=2,dp=2" else world.split(int(world.rank >= 2), world.rank, "half")
+    if w.size == 2 and world.rank >= 2:
+        return   # pp=2 runs on ranks 0-1 only
+    t, ck, _, _ = run(w, root, grid_text, d, train_it=False)
+    assert ck.resumed.step == 8 and ck.resumed.grid == {"pp": 4, "dp": 1, "tp": 1}
+    got = []   # the resumed pipeline computes what the merged single-process model computes
+    t.pipe.forward_only(x, x, lambda mb, out: got.append(out))
+    if t.topo.is_last_stage:
+        torch.testing.assert_close(got[0], want)
+    t.fit(*example.data(args))   # and training goes on to the uninterrupted run's parameters
+    man, merged = newest_full_state(d)
+    assert man.step == 12 and man.grid["pp"] == 2
+    _, ref_merged = newest_full_state(a)
+    for k in ref_merged:
+        torch.testing.assert_close(merged[k], ref_merged[k], msg=lambda m: f"{grid_text}: {k}: {m}")
+
+
+def test_async_writes_give_the_same_result(world, root, uninterrupted):
+    a, reference, *_ = uninterrupted
+    f = root / "f"
+    t, ck, _, _ = run(world, root, "pp=4", f, "--async-checkpoint")
+    same_bits(stage_params(t), reference, "async checkpoints")
+    world.barrier()
+    _, merged = newest_full_state(f)
+    _, ref_merged = newest_full_state(a)
+    same_bits(merged, ref_merged, "async final checkpoint")
