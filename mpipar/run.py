@@ -38,7 +38,7 @@ def shared_parser() -> argparse.ArgumentParser:
                         "oversubscribed hosts; auto = poll when ranks on this host exceed its cores")
     p.add_argument("--stall-timeout", type=float, default=120.0, help="abort when a rank waits longer (s)")
     p.add_argument("--log-level", default="info", choices=["quiet", "info", "debug"])
-    p.add_argument("--save-params", default=None, help="dir: each stage writes its parameters (parity checks)")
+    p.add_argument("--save-params", default=None, help="dir: stageS.pt per stage, rankR.pt per rank (every replica; parity checks)")
     p.add_argument("--inject-error", default=None, help="rank=R,step=S: raise on that rank at that step (tests)")
     # checkpoint/restart and fault tolerance (mpipar/checkpoint)
     p.add_argument("--checkpoint-dir", default=None, help="per-rank shards + manifest here; resume from the newest good one")

@@ -127,11 +127,12 @@ def run_example(world, example, args) -> dict:
     t0 = time.perf_counter()
     rows = trainer.fit(train, test)
     elapsed = time.perf_counter() - t0
-    if args.save_params and topo.dp_rank == 0:
-        state = trainer.state_dict()   # tp > 1: gathers the shards (every tp rank takes part)
-        if topo.tp_rank == 0:
-            out = Path(args.save_params)
-            out.mkdir(parents=True, exist_ok=True)
+    if args.save_params:   # every rank: its stage's parameters (tp > 1: gathered, a collective over tp)
+        state = trainer.state_dict()
+        out = Path(args.save_params)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(state, out / f"rank{world.rank}.pt")   # every replica and shard, to check each
+        if topo.dp_rank == 0 and topo.tp_rank == 0:
             torch.save(state, out / f"stage{topo.pp_rank}.pt")
     if args.compare and world.rank == 0:
         compare(example, specs, train, test, args, rows, grid, log)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MPI_DIR = Path(__file__).resolve().parent / "mpi"
 
 ENV = {
-    "OMPI_MCA_mpi_yield_when_idle": "1",     # without it, oversubscribed ranks spin (~500x slower)
+    "OMPI_MCA_mpi_yield_when_idle": "1",     # without it, oversubscribed ranks spin and starve each other
     "OMPI_MCA_rmaps_base_oversubscribe": "1",
     "OMPI_MCA_hwloc_base_binding_policy": "none",
     "OMPI_ALLOW_RUN_AS_ROOT": "1",

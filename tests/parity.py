@@ -1,26 +1,47 @@
 """The parity check every parallel mode shares: run an example under mpirun with --save-params,
-train the same model single-process, and require equal parameters (assert_close)."""
+train the same model single-process, and require equal parameters on EVERY rank (each replica
+and each tensor-parallel shard, gathered) and equal reported losses (assert_close)."""
+import json
+
 import torch
 
 from mpipar.run import parse
 from mpipar.session import reference_model
+from mpipar.train.metrics import summarize
+from mpipar.train.reference import evaluate
 from mpirun import mpirun
 
 
 def check_parity(tmp_path, np_, argv, timeout=240):
-    """Run argv on np_ ranks; compare every saved stage's parameters with single-process training.
-    Returns the run's stdout."""
+    """Run argv on np_ ranks; compare every rank's saved parameters and the run's reported train
+    and test losses with single-process training. Returns the run's stdout."""
     save = tmp_path / "params"
     p = mpirun(np_, "-m", "mpipar.run", *argv, "--save-params", str(save), "--out", str(tmp_path / "out"),
                timeout=timeout)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     args, example = parse(argv)
-    train, _ = example.data(args)
-    ref = reference_model(example, example.layers(args), train, args).state_dict()
+    train, test = example.data(args)
+    rows = []
+
+    def record(model, epoch, tally):   # what the run reports, computed single-process
+        rows.append({**summarize(tally.vector(), example.task, "train"),
+                     **summarize(evaluate(model, example.loss(), example.task, test, args.batch_size),
+                                 example.task, "test")})
+
+    ref = reference_model(example, example.layers(args), train, args, on_epoch=record).state_dict()
     got = {}
     for f in sorted(save.glob("stage*.pt")):
         got.update(torch.load(f, weights_only=True))
     assert sorted(got) == sorted(ref)
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], msg=lambda m: f"{k}: {m}")
+    ranks = sorted(save.glob("rank*.pt"))
+    assert len(ranks) == np_, [f.name for f in ranks]
+    for f in ranks:   # every replica and shard, not only the first of each stage
+        for k, v in torch.load(f, weights_only=True).items():
+            torch.testing.assert_close(v, ref[k], msg=lambda m: f"{f.name}: {k}: {m}")
+    reported = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(reported) == len(rows) == args.epochs
+    for got_row, want_row in zip(reported, rows):   # losses (and rmse), accuracies to within a sample or two
+        for key, want in want_row.items():
+            tol = dict(rtol=0.0, atol=0.005) if key.endswith("accuracy") else dict(rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(got_row[key], want, **tol, msg=lambda m: f"reported {key}: {m}")
     return p.stdout

@@ -2,6 +2,8 @@
 corrupted shards fall back to the previous checkpoint), weights_only loading (no pickle),
 keep-K, re-keying optimizer state by layer name across partitions, bit-identical resume, the
 auto interval. The 4-rank cases (resume, fallback, resharding, async) are tests/mpi/cases_checkpoint.py."""
+import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -145,19 +147,26 @@ def test_truncated_and_corrupted_shards_are_named(tmp_path):
 
 
 class Evil:
+    """Unpickling it would create the file `marker`: the proof that pickle code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (print, ("pickle code ran",))
+        return (Path.touch, (self.marker,))
 
 
 def test_loading_never_executes_pickle(tmp_path):
-    data = serialize({"rng": Evil()})
-    with pytest.raises(Exception):
+    marker = tmp_path / "pickle-code-ran"
+    data = serialize({"rng": Evil(marker)})
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         deserialize(data)
+    assert not marker.exists()
     man = Manifest(1, 0, 1, {"pp": 1, "dp": 1, "tp": 1}, [NAMES],
                    [ShardInfo("rank-00000.pt", 0, [0, 0, 0], NAMES, len(data), sha256_hex(data))])
     (tmp_path / "rank-00000.pt").write_bytes(data)
     state, problem = restart.load_mine(man, tmp_path, Grid(1, 1, 1), 0, (0, 0, 0), NAMES, [])
-    assert state is None and "cannot be loaded safely" in problem
+    assert state is None and "cannot be loaded safely" in problem and not marker.exists()
 
 
 def test_rng_and_optimizer_state_survive_weights_only():
