@@ -73,14 +73,14 @@ def reference_model(example, specs, train, args, on_epoch=None, two_bw: bool = F
 
 def reference_rows(example, specs, train, test, args) -> list[dict]:
     """Per-epoch rows (same keys as the parallel run's) of single-process training."""
-    from .train.metrics import summarize
+    from .train.metrics import error_metric, summarize
     from .train.reference import evaluate
-    rows = []
+    rows, error = [], error_metric(example.loss())
 
     def record(model, epoch, tally):
-        rows.append({"epoch": epoch + 1, **summarize(tally.vector(), example.task, "train"),
+        rows.append({"epoch": epoch + 1, **summarize(tally.vector(), example.task, "train", error),
                      **summarize(evaluate(model, example.loss(), example.task, test, args.batch_size),
-                                 example.task, "test")})
+                                 example.task, "test", error)})
 
     reference_model(example, specs, train, args, on_epoch=record)
     return rows

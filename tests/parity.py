@@ -7,7 +7,7 @@ import torch
 
 from mpipar.run import parse
 from mpipar.session import reference_model
-from mpipar.train.metrics import summarize
+from mpipar.train.metrics import error_metric, summarize
 from mpipar.train.reference import evaluate
 from mpirun import mpirun
 
@@ -21,12 +21,12 @@ def check_parity(tmp_path, np_, argv, timeout=240):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     args, example = parse(argv)
     train, test = example.data(args)
-    rows = []
+    rows, error = [], error_metric(example.loss())
 
     def record(model, epoch, tally):   # what the run reports, computed single-process
-        rows.append({**summarize(tally.vector(), example.task, "train"),
+        rows.append({**summarize(tally.vector(), example.task, "train", error),
                      **summarize(evaluate(model, example.loss(), example.task, test, args.batch_size),
-                                 example.task, "test")})
+                                 example.task, "test", error)})
 
     ref = reference_model(example, example.layers(args), train, args, on_epoch=record).state_dict()
     got = {}

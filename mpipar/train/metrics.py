@@ -36,13 +36,28 @@ class Tally:
         return [self.loss, self.correct, self.n]
 
 
-def summarize(vec, task: str, prefix: str) -> dict:
+def error_metric(loss_fn) -> str | None:
+    """What a regression loss's mean says about the error: 'rmse' for a mean squared error
+    (its square root), 'mae' for a mean absolute error (itself); None for any other loss, whose
+    mean is reported only as the loss."""
+    if isinstance(loss_fn, torch.nn.MSELoss) and loss_fn.reduction == "mean":
+        return "rmse"
+    if isinstance(loss_fn, torch.nn.L1Loss) and loss_fn.reduction == "mean":
+        return "mae"
+    return None
+
+
+def summarize(vec, task: str, prefix: str, error: str | None = None) -> dict:
+    """A metrics row's entries from summed (loss * n, correct, n): the mean loss, accuracy for
+    classification, and for regression the `error` metric (see error_metric) when it has one."""
     loss, correct, n = vec
     row = {f"{prefix}_loss": loss / max(n, 1)}
     if task == "classification":
         row[f"{prefix}_accuracy"] = correct / max(n, 1)
-    else:
+    elif error == "rmse":
         row[f"{prefix}_rmse"] = math.sqrt(loss / max(n, 1))
+    elif error == "mae":
+        row[f"{prefix}_mae"] = loss / max(n, 1)
     return row
 
 

@@ -20,7 +20,7 @@ from ..callbacks import Callback
 from ..pipeline.pipe import split_microbatches
 from .batches import size_of, sized_batches
 from .clip import clip_global_norm
-from .metrics import MetricsFile, Tally, format_row, summarize
+from .metrics import MetricsFile, Tally, error_metric, format_row, summarize
 from .observe import Dashboard, RankStats
 
 
@@ -141,8 +141,9 @@ class Trainer:
                 sums[:3] = sum(every[topo.grid.rank_of(topo.grid.pp - 1, d, 0)][:3] for d in range(topo.grid.dp))
             p50, p95, p99 = (np.percentile(np.array(self.step_seconds) * 1e3, [50, 95, 99])
                              if self.step_seconds else (float("nan"),) * 3)
-            row = {"epoch": epoch + 1, **summarize(sums[:3], c.task, "train"),
-                   **summarize(sums[3:], c.task, "test"),
+            error = error_metric(self.loss_fn)
+            row = {"epoch": epoch + 1, **summarize(sums[:3], c.task, "train", error),
+                   **summarize(sums[3:], c.task, "test", error),
                    "samples_per_s": samples / seconds, "steps_per_s": count / seconds,
                    "step_ms_p50": p50, "step_ms_p95": p95, "step_ms_p99": p99, "seconds": seconds}
             if self.scheduler:

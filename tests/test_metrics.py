@@ -1,0 +1,46 @@
+"""The metric definitions on fixed predictions: RMSE only for a mean squared error, MAE for a mean
+absolute error, neither for any other regression loss, accuracy ignoring unlabelled targets, and
+the same numbers whatever the batching."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mpipar.train.metrics import IGNORE, Tally, error_metric, summarize
+
+OUT = torch.tensor([[1.0], [2.0], [4.0], [0.0]])
+Y = torch.tensor([[0.0], [2.0], [1.0], [2.0]])
+
+
+def row(loss_fn, batches=((0, 4),)):
+    t = Tally(loss_fn, "regression")
+    for a, b in batches:
+        t.add(OUT[a:b], Y[a:b])
+    return summarize(t.vector(), "regression", "test", error_metric(loss_fn))
+
+
+@pytest.mark.parametrize("batches", [((0, 4),), ((0, 1), (1, 4)), ((0, 3), (3, 4))])
+def test_rmse_is_the_root_of_the_mean_squared_error(batches):
+    r = row(nn.MSELoss(), batches)
+    assert r["test_loss"] == pytest.approx((1 + 0 + 9 + 4) / 4)
+    assert r["test_rmse"] == pytest.approx(math.sqrt((1 + 0 + 9 + 4) / 4)) and "test_mae" not in r
+
+
+def test_mae_is_the_mean_absolute_error_and_an_l1_loss_has_no_rmse():
+    r = row(nn.L1Loss())
+    assert r["test_mae"] == pytest.approx((1 + 0 + 3 + 2) / 4) and "test_rmse" not in r
+
+
+def test_other_regression_losses_report_only_the_loss():
+    r = row(nn.SmoothL1Loss())
+    assert set(r) == {"test_loss"}
+    assert error_metric(nn.MSELoss(reduction="sum")) is None
+
+
+def test_accuracy_ignores_unlabelled_targets():
+    t = Tally(nn.CrossEntropyLoss(), "classification")
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
+    t.add(logits, torch.tensor([0, 0, IGNORE, 1]))
+    r = summarize(t.vector(), "classification", "train")
+    assert r["train_accuracy"] == pytest.approx(2 / 3) and "train_rmse" not in r
