@@ -109,8 +109,7 @@ def memory(world, args, log) -> None:
         pipe = Pipe(world, [model], name, nn.MSELoss())
         pipe.step(Lazy(8, rows, h, 0), Lazy(8, rows, h, 1))   # warm up allocator and comm
         for m in [int(x) for x in args.mem_ms.split(",")]:
-            for st in pipe.stages:
-                st.peak_held = 0
+            pipe.engine.reset_peak()
             peak_rss_reset()
             base = rss_mb("VmRSS")
             t0 = time.perf_counter()

@@ -43,6 +43,7 @@ class Engine:
         self.outbox: dict[tuple, torch.Tensor] = {}     # (op, mb, chunk) -> tensor its SEND will send
         self.recorder = None                            # timeline.Recorder, when --timeline is on
         self._warned_bn = False
+        self._peak = 0                                  # most micro-batches x chunks held at once
 
     # -- messages -------------------------------------------------------------------------------
     def _tag(self, a: Action, base: int) -> tuple[int, int]:
@@ -113,6 +114,9 @@ class Engine:
                 y = targets[a.mb] if (st.is_last and targets is not None) else None
                 params = st.weights.params_for(batch) if st.weights is not None and torch.is_grad_enabled() else None
                 out = st.forward(mb, x, y, weights[a.mb], params, split=(a.mb, a.chunk) in split)
+                held = sum(len(s.stash) for s in self.stages)
+                if held > self._peak:
+                    self._peak = held
                 if st.is_last:
                     if on_output is not None:
                         on_output(a.mb, out)
@@ -151,4 +155,11 @@ class Engine:
 
     @property
     def peak_held(self) -> int:
-        return sum(st.peak_held for st in self.stages)
+        """Most (micro-batch, chunk) activation sets this rank held at once: what the simulator
+        (simulate.py) predicts per rank."""
+        return self._peak
+
+    def reset_peak(self) -> None:
+        self._peak = 0
+        for st in self.stages:
+            st.peak_held = 0
