@@ -44,13 +44,15 @@ def reference(case: str) -> dict:
 def test_public_api_equals_single_process(tmp_path, case):
     ranks = case_mod.CASES[case][0]
     run_script(ranks, "api_case.py", str(tmp_path), case, timeout=180)
-    got = {}
-    for f in sorted(tmp_path.glob("params-*.pt")):
-        got.update(torch.load(f, weights_only=True))
-    want = reference(case)
+    files = sorted(tmp_path.glob("params-*.pt"))
+    assert len(files) == ranks, [f.name for f in files]
+    want, got = reference(case), {}
+    for f in files:   # every rank: each replica and each (gathered) tensor-parallel shard
+        mine = torch.load(f, weights_only=True)
+        got.update(mine)
+        for k, v in mine.items():
+            torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{case} {f.name}: {k}: {m}")
     assert set(got) == set(want), (sorted(got), sorted(want))
-    for k, v in want.items():
-        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{case}: {k}: {m}")
 
 
 def test_a_wrong_weighting_would_be_caught():

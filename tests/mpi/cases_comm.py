@@ -8,7 +8,7 @@ import torch
 from mpipar.comm import Kind, tag
 from mpipar.errors import ShapeError
 
-NP = (3,)        # ranks 0 and 1 talk, rank 2 only joins the collectives
+NP = (2, 3)      # ranks 0 and 1 talk; on 3, rank 2 only joins the collectives
 TIMEOUT = 120
 
 torch.set_num_threads(1)
