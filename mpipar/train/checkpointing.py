@@ -96,10 +96,10 @@ class Checkpoint:
 
     def step(self, step: int) -> bool:
         """Call after optimizer step number `step` (collective); writes a checkpoint when due."""
-        self.step_count = step
         if not self._ck.interval.due(step):
+            self.step_count = step
             return False
-        self._ck.save(self, 0, step, [0.0, 0.0, 0.0], [])
+        self.save(step)
         return True
 
     def save(self, step: int) -> None:

@@ -12,6 +12,7 @@ Usage: mpirun ... python tests/cluster/hier_checks.py [--expect-hier]   (auto mu
 on the whole World)
 """
 import sys
+from pathlib import Path
 
 import torch
 
@@ -19,31 +20,15 @@ from mpipar.comm import World, failure
 from mpipar.comm.shared import host_layout
 from mpipar.comm.shared import one_host
 from mpipar.data_parallel import all_reduce
-from mpipar.data_parallel.buckets import checksum
 from mpipar.data_parallel.reduce import choose_algorithm, grouped, make_plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/
+from allreduce_refs import data, native, same_everywhere  # noqa: E402
 
 torch.set_num_threads(1)
 world = World()
 failure.install(world.host, debug="--debug" in sys.argv)
 failure.start_watchdog(60, world.host)
-
-
-def data(numel, dtype, rank, salt=0):
-    g = torch.Generator().manual_seed(1000 * rank + salt + numel)
-    if dtype.is_floating_point:
-        return torch.randn(numel, generator=g).to(dtype)
-    return torch.randint(-1000, 1000, (numel,), generator=g).to(dtype)
-
-
-def native(w, x, op):
-    ref = x.to(torch.float64 if x.dtype.is_floating_point else torch.int64).clone()
-    w.allreduce_native(ref, "sum" if op == "avg" else op)
-    return ref / w.size if op == "avg" else ref
-
-
-def same_everywhere(w, x, what):
-    sums = w.allgather_floats([checksum([x])])[:, 0]
-    assert (sums == sums[0]).all(), f"{what}: ranks of {w.name} disagree (checksums {sums.tolist()})"
 
 
 def check(w, numel, dtype, op, algorithm="hier", salt=0):

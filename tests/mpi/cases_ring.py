@@ -8,8 +8,9 @@ import functools
 import torch
 
 from mpipar.data_parallel import all_gather, all_reduce, all_reduce_start, reduce_scatter, segment_of
-from mpipar.data_parallel.buckets import checksum
 from mpipar.data_parallel.reduce import make_plan
+
+from allreduce_refs import data, native, same_everywhere
 
 NP = (8,)
 TIMEOUT = 240
@@ -35,26 +36,6 @@ def every_ring(world):
         yield w
         world.barrier()
     yield world
-
-
-def data(numel, dtype, rank, salt=0):
-    g = torch.Generator().manual_seed(1000 * rank + salt + numel)
-    if dtype.is_floating_point:
-        return torch.randn(numel, generator=g).to(dtype)
-    return torch.randint(-1000, 1000, (numel,), generator=g).to(dtype)
-
-
-def native(w, x, op):
-    """Reference: MPI_Allreduce in float64 (or int64), on a copy."""
-    ref = x.to(torch.float64 if x.dtype.is_floating_point else torch.int64).clone()
-    w.allreduce_native(ref, "sum" if op == "avg" else op)
-    return ref / w.size if op == "avg" else ref
-
-
-def same_everywhere(w, x, what):
-    """Every rank of w holds the very same bits (one allgather of a bit-exact checksum)."""
-    sums = w.allgather_floats([checksum([x])])[:, 0]
-    assert (sums == sums[0]).all(), f"{what}: ranks of {w.name} disagree (checksums {sums.tolist()})"
 
 
 def check_all_reduce(w, numel, dtype, op, algorithm="auto", salt=0, piece_bytes=None):
