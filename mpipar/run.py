@@ -63,6 +63,9 @@ def add_dp_args(p: argparse.ArgumentParser) -> None:
                    help="data parallel: all-reduce algorithm (default auto: by size and placement; "
                         "shm when the dp group shares one host, hier when it spans hosts with "
                         "several ranks on some host)")
+    p.add_argument("--grad-compress", default=None, choices=["none", "bf16", "fp16"],
+                   help="data parallel: float32 gradients cross hosts as this 16-bit type, summed in "
+                        "float32 (default none; within a host nothing is cast)")
     p.add_argument("--dp-check-every", type=int, default=0,
                    help="data parallel: every N steps check replicas are bit-identical (0: never)")
 

@@ -43,7 +43,8 @@ def build_trainer(topo, rankmap, example, specs, args, log=print):
     pipe = Pipeline(specs, topo, loss_fn=example.loss(), schedule=args.schedule, microbatches=args.microbatches,
                     chunks=args.chunks, rankmap=rankmap, recompute=args.recompute, seed=args.seed,
                     timeline=args.timeline,
-                    data_parallel=DataParallelOptions(args.bucket_mb, args.allreduce, args.dp_check_every))
+                    data_parallel=DataParallelOptions(args.bucket_mb, args.allreduce, args.dp_check_every,
+                                                        args.grad_compress))
     params = pipe.parameters()
     optimizer = example.optimizer(params, args) if params else None
     scheduler = example.lr_scheduler(optimizer, args) if optimizer and example.lr_scheduler else None

@@ -24,6 +24,7 @@ import torch
 from ..comm import World, failure
 from ..comm.world import allreduce_blocking
 from ..comm.shared import one_host
+from ..data_parallel.compress import WIRE_DTYPES, wire_dtype
 from ..data_parallel.reduce import choose_algorithm, grouped, make_plan, next_seq
 
 SIZES = "1K,4K,16K,64K,256K,1M,4M,16M,64M"
@@ -78,9 +79,12 @@ def measure(world: World, fn, buf: torch.Tensor, calls: int) -> float:
 
 def ours(world: World, args, algorithm: str | None = None):
     """Our all-reduce as gradient buckets run it: prepared once per buffer (make_plan, like
-    MPI_Allreduce_init), then run per call with fresh requests."""
+    MPI_Allreduce_init), then run per call with fresh requests. algorithm 'bf16' / 'fp16':
+    auto with the messages across hosts cast to that type (--grad-compress)."""
     current = {}
     algorithm = algorithm or args.algorithm
+    wire = wire_dtype(algorithm) if algorithm in WIRE_DTYPES else None
+    algorithm = "auto" if wire is not None else algorithm
 
     def run(buf):
         if current.get("buf") is not buf:
@@ -90,7 +94,7 @@ def ours(world: World, args, algorithm: str | None = None):
             if alg == "flat":
                 alg = choose_algorithm(buf.numel() * buf.element_size(), world.size).replace("none", "ring")
             current.update(buf=buf, plan=make_plan(world, buf, "sum", alg,
-                                                   args.piece_kb * 1024 if args.piece_kb else None))
+                                                   args.piece_kb * 1024 if args.piece_kb else None, wire=wire))
         current["plan"].run(next_seq(world))
     return run
 
@@ -155,8 +159,9 @@ def main(argv) -> int:
     p.add_argument("--rounds", type=int, default=7, help="rounds per size")
     p.add_argument("--stat", default="best", choices=["best", "median"], help="statistic over rounds")
     p.add_argument("--algorithm", default="auto", choices=["auto", "ring", "halving", "doubling", "shm", "hier"])
-    p.add_argument("--extra", default="", help="also time these algorithms of ours, e.g. flat,hier "
-                   "(flat: auto's choice by size alone, blind to hosts; written to --out only; see allreduce_hosts)")
+    p.add_argument("--extra", default="", help="also time these algorithms of ours, e.g. flat,hier,bf16 "
+                   "(flat: auto's choice by size alone, blind to hosts; bf16/fp16: auto with that wire "
+                   "type across hosts; written to --out only; see allreduce_hosts)")
     p.add_argument("--piece-kb", type=int, default=0, help="ring piece size in KiB (0: default)")
     p.add_argument("--no-gloo", action="store_true", help="skip the torch.distributed gloo peer")
     p.add_argument("--out", default=None, help="also write the rows as JSON here (rank 0)")

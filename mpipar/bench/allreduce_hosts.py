@@ -1,9 +1,12 @@
 """allreduce-hosts: the all-reduce across emulated hosts with capped links -- ours (auto: the
 hierarchical all-reduce where a host holds several ranks), ours without host awareness (flat),
-native MPI_Allreduce and torch gloo, measured side by side in each job, against the link limit.
+ours with bf16 on the wire (--grad-compress bf16), native MPI_Allreduce and torch gloo, measured
+side by side in each job, against the link limit; with --step, dp-cifar's training step instead
+(ours, ours+bf16, torch DDP on gloo: python -m mpipar.bench dp-step).
 
     sudo python -m mpipar.bench allreduce-hosts [--configs 2x2,3x2,4x1] [--rate 1gbit]
                                                 [--sizes 64K,1M,4M,16M,64M] [--rounds 5]
+    sudo python -m mpipar.bench allreduce-hosts --step --configs 2x2 [--width 16] [--batch 32]
 
 Not run under mpirun: it is the launcher. For each config HxL it builds H hosts (Linux network
 namespaces on a bridge; needs root), caps each host's link at --rate both ways with `tc tbf`, and
@@ -118,10 +121,14 @@ def run_config(hosts: int, per_host: int, args, workdir: Path, tag: str) -> dict
                "MASTER_ADDR": "10.200.0.1", "GLOO_SOCKET_IFNAME": "eth0",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                            os.environ.get("PYTHONPATH")]))}
-        argv = ["-m", "mpipar.bench", "allreduce", "--sizes", args.sizes, "--rounds", str(args.rounds),
-                "--out", str(out), "--extra", ",".join(extras(per_host, args))]
-        if args.no_gloo:
-            argv.append("--no-gloo")
+        if args.step:
+            argv = ["-m", "mpipar.bench", "dp-step", "--width", str(args.width), "--batch", str(args.batch),
+                    "--steps", str(args.steps), "--bucket-mb", str(args.bucket_mb), "--wait", args.wait]
+        else:
+            argv = ["-m", "mpipar.bench", "allreduce", "--sizes", args.sizes, "--rounds", str(args.rounds),
+                    "--out", str(out), "--extra", ",".join(extras(per_host, args))]
+            if args.no_gloo:
+                argv.append("--no-gloo")
         cmd = ["ip", "netns", "exec", h.names[0], "unshare", "--uts", "sh", "-c", 'hostname "$0"; exec "$@"',
                h.names[0], mpirun, "--hostfile", str(hostfile), "-np", str(hosts * per_host),
                "--bind-to", "none", sys.executable, *argv]
@@ -129,6 +136,8 @@ def run_config(hosts: int, per_host: int, args, workdir: Path, tag: str) -> dict
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
         if p.returncode:
             raise RuntimeError(f"{hosts}x{per_host}: mpirun exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+        if args.step:
+            return {"wall": time.monotonic() - t0, "text": p.stdout.strip()}
         data = json.loads(out.read_text())
         data["wall"] = time.monotonic() - t0
         return data
@@ -136,20 +145,23 @@ def run_config(hosts: int, per_host: int, args, workdir: Path, tag: str) -> dict
 
 def extras(per_host: int, args) -> list[str]:
     """Our other algorithms timed beside auto: flat (blind to hosts) where a host has several
-    ranks, plus --extra."""
+    ranks, auto with bf16 on the wire (--grad-compress; unless --no-compress), plus --extra."""
     more = [a for a in args.extra.split(",") if a]
-    return (["flat"] if per_host > 1 else []) + [a for a in more if a != "flat"]
+    mine = (["flat"] if per_host > 1 else []) + ([] if args.no_compress else ["bf16"])
+    return mine + [a for a in more if a not in mine]
 
 
 def table(hosts: int, per_host: int, data: dict, bits_per_s: float, rate: str) -> str:
     others = [k.split(":", 1)[1] for k in data["rows"][0]["seconds"] if k.startswith("ours:")]
+    wires = [a for a in others if a in ("bf16", "fp16")]
     gloo = "gloo" in data["rows"][0]["seconds"]
     head = (f"{'size':>8} {'algo':>8} {'ours ms':>9}" + "".join(f" {a + ' ms':>9}" for a in others)
             + f" {'native ms':>9}" + (f" {'gloo ms':>9}" if gloo else "") + f" {'limit ms':>9}"
             + f" {'ours/nat':>8}" + (f" {'ours/gloo':>9}" if gloo else "") + "".join(f" {'ours/' + a:>9}" for a in others)
+            + "".join(f" {w + '/nat':>8}" for w in wires)
             + f" {'ours/lim':>8} {'nat/lim':>7} {'link GB/s':>9}")
     lines = [f"{hosts} hosts x {per_host} ranks, links capped at {rate} each way "
-             f"({data['wall']:.0f} s); speed ratios (>1: ours faster), of-limit = limit time / time", head]
+             f"({data['wall']:.0f} s); speed ratios A/B = time of B / time of A (>1: A faster; bf16: ours with --grad-compress bf16), of-limit = limit time / time", head]
     share = 2 * (hosts - 1) / hosts
     for row in data["rows"]:
         b, t = row["bytes"], row["seconds"]
@@ -164,6 +176,7 @@ def table(hosts: int, per_host: int, data: dict, bits_per_s: float, rate: str) -
         if gloo:
             line += f" {t['gloo'] / t['ours']:>9.2f}"
         line += "".join(f" {t['ours:' + a] / t['ours']:>9.2f}" for a in others)
+        line += "".join(f" {native / t['ours:' + w]:>8.2f}" for w in wires)
         line += f" {limit / t['ours']:>8.2f} {limit / native:>7.2f} {share * b / t['ours'] / 1e9:>9.3f}"
         lines.append(line)
     return "\n".join(lines)
@@ -181,6 +194,16 @@ def main(argv) -> int:
                    "uses shared memory within a host, as on a cluster)")
     p.add_argument("--extra", default="", help="also time these algorithms of ours, e.g. ring,halving")
     p.add_argument("--no-gloo", action="store_true", help="skip the torch gloo peer")
+    p.add_argument("--no-compress", action="store_true", help="skip ours with bf16 on the wire")
+    p.add_argument("--step", action="store_true", help="instead of the all-reduce table: dp-cifar's training "
+                   "step, ours vs ours+bf16 vs torch DDP on gloo (python -m mpipar.bench dp-step)")
+    p.add_argument("--width", type=int, default=16, help="--step: the CNN's width (dp-cifar: 16)")
+    p.add_argument("--batch", type=int, default=32, help="--step: samples per rank")
+    p.add_argument("--steps", type=int, default=30, help="--step: timed steps per mode")
+    p.add_argument("--bucket-mb", type=float, default=4.0, help="--step: our gradient bucket size")
+    p.add_argument("--wait", default="poll", choices=["auto", "spin", "poll"],
+                   help="--step: how our ranks wait (default poll: the emulated hosts share this "
+                        "machine's cores, which auto cannot see)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per config before giving up")
     p.add_argument("--out", default=None, help="also write every config's rows as JSON here")
     args = p.parse_args(argv)
@@ -200,7 +223,11 @@ def main(argv) -> int:
             print(f"running {h} hosts x {l} ranks ...", flush=True)
             data = run_config(h, l, args, work, f"x{i}")
             results[f"{h}x{l}"] = data
-            print(table(h, l, data, bits, args.rate), flush=True)
+            if args.step:
+                print(f"{h} hosts x {l} ranks, links capped at {args.rate} each way ({data['wall']:.0f} s)\n"
+                      f"{data['text']}", flush=True)
+            else:
+                print(table(h, l, data, bits, args.rate), flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
     if args.out:
         with open(args.out, "w") as f:

@@ -24,6 +24,14 @@ from .plan import UFUNC, Plan, RingLayout, accumulate_dtype, finisher, numpy_dty
 # -------------------------------------------------------------------------------------------------
 PIECE_BYTES = 4 * 2 ** 20   # pieces only pay when the working set leaves the 32 MiB L3; each
                             # piece is one more hand-off, which costs most on busy cores
+# Across hosts a piece must go out eagerly. A message above the transport's eager limit (Open MPI's
+# TCP: 64 KiB with its header) waits for a rendezvous handshake, and that handshake queues behind
+# whatever fills the reverse direction of the link: on a 1 Gbit/s link with a 50 ms queue a 2-rank
+# ring of 16 MiB took 189 ms in 1 MiB pieces, 197 ms in 64 KiB ones, and 140 ms in 32 KiB ones
+# (the link's limit is 134 ms; medians of 5, `python -m mpipar.bench allreduce-hosts`). Small
+# eager pieces keep the link streaming whatever the phase of the ring.
+WIRE_PIECE_BYTES = 32 * 1024
+WIRE_MAX_PIECES = 4096
 
 
 @lru_cache(maxsize=64)
@@ -34,14 +42,19 @@ def piece_table(lay: RingLayout) -> tuple:
 
 class RingPlan(Plan):
     """Ring steps first..last on a flat tensor: all-reduce 0..2n-3, reduce-scatter 0..n-2,
-    all-gather n-1..2n-3. Half-precision inputs are accumulated in a float32 copy."""
+    all-gather n-1..2n-3. Half-precision inputs are accumulated in a float32 copy.
+    across=True (the ring spans hosts): pieces small enough to go out eagerly."""
 
-    def __init__(self, world, t: torch.Tensor, op: str, first: int, last: int, piece_bytes: int | None = None):
+    def __init__(self, world, t: torch.Tensor, op: str, first: int, last: int, piece_bytes: int | None = None,
+                 across: bool = False):
         super().__init__(world, t)
         flat, n, r = self.flat, world.size, world.rank
         e, numel = flat.element_size(), flat.numel()
         self.op, self.first, self.last, self.ufunc = op, first, last, UFUNC[op]
-        k = pieces_for(numel, n, e, piece_bytes or PIECE_BYTES)
+        if across:   # the ranks span hosts: eager pieces (see WIRE_PIECE_BYTES)
+            k = pieces_for(numel, n, e, piece_bytes or WIRE_PIECE_BYTES, WIRE_MAX_PIECES)
+        else:
+            k = pieces_for(numel, n, e, piece_bytes or PIECE_BYTES)
         pieces, rs_last = piece_table(RingLayout(numel, n, k)), n - 2
         self.left, self.right = (r - 1) % n, (r + 1) % n
         self.peer_left, self.peer_right = world.world_rank_of(self.left), world.world_rank_of(self.right)
@@ -59,6 +72,11 @@ class RingPlan(Plan):
             return (acc[a:b] if g <= rs_last else fb[a * e:b * e]) if b > a else None
 
         self.first_sends = [wire(first, *pieces[(r - first - 1) % n][j]) for j in range(k)]
+        self.first_ranges = pieces[(r - first - 1) % n]
+        s0, s1 = RingLayout(numel, n).segment(r - first - 1)
+        self.rest = [(a, b) for a, b in ((0, s0), (s1, numel)) if b > a]
+        self.prepare = None  # optional fill(a, b) of acc[a:b] just before its first use, so a
+                             # caller's own reduction (the hierarchical one) overlaps the link
         self.events = []     # in waiting order: (g, recv buffer, reduce pair, finish, send buffer)
         for g in range(first, last + 1):
             for j in range(k):
@@ -79,7 +97,16 @@ class RingPlan(Plan):
         # exists only after our send was received and our reduction passed on round the ring.
         recvs = [irecv_array(w, land, left, tags[g]) if land is not None else None
                  for g, land, _, _, _, _ in self.events]
-        sends = [isend_array(w, buf, right, tags[self.first]) for buf in self.first_sends if buf is not None]
+        if self.prepare is None:
+            sends = [isend_array(w, buf, right, tags[self.first]) for buf in self.first_sends if buf is not None]
+        else:            # each first piece leaves as soon as it is filled; the rest is filled after
+            sends = []
+            for (a, b), buf in zip(self.first_ranges, self.first_sends):
+                if buf is not None:
+                    self.prepare(a, b)
+                    sends.append(isend_array(w, buf, right, tags[self.first]))
+            for a, b in self.rest:
+                self.prepare(a, b)
         ufunc = self.ufunc
         for req, (g, _, red, fin, onward, label) in zip(recvs, self.events):
             if req is not None:

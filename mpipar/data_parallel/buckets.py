@@ -200,7 +200,7 @@ class GradBuckets:
 
     def __init__(self, world, params: Sequence[torch.nn.Parameter], bucket_mb: float = DEFAULT_BUCKET_MB,
                  op: str = "avg", overlap: bool = True, names: Sequence[str] | None = None,
-                 background: bool = True, algorithm: str = "auto"):
+                 background: bool = True, algorithm: str = "auto", wire: torch.dtype | None = None):
         self.world, self.op, self.overlap = world, op, overlap
         self.params = [p for p in params if p.requires_grad]
         self.names = list(names) if names is not None else [f"param{i}" for i in range(len(self.params))]
@@ -215,7 +215,7 @@ class GradBuckets:
                 total += self.params[i].numel()
             first = self.params[members[0]]
             flat = torch.zeros(total + len(members), dtype=first.dtype, device=first.device)
-            bucket = Bucket(b, members, offsets, flat, flat[total:], make_plan(world, flat, op, algorithm))
+            bucket = Bucket(b, members, offsets, flat, flat[total:], make_plan(world, flat, op, algorithm, wire=wire))
             self.buckets.append(bucket)
             for k, (i, off) in enumerate(zip(members, offsets)):
                 self.slot[i] = (bucket, off, k)

@@ -16,6 +16,7 @@ import torch
 
 from ..comm.shared import SharedBuffer, host_layout, one_host
 from .algorithms import DoublingPlan, HalvingPlan, RingPlan
+from .compress import CastRingPlan, compressible
 from .plan import Handle, Plan, RingLayout, StagedPlan, check_op, finished
 from .shm import HierPlan, SharedPlan
 
@@ -71,32 +72,43 @@ class _Nothing(Plan):
 
 
 def make_plan(world, t: torch.Tensor, op: str = "sum", algorithm: str = "auto",
-              piece_bytes: int | None = None, shared_ok: bool = True, buffer=None) -> Plan:
+              piece_bytes: int | None = None, shared_ok: bool = True, buffer=None,
+              wire: torch.dtype | None = None) -> Plan:
     """Prepare an in-place all-reduce of `t` over `world` (op: sum | avg | max | min;
     algorithm: auto | ring | halving | doubling | shm). Run it with plan.run(seq) or plan.start(seq);
     close() when done. Every rank must use the same size, dtype, op and algorithm. Collective
     (every rank makes its plans in the same order): `auto` asks once whether the World lives on
     one host, and a shared-memory plan maps its buffer (its own, or `buffer`) now.
-    shared_ok=False keeps `auto` off shared memory (so off 'shm' and 'hier')."""
+    shared_ok=False keeps `auto` off shared memory (so off 'shm' and 'hier').
+    wire (torch.bfloat16 | torch.float16): float32 sums and averages cross hosts as that type
+    (compress.py; `auto` then uses the ring at every size where no host holds several ranks);
+    ignored on one host, where nothing crosses a link, and for other dtypes and ops."""
     check_op(op, t.dtype)
     if world.size == 1 or t.numel() == 0:
         return _Nothing(world, t)
+    if algorithm not in ALGORITHMS + ("auto",):
+        raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; use auto, {', '.join(ALGORITHMS)}")
+    alone = one_host(world)
+    wire = wire if compressible(t, op, wire) and not alone else None
     if algorithm == "auto":
-        alone = one_host(world)
         algorithm = choose_algorithm(t.numel() * t.element_size(), world.size,
                                      shared_ok and alone, shared_ok and grouped(world), not alone)
-    elif algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; use auto, {', '.join(ALGORITHMS)}")
-    elif algorithm == "shm" and not one_host(world):
+        if wire is not None and algorithm in ("doubling", "halving"):
+            algorithm = "ring"
+    elif algorithm == "shm" and not alone:
         raise ValueError(f"algorithm 'shm' needs every rank of {world.name} on one host")
+    elif wire is not None and algorithm in ("doubling", "halving"):
+        raise ValueError(f"gradient compression runs on the ring or hier all-reduce, not {algorithm!r}")
 
     def make(x):
         if algorithm == "hier":
-            return HierPlan(world, x, op, host_layout(world), buffer)
+            return HierPlan(world, x, op, host_layout(world), buffer, wire=wire)
         if algorithm == "shm":
             return SharedPlan(world, x, op, buffer, piece_bytes)
+        if algorithm == "ring" and wire is not None:
+            return CastRingPlan(world, x, op, wire, piece_bytes)
         if algorithm == "ring":
-            return RingPlan(world, x, op, 0, 2 * world.size - 3, piece_bytes)
+            return RingPlan(world, x, op, 0, 2 * world.size - 3, piece_bytes, across=not alone)
         return (HalvingPlan if algorithm == "halving" else DoublingPlan)(world, x, op)
     return make(t) if t.device.type == "cpu" else StagedPlan(world, t, make)
 
@@ -108,7 +120,7 @@ def grouped(world) -> bool:
 
 
 def all_reduce(world, t: torch.Tensor, op: str = "sum", algorithm: str = "auto",
-               piece_bytes: int | None = None) -> torch.Tensor:
+               piece_bytes: int | None = None, wire: torch.dtype | None = None) -> torch.Tensor:
     """In-place all-reduce of `t` over `world` (blocking); returns `t`. The shared-memory
     algorithms reuse one buffer per host World (`arena`), grown as needed."""
     nbytes = t.numel() * t.element_size()
@@ -119,7 +131,7 @@ def all_reduce(world, t: torch.Tensor, op: str = "sum", algorithm: str = "auto",
     buffer = None
     if world.size > 1 and t.numel() > 0 and algorithm in ("shm", "hier"):
         buffer = arena(world if algorithm == "shm" else host_layout(world).node, 2 * nbytes)
-    plan = make_plan(world, t, op, algorithm, piece_bytes, buffer=buffer)
+    plan = make_plan(world, t, op, algorithm, piece_bytes, buffer=buffer, wire=wire)
     try:
         return plan.run(next_seq(world))
     finally:
@@ -160,7 +172,8 @@ def _ring_pass(world, t, op, first, last, piece_bytes) -> None:
     seq = next_seq(world)
     if world.size == 1 or t.numel() == 0:
         return
-    make = lambda x: RingPlan(world, x, op, first, last, piece_bytes)
+    across = not one_host(world)
+    make = lambda x: RingPlan(world, x, op, first, last, piece_bytes, across)
     plan = make(t) if t.device.type == "cpu" else StagedPlan(world, t, make)
     try:
         plan.run(seq)

@@ -8,6 +8,7 @@ import torch
 
 from ..comm.shared import HostLayout, SharedBuffer
 from .algorithms import DoublingPlan, HalvingPlan, RingPlan
+from .compress import CastRingPlan, compressible
 from .plan import UFUNC, Plan, accumulate_dtype, split_bounds
 
 
@@ -147,16 +148,19 @@ def _combiner(op: str, torch_arrays: bool):
 # reached). The buffer holds two copies and runs alternate between them (as shm.py does), so a
 # fast rank may fill one while a slow one still copies out of the other.
 # -------------------------------------------------------------------------------------------------
-def inner_plan(rail, acc: torch.Tensor, op: str, algorithm: str) -> Plan:
-    """The flat all-reduce of one slice across hosts (rail: one rank per host)."""
+def inner_plan(rail, acc: torch.Tensor, op: str, algorithm: str, wire: torch.dtype | None = None) -> Plan:
+    """The flat all-reduce of one slice across hosts (rail: one rank per host); `wire`: the
+    16-bit type its messages travel as (compress.py; the ring at every size)."""
+    if wire is not None:
+        return CastRingPlan(rail, acc, op, wire)
     if algorithm == "ring":
-        return RingPlan(rail, acc, op, 0, 2 * rail.size - 3)
+        return RingPlan(rail, acc, op, 0, 2 * rail.size - 3, across=True)
     return (HalvingPlan if algorithm == "halving" else DoublingPlan)(rail, acc, op)
 
 
 class HierPlan(Plan):
     def __init__(self, world, t: torch.Tensor, op: str, layout: HostLayout,
-                 buffer: SharedBuffer | None = None, choose=None):
+                 buffer: SharedBuffer | None = None, choose=None, wire: torch.dtype | None = None):
         super().__init__(world, t)
         from .reduce import choose_algorithm   # reduce.py imports this module
         choose = choose or choose_algorithm
@@ -182,7 +186,8 @@ class HierPlan(Plan):
             plan = None
             if rail.size > 1:
                 plan = inner_plan(rail, acc, inner_op, choose((b - a) * acc.element_size(), rail.size,
-                                                             across=True))
+                                                             across=True),
+                                  wire if compressible(t, op, wire) else None)
             self.slices.append((j, (a, b), acc, plan))
         half = self.buffer.nbytes // 2
         self.halves = []
@@ -203,11 +208,12 @@ class HierPlan(Plan):
         mine.copy_(self.flat)
         yield buf.ibarrier(), self.labels[0], -1          # every vector is on the host
         buf.acquire()
-        for _, (a, b), acc, _ in self.slices:              # intra-host reduce-scatter
-            acc.copy_(segs[0][a:b])
-            for k in range(1, len(segs)):
-                self.combine(acc, segs[k][a:b])
         for _, (a, b), acc, plan in self.slices:           # across hosts, rail by rail
+            fill = self._filler(segs, a, acc)                 # intra-host reduce-scatter: a
+            if hasattr(plan, "prepare"):                     # ring fills piece by piece as it
+                plan.prepare = fill                          # first needs each, overlapping
+            else:                                            # the link
+                fill(0, b - a)
             if plan is not None:
                 yield from plan.steps(seq)
             if self.op == "avg":
@@ -217,6 +223,16 @@ class HierPlan(Plan):
         buf.acquire()
         for dst, src in outs:                              # intra-host all-gather
             dst.copy_(src)
+
+    def _filler(self, segs, start: int, acc: torch.Tensor):
+        """fill(a, b): acc[a:b] = the host's sum of elements start+a .. start+b."""
+        combine = self.combine
+
+        def fill(a: int, b: int) -> None:
+            acc[a:b].copy_(segs[0][start + a:start + b])
+            for seg in segs[1:]:
+                combine(acc[a:b], seg[start + a:start + b])
+        return fill
 
     def close(self) -> None:
         for _, _, _, plan in self.slices:

@@ -10,7 +10,8 @@ keys stay those of the single-process model.
     loss.backward(); dp.finish(); opt.step()
 
 `begin_step()` before backward lets buckets reduce while backward still runs (overlap);
-without it, finish() reduces everything after backward. A Pipeline on a grid with dp > 1 makes
+without it, finish() reduces everything after backward. grad_compress='bf16'|'fp16' sends
+float32 gradients across hosts as that type, summing in float32 (compress.py; one host: no-op). A Pipeline on a grid with dp > 1 makes
 its own (summing gradients of losses weighted by the global batch: exact for uneven shards).
 """
 from __future__ import annotations
@@ -19,17 +20,19 @@ import torch
 from torch import nn
 
 from .buckets import DEFAULT_BUCKET_MB, GradBuckets, check_identical
+from .compress import wire_dtype
 
 
 class DataParallel:
     def __init__(self, module: nn.Module, dp_world, bucket_mb: float = DEFAULT_BUCKET_MB,
                  op: str = "avg", check_every: int = 0, overlap: bool = True, background: bool = True,
-                 algorithm: str = "auto"):
+                 algorithm: str = "auto", grad_compress: str | None = None):
         dp_world = getattr(dp_world, "dp_world", dp_world)   # a Topology: its replicas' World
         self.module, self.world, self.check_every = module, dp_world, check_every
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.buckets = GradBuckets(dp_world, [p for _, p in named], bucket_mb, op, overlap,
-                                   names=[n for n, _ in named], background=background, algorithm=algorithm)
+                                   names=[n for n, _ in named], background=background, algorithm=algorithm,
+                                   wire=wire_dtype(grad_compress))
         self.steps = 0
         broadcast_state(module, dp_world)
 

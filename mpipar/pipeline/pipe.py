@@ -37,6 +37,7 @@ class DataParallelOptions:
     bucket_mb: float = DEFAULT_BUCKET_MB
     algorithm: str = "auto"       # auto | ring | halving | doubling | shm
     check_every: int = 0          # > 0: every N steps prove the replicas bit-identical (debug)
+    grad_compress: str | None = None   # bf16 | fp16: gradients cross hosts as that type
 
 
 def specs_of(model) -> list[LayerSpec]:
@@ -165,7 +166,8 @@ class Pipeline:
             from ..data_parallel.wrapper import DataParallel
             o = data_parallel or DataParallelOptions()
             self.dp = DataParallel(self.module, topo.dp_world, bucket_mb=o.bucket_mb, op="sum",
-                                   check_every=o.check_every, algorithm=o.algorithm)
+                                   check_every=o.check_every, algorithm=o.algorithm,
+                                   grad_compress=o.grad_compress)
         self._stream_start, self._next_step, self._stream_m = 0, -1, 0
         self.recorder = None
         self.timeline_path = timeline

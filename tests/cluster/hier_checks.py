@@ -23,7 +23,7 @@ from mpipar.data_parallel import all_reduce
 from mpipar.data_parallel.reduce import choose_algorithm, grouped, make_plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/
-from allreduce_refs import data, native, same_everywhere  # noqa: E402
+from allreduce_refs import check_compressed, data, native, same_everywhere  # noqa: E402
 
 torch.set_num_threads(1)
 world = World()
@@ -70,6 +70,34 @@ def check_concurrent(w):
         p.close()
 
 
+def check_data_parallel_compressed(w):
+    """DataParallel with --grad-compress bf16 across hosts: replicas bit-identical after every
+    step (check_every=1 raises otherwise), parameters within bf16 rounding of the uncompressed
+    run's, and gradients that really were cast (not the uncompressed bits)."""
+    from torch import nn
+    from mpipar.data_parallel import DataParallel
+    runs = {}
+    for compress in (None, "bf16"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 8))
+        dp = DataParallel(model, w, bucket_mb=0.05, check_every=1, grad_compress=compress)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(w.rank)
+        for _ in range(3):
+            x, y = torch.randn(16, 64, generator=g), torch.randn(16, 8, generator=g)
+            opt.zero_grad()
+            dp.begin_step()
+            nn.functional.mse_loss(model(x), y).backward()
+            dp.finish()
+            grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+            opt.step()
+        dp.remove()
+        runs[compress] = (torch.cat([p.detach().flatten() for p in model.parameters()]), grads)
+    (p0, g0), (p1, g1) = runs[None], runs["bf16"]
+    torch.testing.assert_close(p1, p0, rtol=0, atol=2e-3, msg=lambda m: f"bf16 DataParallel on {w.name}: {m}")
+    assert not torch.equal(g1, g0), f"bf16 DataParallel on {w.name}: gradients were not cast"
+
+
 def checks_for(w, full=False):
     lay = host_layout(w)
     slices = lay.slices
@@ -85,6 +113,10 @@ def checks_for(w, full=False):
     if full:
         check(w, 4 * 2 ** 20 + 3, torch.int32, "sum", "auto", salt=7)   # rails run the pipelined ring
         check_concurrent(w)
+        check_data_parallel_compressed(w)
+        for algorithm in ("auto", "ring"):    # bf16/fp16 on the links: hier's rails, the flat ring
+            check_compressed(w, lambda x, op, wire: make_plan(w, x, op, algorithm, wire=wire),
+                             f"--grad-compress {algorithm}")
     picked = choose_algorithm(4 * 2 ** 20, w.size, one_host(w), grouped(w), not one_host(w))
     return f"{w.name}: {w.size} ranks, {lay.describe()} per host, auto picks {picked}"
 

@@ -10,7 +10,10 @@ import torch
 from mpipar.data_parallel import all_gather, all_reduce, all_reduce_start, reduce_scatter, segment_of
 from mpipar.data_parallel.reduce import make_plan
 
-from allreduce_refs import data, native, same_everywhere
+from mpipar.data_parallel.algorithms import RingPlan
+from mpipar.data_parallel.compress import CastRingPlan
+
+from allreduce_refs import check_compressed, data, native, same_everywhere
 
 NP = (8,)
 TIMEOUT = 240
@@ -122,6 +125,24 @@ def test_bf16_sum_accumulates_in_float32(world):
             got = all_reduce(w, x.clone(), "sum", algorithm)
             assert torch.isfinite(got.float()).all(), f"bf16 {algorithm} n={w.size}: not finite"
             assert torch.equal(got, ref), f"bf16 {algorithm} n={w.size}: {got[:3]} != {ref[:3]}"
+
+
+def test_wire_compressed_ring(world):
+    """The ring with bf16/fp16 messages (what --grad-compress runs across hosts), built directly
+    here since on one host make_plan leaves the wire alone: identical bits everywhere, within
+    one rounding per hop of the float32 sum, exact on small integers, half the bytes."""
+    for w in every_ring(world):
+        if w.size == 1:
+            continue
+        check_compressed(w, lambda x, op, wire: CastRingPlan(w, x, op, wire) if wire is not None
+                         else RingPlan(w, x, op, 0, 2 * w.size - 3, across=True), "cast ring")
+
+
+def test_wire_compression_is_a_no_op_on_one_host(world):
+    x = data(70_001, torch.float32, world.rank, 13)
+    plain = all_reduce(world, x.clone(), "sum", "ring")
+    cast = all_reduce(world, x.clone(), "sum", "ring", wire=torch.bfloat16)
+    assert torch.equal(plain, cast), "a bf16 wire changed a one-host all-reduce"
 
 
 # -- other ops and dtypes, on the whole world ------------------------------------------------------
