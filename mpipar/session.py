@@ -108,6 +108,12 @@ def run_example(world, example, args) -> dict:
     if args.balance != "time":   # validate the map before loading any data
         partition(world, specs, args, grid, None)
     train, test = example.data(args)
+    per_replica = min(args.batch_size, len(train)) // grid.dp
+    if args.microbatches > max(per_replica, 1):
+        raise ConfigError(f"--microbatches {args.microbatches}: a batch holds {per_replica} sample(s) per "
+                          f"data-parallel replica here ({example.name}: {len(train)} training sample(s), "
+                          f"--batch-size {args.batch_size}, dp={grid.dp}), so at most {max(per_replica, 1)} "
+                          f"micro-batch(es)")
     rankmap = RankMap(grid, partition(world, specs, args, grid, train))
     topo = Topology.build(world, grid)
 

@@ -32,9 +32,10 @@ def mpirun_exe() -> str:
 
 
 def mpirun(np: int, *argv: str, timeout: float = 120, env: dict | None = None,
-           cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python argv...` on np ranks; returns the finished process (never hangs past timeout)."""
-    cmd = [mpirun_exe(), "-np", str(np), "--oversubscribe", "--bind-to", "none",
+           cwd: Path | None = None, mpi_args: tuple = ()) -> subprocess.CompletedProcess:
+    """Run `python argv...` on np ranks (`mpi_args`: more mpirun options); returns the finished
+    process (never hangs past timeout)."""
+    cmd = [mpirun_exe(), "-np", str(np), "--oversubscribe", "--bind-to", "none", *mpi_args,
            sys.executable, *argv]
     full_env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -33,3 +33,11 @@ def test_pipeline_efficiency_rows_for_each_schedule():
         row = next(l for l in out.splitlines() if l.startswith(name))
         measured, ideal = float(row.split()[2]), float(row.split()[3])
         assert measured > 0 and ideal > 0, row
+
+
+def test_dp_step_times_ours_ours_bf16_and_ddp():
+    out = bench(2, "dp-step", "--steps", "2", "--batch", "4")
+    row = next(l for l in out.splitlines() if l.startswith("local "))
+    times = dict(zip(row.split()[0::2], map(float, row.split()[1::2])))
+    assert set(times) == {"local", "ours", "ours+bf16", "ddp-gloo"} and all(v > 0 for v in times.values()), out
+    assert "synthetic inputs" in out and "ours/ddp-gloo" in out, out

@@ -61,6 +61,11 @@ BAD = [
     ("missing data dir", 2, ["split-cnn", "--data-dir", "/nonexistent/cifar"], "DataError: cifar10"),
     ("shape mismatch", 2, [str(ROOT / "tests/fixtures/bad_shapes.py")], "ShapeError: stage 1 (rank 1, layers b..b) cannot take the activation [16, 16] float32 from rank 0"),
     ("one rank raises", 4, ["mlp", "--inject-error", "rank=2,step=3"], "rank 2 ("),
+    ("no epochs", 2, ["mlp", "--epochs", "0"], "ConfigError: epochs=0: must be an integer >= 1"),
+    ("negative batch", 2, ["mlp", "--batch-size", "-8"], "ConfigError: batch_size=-8: must be an integer >= 1"),
+    ("negative steps", 2, ["mlp", "--steps", "-1"], "ConfigError: steps=-1: must be an integer >= 0"),
+    ("micro-batches of one graph", 2, ["pipeline-gcn-cora", "--microbatches", "2"],
+     "ConfigError: --microbatches 2: a batch holds 1 sample(s) per data-parallel replica here"),
 ]
 
 
@@ -74,6 +79,23 @@ def test_bad_input_ends_job_with_one_line(tmp_path, name, np_, argv, needle):
     assert lines, p.stderr[-2000:]
     assert any(needle in ln for ln in lines), "\n".join(lines) + "\n" + p.stderr[-1500:]
     print(f"{name}: exit {p.returncode} after {elapsed:.1f} s: {lines[0]}")
+
+
+def test_a_config_error_every_rank_raises_is_printed_once():
+    """Every rank rejects the rank map alike; rank 0 says so, the others stay quiet."""
+    p = mpirun(4, "-m", "mpipar.run", "mlp", "--grid", "pp=2,dp=3", timeout=60)
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if "RankMapError" in ln]
+    assert len(lines) == 1 and lines[0].lstrip("\0 ").startswith("rank 0 ("), p.stderr[-2000:]
+
+
+def test_hostfile_as_shipped_places_ranks():
+    """hostfiles/cluster runs as shipped (localhost slots=8), as the README's command uses it."""
+    p = mpirun(8, "-c", "from mpipar.comm import World; w = World(); print('rank', w.rank, 'of', w.size)",
+               mpi_args=("--hostfile", str(ROOT / "hostfiles/cluster")), timeout=90)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(ln for ln in p.stdout.splitlines() if ln.startswith("rank")) == \
+        sorted(f"rank {r} of 8" for r in range(8)), p.stdout
 
 
 def test_stall_watchdog_names_rank_peer_and_message(tmp_path):

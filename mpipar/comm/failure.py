@@ -11,6 +11,7 @@ import threading
 import time
 import traceback
 
+from ..errors import ConfigError
 from .mpi import MPI
 
 from .waits import BOARD
@@ -23,9 +24,18 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"
 
 
+QUIET_SECONDS = 2.0   # how long ranks > 0 hold back a ConfigError's line for rank 0's
+
+
 def report_and_abort(exc: BaseException, code: int = 1) -> None:
-    """Print `rank R (host): Type: message` and abort every rank of the job."""
+    """Print `rank R (host): Type: message` and abort every rank of the job.
+    A ConfigError (bad flags, a rank map that cannot hold) is usually raised by every rank
+    alike; ranks other than 0 wait QUIET_SECONDS first, so rank 0's abort ends them before they
+    print the same line again (16 ranks: one line, not 16). One whose error is its own still
+    prints it, a little later."""
     rank = MPI.COMM_WORLD.Get_rank() if MPI.Is_initialized() else -1
+    if rank > 0 and isinstance(exc, ConfigError):
+        time.sleep(QUIET_SECONDS)
     host = _state["host"] or os.uname().nodename
     if _state["debug"]:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..callbacks import Callback
+from ..errors import ConfigError
 from ..pipeline.pipe import split_microbatches
 from .batches import size_of, sized_batches
 from .clip import clip_global_norm
@@ -39,6 +40,14 @@ class TrainConfig:
     name: str = "model"             # how outputs name the run
     num_workers: int = 0            # DataLoader workers for a map-style Dataset
     inject_error: tuple[int, int] | None = None   # (rank, step): raise there (tests of the abort path)
+
+    def __post_init__(self):
+        for name, least in (("epochs", 1), ("batch_size", 1), ("steps", 0), ("num_workers", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < least:
+                raise ConfigError(f"{name}={value!r}: must be an integer >= {least}")
+        if self.clip_grad < 0:
+            raise ConfigError(f"clip_grad={self.clip_grad!r}: must be >= 0 (0: no clipping)")
 
 
 class Trainer:
