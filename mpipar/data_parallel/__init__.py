@@ -5,6 +5,7 @@ DataParallel, which keeps replicas identical.
     plan.py        what every all-reduce plan is made of (ops, layout, scratch, Handle, Plan)
     algorithms.py  the message-passing all-reduces: pipelined ring, doubling, halving-doubling
     shm.py         the shared-memory ones: one host, and hierarchical across hosts
+    compress.py    the ring across hosts with 16-bit messages and float32 sums (--grad-compress)
     reduce.py      all_reduce / reduce_scatter / all_gather: which algorithm, and running it
     buckets.py     gradients bucketed and reduced from autograd hooks; replica fingerprints
     wrapper.py     DataParallel

@@ -28,8 +28,8 @@ PIECE_BYTES = 4 * 2 ** 20   # pieces only pay when the working set leaves the 32
 # TCP: 64 KiB with its header) waits for a rendezvous handshake, and that handshake queues behind
 # whatever fills the reverse direction of the link: on a 1 Gbit/s link with a 50 ms queue a 2-rank
 # ring of 16 MiB took 189 ms in 1 MiB pieces, 197 ms in 64 KiB ones, and 140 ms in 32 KiB ones
-# (the link's limit is 134 ms; medians of 5, `python -m mpipar.bench allreduce-hosts`). Small
-# eager pieces keep the link streaming whatever the phase of the ring.
+# (the link's limit is 134 ms; medians of 5 on the emulated hosts of `python -m mpipar.bench
+# allreduce-hosts`). Small eager pieces keep the link streaming whatever the phase of the ring.
 WIRE_PIECE_BYTES = 32 * 1024
 WIRE_MAX_PIECES = 4096
 

@@ -134,7 +134,8 @@ def _combiner(op: str, torch_arrays: bool):
 # Steps (comm/shared.py numbers the slices and builds the rails):
 #   1. every rank copies its vector into its own segment of a host-shared buffer; barrier;
 #   2. for each slice j it owns, a rank sums slice j over its host's segments (16-bit types into a
-#      float32 accumulator) -- the intra-host reduce-scatter;
+#      float32 accumulator) -- the intra-host reduce-scatter; under the ring it is done piece by
+#      piece as the ring first needs each piece, so the link starts after one piece, not a slice;
 #   3. per owned slice, in slice order, the accumulator is all-reduced over rail j (one rank per
 #      host) by the flat algorithm `choose_algorithm` picks for that slice's size and H ranks
 #      across hosts (doubling when small, else the pipelined ring),

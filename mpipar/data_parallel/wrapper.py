@@ -11,8 +11,9 @@ keys stay those of the single-process model.
 
 `begin_step()` before backward lets buckets reduce while backward still runs (overlap);
 without it, finish() reduces everything after backward. grad_compress='bf16'|'fp16' sends
-float32 gradients across hosts as that type, summing in float32 (compress.py; one host: no-op). A Pipeline on a grid with dp > 1 makes
-its own (summing gradients of losses weighted by the global batch: exact for uneven shards).
+float32 gradients across hosts as that type, summing in float32 (compress.py; one host: no-op).
+A Pipeline on a grid with dp > 1 makes its own (summing gradients of losses weighted by the
+global batch: exact for uneven shards).
 """
 from __future__ import annotations
 
