@@ -1,27 +1,101 @@
-"""`--balance time`: a short profiling pass that times each layer's forward+backward on a
-sample batch, holding one layer at a time (so the whole model is never allocated at once)."""
+"""What each layer costs, for partitioning by cost (`--balance time`, the command line's default):
+a short profiling pass that times each layer's forward+backward on a micro-batch of the real
+shape and counts the bytes autograd saves for its backward, holding one layer at a time (so the
+whole model is never allocated at once).
+
+Profiles are cached on disk, keyed by the layers (names, parameter shapes), the micro-batch's
+shape and dtype, the device and the torch version, so a restart or the supervisor's relaunch
+partitions the same way without profiling again. The cache is a JSON file per key in
+$MPIPAR_CACHE (default ~/.cache/mpipar), written atomically; nothing in it is executed.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
 from .model import build_layer
 
 
-def layer_times(specs, sample: torch.Tensor, seed: int, repeats: int = 3) -> list[float]:
-    times, x = [], sample
+@dataclass
+class LayerCost:
+    name: str
+    seconds: float        # forward + backward on one micro-batch (best of the repeats)
+    saved_bytes: int      # what autograd keeps for backward, per micro-batch in flight
+    param_bytes: int
+
+
+def profile_layers(specs, sample: torch.Tensor, seed: int, repeats: int = 3) -> list[LayerCost]:
+    """Each layer's cost on `sample` (a micro-batch), building one layer at a time."""
+    costs, x = [], sample
     for i, spec in enumerate(specs):
         layer = build_layer(spec, i, seed)
-        best = float("inf")
-        for _ in range(repeats):
+        best, saved = float("inf"), 0
+        for r in range(repeats + 1):          # the first run warms caches up and is not timed
             inp = x.detach().requires_grad_(x.is_floating_point())
-            t0 = time.perf_counter()
-            out = layer(inp)
-            out.float().sum().backward()
-            best = min(best, time.perf_counter() - t0)
-        times.append(best)
+            held = []
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(
+                        lambda t: (held.append(t.numel() * t.element_size()), t)[1], lambda t: t):
+                    t0 = time.perf_counter()
+                    out = layer(inp)
+                    out.float().sum().backward()
+                    dt = time.perf_counter() - t0
+            except Exception as e:
+                raise ConfigError(f"--balance time: profiling layer {spec.name!r} on the activation "
+                                  f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')} failed: {e}") from None
+            if r:
+                best = min(best, dt)
+            saved = sum(held)
+        param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+        costs.append(LayerCost(spec.name, best, saved, param_bytes))
         with torch.no_grad():
             x = layer(x)
         del layer
-    return times
+    return costs
+
+
+def cache_key(specs, sample: torch.Tensor) -> str:
+    """Layers (names, parameter shapes, counted on the meta device), micro-batch shape and
+    dtype, device, torch version: what the measured costs depend on."""
+    shapes = []
+    with torch.device("meta"):
+        for s in specs:
+            shapes.append([s.name] + [list(p.shape) for p in s.build().parameters()])
+    doc = {"layers": shapes, "sample": list(sample.shape), "dtype": str(sample.dtype),
+           "device": str(sample.device), "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MPIPAR_CACHE") or Path.home() / ".cache" / "mpipar") / "profiles"
+
+
+def layer_costs(specs, sample: torch.Tensor, seed: int, log=None) -> list[LayerCost]:
+    """The cached profile for (specs, sample's shape), measured and stored if there is none."""
+    path = cache_dir() / f"{cache_key(specs, sample)}.json"
+    try:
+        rows = json.loads(path.read_text())
+        costs = [LayerCost(**row) for row in rows]
+        if [c.name for c in costs] == [s.name for s in specs]:
+            if log:
+                log(f"layer costs: cached profile {path}")
+            return costs
+    except (OSError, ValueError, TypeError):
+        pass
+    costs = profile_layers(specs, sample, seed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps([asdict(c) for c in costs]))
+        os.replace(tmp, path)
+    except OSError:     # a read-only home: profile again next time
+        pass
+    return costs
+

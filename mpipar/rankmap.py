@@ -6,7 +6,8 @@ are neighbours and land on the same host when the hostfile fills hosts in order.
 
 Partition: contiguous runs of layers per pipeline stage, from `--balance 3,3,2,2`, a JSON file
 (`{"stages": [["conv1", "conv2"], ...]}`), `layers` (even layer counts), `params` (even parameter
-counts) or `time` (even measured forward+backward time).
+counts) or `time` (the slowest stage as fast as it can be, by measured forward+backward time per
+layer, optionally within a memory limit per stage: the command line's default).
 """
 from __future__ import annotations
 
@@ -57,8 +58,10 @@ class Grid:
         return (pp * self.dp + dp) * self.tp + tp
 
 
-def linear_partition(weights: Sequence[float], k: int) -> list[int]:
-    """Sizes of k contiguous groups minimising the heaviest group (exact DP; ties favour earlier cuts)."""
+def linear_partition(weights: Sequence[float], k: int, memory=None, limit: float | None = None) -> list[int]:
+    """Sizes of k contiguous non-empty groups minimising the heaviest group (exact DP; ties
+    favour earlier cuts). `memory(j, a, b)`: bytes group j needs to hold layers a..b-1; with
+    `limit`, no group may need more (RankMapError when no partition fits)."""
     n = len(weights)
     prefix = [0.0]
     for w in weights:
@@ -70,9 +73,14 @@ def linear_partition(weights: Sequence[float], k: int) -> list[int]:
     for j in range(1, k + 1):
         for i in range(j, n + 1):
             for c in range(j - 1, i):
+                if limit is not None and memory(j - 1, c, i) > limit:
+                    continue
                 cost = max(best[j - 1][c], prefix[i] - prefix[c])
                 if cost < best[j][i] - 1e-12:
                     best[j][i], cut[j][i] = cost, c
+    if best[k][n] == INF:
+        raise RankMapError(f"no split of the {n} layers into {k} stages keeps every stage within "
+                           f"{limit / 2 ** 20:.0f} MiB; raise the limit or add stages")
     sizes, i = [], n
     for j in range(k, 0, -1):
         sizes.append(i - cut[j][i])
@@ -95,8 +103,10 @@ def stages_from_sizes(names: Sequence[str], sizes: Sequence[int]) -> list[list[s
 
 def parse_balance(spec: str | None, names: Sequence[str], n_stages: int,
                   param_counts: Sequence[int] | None = None,
-                  layer_times: Sequence[float] | None = None) -> list[list[str]]:
-    """Turn a --balance value into stages (lists of layer names); validated."""
+                  layer_times: Sequence[float] | None = None, memory=None,
+                  limit: float | None = None) -> list[list[str]]:
+    """Turn a --balance value into stages (lists of layer names); validated. 'time' splits
+    `layer_times` (within `limit` bytes per stage by `memory`, see linear_partition)."""
     if n_stages > len(names):
         raise RankMapError(f"{n_stages} pipeline stages but the model has only {len(names)} layers; "
                            f"use at most {len(names)} stages")
@@ -108,7 +118,7 @@ def parse_balance(spec: str | None, names: Sequence[str], n_stages: int,
     elif spec == "time":
         if layer_times is None:
             raise ConfigError("--balance time needs a profiling pass (layer_times)")
-        stages = stages_from_sizes(names, linear_partition(layer_times, n_stages))
+        stages = stages_from_sizes(names, linear_partition(layer_times, n_stages, memory, limit))
     elif spec.endswith(".json"):
         stages = load_json(spec)
     else:

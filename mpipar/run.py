@@ -22,7 +22,12 @@ def shared_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="full dataset location (default: the copy shipped in examples/data)")
     p.add_argument("--out", default=None, help="output dir for metrics and plots (default runs/EXAMPLE)")
     p.add_argument("--grid", default=None, help="pp=P,dp=D,tp=T (default: pp = number of ranks)")
-    p.add_argument("--balance", default=None, help="layers per stage: 3,3,2,2 | layers | params | time | FILE.json (default params)")
+    p.add_argument("--balance", default="time", help="layers per stage: time | params | layers | 3,3,2,2 | "
+                   "FILE.json (default time: the slowest stage as fast as it can be, from each layer's "
+                   "forward+backward time measured on a micro-batch, cached; see --stage-memory-mb)")
+    p.add_argument("--stage-memory-mb", type=float, default=None,
+                   help="--balance time: no stage may need more than this (parameters, gradients, "
+                        "optimizer state and the activations its schedule keeps in flight)")
     p.add_argument("--schedule", default="gpipe", help="pipeline schedule: gpipe | 1f1b | interleaved | zb | pipedream")
     p.add_argument("--microbatches", type=int, default=1, help="micro-batches per global batch")
     p.add_argument("--chunks", type=int, default=None, help="model chunks per rank (interleaved; default 2)")

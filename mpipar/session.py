@@ -1,6 +1,7 @@
 """One run of one example on this rank: grid, rank map, banner, training, summary."""
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -23,12 +24,21 @@ def banner(world, hosts, example, args, grid) -> str:
             f"{args.microbatches} micro-batch(es) | global batch {args.batch_size} | seed {args.seed}")
 
 
-def partition(world, specs, args, grid, train):
-    """The rank map's stages from the command line (balance time: rank 0 profiles on a batch)."""
-    from .pipeline.pipe import partition as cut, virtual_stages
+def partition(world, specs, args, grid, train, log=None):
+    """The rank map's stages from the command line, and for --balance time (the default) what
+    the balance table needs: (stages, (costs, in-flight micro-batches per stage) or None).
+    Rank 0 profiles each layer on a micro-batch of the real shape (cached, see profile.py)."""
+    from .pipeline.pipe import inflight_per_stage, partition as cut, shared_costs, stage_memory, virtual_stages
     n = virtual_stages(args.schedule, args.chunks, grid.pp, args.balance)
-    sample = train.x[:args.batch_size] if train is not None else None
-    return cut(specs, args.balance, n, world, sample, args.seed)
+    if args.balance != "time" or n == 1 or train is None:
+        return cut(specs, args.balance, n, world), None
+    cut(specs, "layers", n)          # enough layers for the stages? (said before profiling)
+    mb = max(1, min(args.batch_size, len(train)) // (grid.dp * args.microbatches))
+    costs = shared_costs(specs, train.x[:mb], world, args.seed, log)
+    inflight = inflight_per_stage(args.schedule, grid.pp, args.microbatches, n // grid.pp)
+    limit = args.stage_memory_mb * 2 ** 20 if args.stage_memory_mb else None
+    stages = cut(specs, "time", n, costs=costs, memory=stage_memory(costs, inflight), limit=limit)
+    return stages, (costs, inflight)
 
 
 def train_config(example, args) -> TrainConfig:
@@ -114,7 +124,8 @@ def run_example(world, example, args) -> dict:
                           f"data-parallel replica here ({example.name}: {len(train)} training sample(s), "
                           f"--batch-size {args.batch_size}, dp={grid.dp}), so at most {max(per_replica, 1)} "
                           f"micro-batch(es)")
-    rankmap = RankMap(grid, partition(world, specs, args, grid, train))
+    stages, balance = partition(world, specs, args, grid, train, log)
+    rankmap = RankMap(grid, stages)
     topo = Topology.build(world, grid)
 
     trainer = build_trainer(topo, rankmap, example, specs, args, log)
@@ -126,6 +137,12 @@ def run_example(world, example, args) -> dict:
     log(banner(world, hosts, example, args, grid))
     log(f"data: {train.note}")
     log(rankmap.table(hosts, params))
+    predicted = None
+    if balance is not None:
+        from .pipeline.pipe import balance_table
+        text, predicted = balance_table(stages, balance[0], args.schedule, grid.pp, args.microbatches,
+                                        len(stages) // grid.pp, balance[1])
+        log(text)
     from .train.checkpointing import CheckpointConfig, attach_checkpoint   # --checkpoint-dir, --inject-fault
     attach_checkpoint(trainer, rankmap, len(train), CheckpointConfig(
         args.checkpoint_dir, args.checkpoint_every, args.keep or CheckpointConfig.keep, args.async_checkpoint,
@@ -134,6 +151,10 @@ def run_example(world, example, args) -> dict:
     t0 = time.perf_counter()
     rows = trainer.fit(train, test)
     elapsed = time.perf_counter() - t0
+    if predicted is not None and trainer.step_seconds:
+        measured = statistics.median(trainer.step_seconds)
+        log(f"step time: measured {measured * 1e3:.1f} ms (median) against {predicted * 1e3:.1f} ms of "
+            f"compute predicted from the profile (the prediction leaves out messages and the optimizer)")
     if args.save_params:   # every rank: its stage's parameters (tp > 1: gathered, a collective over tp)
         state = trainer.state_dict()
         out = Path(args.save_params)

@@ -67,24 +67,93 @@ def virtual_stages(schedule: str, chunks: int | None, pp: int, balance=None) -> 
     return n
 
 
+def shared_costs(specs, sample: torch.Tensor, world=None, seed: int = 0, log=None) -> list:
+    """Every layer's cost (profile.LayerCost) on the micro-batch `sample`: rank 0 profiles (or
+    reads its cache) and sends the numbers to every rank of `world`, so all cut alike."""
+    from ..profile import LayerCost, layer_costs
+    buf = torch.zeros(3, len(specs), dtype=torch.float64)
+    if world is None or world.rank == 0:
+        costs = layer_costs(specs, sample, seed, log)
+        buf[:] = torch.tensor([[c.seconds for c in costs], [c.saved_bytes for c in costs],
+                               [c.param_bytes for c in costs]], dtype=torch.float64)
+    if world is not None:
+        world.bcast_(buf, 0)
+    return [LayerCost(s.name, float(buf[0, i]), int(buf[1, i]), int(buf[2, i])) for i, s in enumerate(specs)]
+
+
+STATE_PER_PARAM_BYTE = 4   # parameters, gradients and two optimizer states (fp32 Adam)
+
+
+def stage_memory(costs, inflight):
+    """memory(j, a, b): bytes virtual stage j needs for layers a..b-1 -- parameters, gradients
+    and optimizer state, plus what autograd saves per micro-batch times the micro-batches the
+    schedule keeps in flight there (`inflight[j]`)."""
+    state = [0]
+    saved = [0]
+    for c in costs:
+        state.append(state[-1] + STATE_PER_PARAM_BYTE * c.param_bytes)
+        saved.append(saved[-1] + c.saved_bytes)
+    return lambda j, a, b: state[b] - state[a] + inflight[j] * (saved[b] - saved[a])
+
+
+def inflight_per_stage(schedule: str, p: int, m: int, v: int) -> list[int]:
+    """Micro-batches whose activations virtual stage j holds at once (the simulator's peak per
+    rank, shared by that rank's v chunks)."""
+    from .simulate import run
+    peak = run(schedule, p, max(m, 1), v).peak_held
+    return [-(-peak[j % p] // v) for j in range(p * v)]
+
+
+def balance_table(stages, costs, schedule: str, p: int, m: int, v: int, inflight) -> tuple[str, float]:
+    """The chosen balance as people read it -- per virtual stage its layers, forward+backward
+    ms per micro-batch, share of the total and estimated memory -- and the step time and bubble
+    the simulator predicts for the schedule with these costs. Returns (text, predicted seconds)."""
+    from .simulate import lists_for, simulate
+    where = {c.name: c for c in costs}
+    per = [sum(where[n].seconds for n in layers) for layers in stages]
+    memory = stage_memory([where[n] for layers in stages for n in layers], inflight)
+    total = sum(per) or 1.0
+    lists = lists_for(schedule, p, max(m, 1), v)
+    split = any(a.op == "W" for acts in lists for a in acts)
+    share = {"F": 1 / 3, "B": 1 / 3 if split else 2 / 3, "W": 1 / 3}   # backward ~ 2x forward
+
+    def durations(r, a):
+        return per[a.chunk * p + r] * share[a.op] if a.op in share else 0.0
+    result = simulate(lists, v=v, durations=durations)
+    rows = [f"{'stage':>5} {'rank':>4}  {'layers':<24} {'ms/mb':>7} {'share':>6} {'memory':>9}"]
+    start = 0
+    for j, layers in enumerate(stages):
+        span = layers[0] if len(layers) == 1 else f"{layers[0]}..{layers[-1]}"
+        mem = memory(j, start, start + len(layers))
+        start += len(layers)
+        rows.append(f"{j:>5} {j % p:>4}  {span:<24} {per[j] * 1e3:>7.2f} {per[j] / total:>6.0%} "
+                    f"{mem / 2 ** 20:>7.1f} Mi")
+    rows.append(f"predicted for {schedule}, {m} micro-batch(es): {result.makespan * 1e3:.1f} ms per step "
+                f"of compute, bubble {result.bubble:.3f} (forward+backward measured per layer; "
+                f"memory: 4 bytes of state per parameter byte + saved activations x micro-batches in flight)")
+    return "\n".join(rows), result.makespan
+
+
 def partition(specs, balance, n_stages: int, world=None, sample: torch.Tensor | None = None,
-              seed: int = 0) -> list[list[str]]:
-    """Layers per virtual stage. `balance`: 'params' (default), 'layers', 'time' (rank 0 times
-    each layer on `sample` and every rank uses its numbers), sizes like [3, 3, 2, 2] or '3,3,2,2',
-    or a JSON file."""
+              seed: int = 0, costs=None, memory=None, limit: float | None = None) -> list[list[str]]:
+    """Layers per virtual stage. `balance`: 'time' (the slowest stage as fast as it can be, by
+    each layer's forward+backward time on the micro-batch `sample`, measured once by rank 0 and
+    cached; within `limit` bytes per stage by `memory`, see stage_memory), 'params' (even
+    parameter counts), 'layers', sizes like [3, 3, 2, 2] or '3,3,2,2', or a JSON file.
+    `costs`: shared_costs already measured."""
     names = [s.name for s in specs]
     if isinstance(balance, (list, tuple)):
         balance = ",".join(str(int(b)) for b in balance)
     times = None
-    if balance == "time":
-        if sample is None:
-            raise ConfigError("balance='time' profiles the layers on a sample batch: pass sample=x")
-        buf = torch.zeros(len(specs), dtype=torch.float64)
-        if world is None or world.rank == 0:
-            from ..profile import layer_times
-            buf[:] = torch.tensor(layer_times(specs, sample, seed))
-        times = (world.bcast_(buf, 0) if world is not None else buf).tolist()
-    return parse_balance(balance, names, n_stages, param_counts(specs), times)
+    if balance == "time" and n_stages > 1:
+        parse_balance("layers", names, n_stages)   # enough layers for the stages? (before profiling)
+        if costs is None and sample is None:
+            raise ConfigError("balance='time' profiles the layers on a micro-batch: pass sample=x")
+        costs = costs or shared_costs(specs, sample, world, seed)
+        times = [c.seconds for c in costs]
+    elif balance == "time":
+        return [names]
+    return parse_balance(balance, names, n_stages, param_counts(specs), times, memory, limit)
 
 
 def recompute_here(flag, s: int, p: int) -> bool:
@@ -113,13 +182,14 @@ class Pipeline:
     Arguments: `model` (nn.Sequential or LayerSpecs), `topo` (mpipar.init's Topology; default:
     every rank a stage), `loss_fn(out, target)` (a mean over the batch), `schedule` (gpipe |
     1f1b | interleaved | zb | pipedream), `microbatches`, `chunks` (interleaved, default 2),
-    `balance`, `sample` (a batch, for balance='time'), `recompute` (True, or pp ranks),
+    `balance` ('auto': 'time' when a micro-batch `sample` is given, else 'params'; see
+    partition), `sample`, `recompute` (True, or pp ranks),
     `seed` (LayerSpec initialisation), `timeline` (path for a trace of the executed schedule),
     `data_parallel` (DataParallelOptions for dp > 1).
     """
 
     def __init__(self, model, topo=None, *, loss_fn: Callable | None = None, schedule: str = "gpipe",
-                 microbatches: int = 1, chunks: int | None = None, balance="params",
+                 microbatches: int = 1, chunks: int | None = None, balance="auto",
                  sample: torch.Tensor | None = None, recompute=False, seed: int = 0,
                  timeline: str | None = None, data_parallel: DataParallelOptions | None = None,
                  rankmap: RankMap | None = None):
@@ -133,6 +203,8 @@ class Pipeline:
         check_unique(specs)
         p, s = topo.grid.pp, topo.pp_rank
         if rankmap is None:
+            if balance == "auto":
+                balance = "time" if sample is not None else "params"
             n = virtual_stages(schedule, chunks, p, balance)
             rankmap = RankMap(topo.grid, partition(specs, balance, n, topo.world, sample, seed))
         if len(rankmap.stages) % p:

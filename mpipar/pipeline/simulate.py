@@ -53,6 +53,7 @@ def simulate(lists: Sequence[Sequence[Action]], v: int = 1, durations: dict | No
              send_window: int | None = 8, opt_barrier: bool = False) -> Result:
     p = len(lists)
     dur = durations or default_durations(lists)
+    timed = dur if callable(dur) else (lambda r, a: dur[a.op] / v)   # durations(rank, action): per stage
     pc, clock = [0] * p, [0.0] * p
     sent: dict[tuple, deque] = defaultdict(deque)          # key -> send times not yet received
     recv_time: dict[tuple, deque] = {}                      # (key, n) -> time received
@@ -96,8 +97,9 @@ def simulate(lists: Sequence[Sequence[Action]], v: int = 1, durations: dict | No
         a = acts[pc[r]]
         if a.op in COMPUTE:
             t0 = clock[r]
-            clock[r] += dur[a.op] / v
-            busy[r] += dur[a.op] / v
+            d = timed(r, a)
+            clock[r] += d
+            busy[r] += d
             spans[r].append((a, t0, clock[r]))
             if a.op == "F":
                 held[r].add((a.mb, a.chunk))

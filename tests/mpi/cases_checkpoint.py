@@ -48,7 +48,7 @@ def run(w, root, grid_text, ckpt, *flags, train_it=True):
                            "--checkpoint-dir", str(ckpt), "--checkpoint-every", "4", *flags])
     grid = Grid.parse(grid_text, w.size)
     specs = example.layers(args)
-    rankmap = RankMap(grid, partition(w, specs, args, grid, None))
+    rankmap = RankMap(grid, partition(w, specs, args, grid, None)[0])
     trainer = build_trainer(Topology.build(w, grid), rankmap, example, specs, args, quiet)   # as the session does
     train, test = example.data(args)
     ck = attach_checkpoint(trainer, rankmap, len(train), CheckpointConfig(

@@ -31,7 +31,7 @@ def trainer_for(world, out, *extra):
     grid = Grid.parse(args.grid, world.size)
     specs = example.layers(args)
     train_split, test_split = example.data(args)
-    rankmap = RankMap(grid, partition(world, specs, args, grid, train_split))
+    rankmap = RankMap(grid, partition(world, specs, args, grid, train_split)[0])
     trainer = build_trainer(Topology.build(world, grid), rankmap, example, specs, args, quiet)
     scaler = example.on_trainer(trainer, args)
     return SimpleNamespace(train=train_split, test=test_split, trainer=trainer, scaler=scaler, args=args)

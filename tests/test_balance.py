@@ -1,0 +1,93 @@
+"""Partitioning by cost (--balance time, the command line's default), without MPI: the cut is
+optimal on known cost vectors (against every contiguous split), respects a memory limit per
+stage, works for interleaved chunks; a profile is measured once per cache key; the balance
+table's prediction is the simulator's."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from mpipar import profile
+from mpipar.errors import RankMapError
+from mpipar.model import LayerSpec
+from mpipar.pipeline.pipe import balance_table, inflight_per_stage, partition, stage_memory
+from mpipar.profile import LayerCost
+from mpipar.rankmap import linear_partition
+
+
+def every_split(n, k):
+    """All sizes of k contiguous non-empty groups of n layers."""
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        bounds = (0, *cuts, n)
+        yield [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def heaviest(weights, sizes):
+    out, i = [], 0
+    for s in sizes:
+        out.append(sum(weights[i:i + s]))
+        i += s
+    return max(out)
+
+
+@pytest.mark.parametrize("weights, k", [
+    ([1, 1, 1, 1], 2), ([5, 1, 1, 1, 1, 1], 2), ([1, 2, 3, 4, 5, 6, 7, 8], 3),
+    ([9, 1, 1, 9, 1, 1, 9], 3), ([0.3, 7.1, 0.2, 0.2, 3.3, 2.9, 0.1, 4.4, 1.0], 4), ([2, 2, 2], 3)])
+def test_partition_is_optimal_against_every_contiguous_split(weights, k):
+    sizes = linear_partition(weights, k)
+    assert sum(sizes) == len(weights) and all(s > 0 for s in sizes) and len(sizes) == k
+    assert heaviest(weights, sizes) == pytest.approx(min(heaviest(weights, s) for s in every_split(len(weights), k)))
+
+
+def test_memory_limit_is_respected_and_an_impossible_one_is_refused():
+    weights = [1, 1, 1, 1, 1, 1]
+    mem = [10, 10, 10, 10, 10, 100]   # the last layer is big
+    memory = lambda j, a, b: sum(mem[a:b])   # noqa: E731
+    free = linear_partition(weights, 2)
+    assert free == [3, 3]
+    sizes = linear_partition(weights, 2, memory, limit=110)
+    assert sizes == [4, 2]                      # [3, 3] would put 120 on stage 1
+    assert memory(0, 0, 4) <= 110 and memory(1, 4, 6) <= 110
+    with pytest.raises(RankMapError, match="keeps every stage within"):
+        linear_partition(weights, 2, memory, limit=90)
+
+
+def test_memory_depends_on_the_micro_batches_each_stage_holds():
+    costs = [LayerCost(f"l{i}", 1.0, saved_bytes=100, param_bytes=1) for i in range(4)]
+    inflight = inflight_per_stage("1f1b", 2, 8, 1)
+    assert inflight == [2, 1]                   # 1F1B: stage s holds p - s micro-batches
+    memory = stage_memory(costs, inflight)
+    assert memory(0, 0, 2) == 2 * 4 * 1 + 2 * 2 * 100 and memory(1, 2, 4) == 2 * 4 * 1 + 1 * 2 * 100
+
+
+def test_interleaved_chunks_are_cut_into_p_times_v_stages():
+    specs = [LayerSpec(f"l{i}", lambda: nn.Linear(2, 2)) for i in range(8)]
+    costs = [LayerCost(f"l{i}", w, 0, 0) for i, w in enumerate([4, 1, 1, 1, 1, 1, 1, 4])]
+    stages = partition(specs, "time", 4, costs=costs)   # p=2, v=2
+    sizes = [len(s) for s in stages]
+    assert len(sizes) == 4 and sizes[0] == sizes[-1] == 1   # the costly ends stand alone
+    assert heaviest([c.seconds for c in costs], sizes) == 4
+
+
+def test_profile_runs_once_per_cache_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPIPAR_CACHE", str(tmp_path))
+    calls = []
+    real = profile.profile_layers
+    monkeypatch.setattr(profile, "profile_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    specs = [LayerSpec("a", lambda: nn.Linear(8, 16)), LayerSpec("b", lambda: nn.Linear(16, 4))]
+    first = profile.layer_costs(specs, torch.randn(4, 8), 0)
+    again = profile.layer_costs(specs, torch.randn(4, 8), 0)
+    assert len(calls) == 1 and first == again
+    assert [c.name for c in first] == ["a", "b"] and all(c.seconds > 0 for c in first)
+    assert first[0].param_bytes == (8 * 16 + 16) * 4 and first[0].saved_bytes > 0
+    profile.layer_costs(specs, torch.randn(2, 8), 0)          # another micro-batch shape: a new key
+    assert len(calls) == 2
+
+
+def test_balance_table_predicts_the_simulated_bubble():
+    costs = [LayerCost(f"l{i}", 0.003, 0, 0) for i in range(4)]
+    stages = [["l0", "l1"], ["l2", "l3"]]
+    text, seconds = balance_table(stages, costs, "1f1b", 2, 8, 1, inflight_per_stage("1f1b", 2, 8, 1))
+    assert "bubble 0.111" in text          # equal stages: (p-1)/(m+p-1) = 1/9
+    assert seconds == pytest.approx((8 + 1) * 0.006)
