@@ -140,7 +140,7 @@ def run_example(world, example, args) -> dict:
     predicted = None
     if balance is not None:
         from .pipeline.pipe import balance_table
-        text, predicted = balance_table(stages, balance[0], args.schedule, grid.pp, args.microbatches,
+        text, predicted, _ = balance_table(stages, balance[0], args.schedule, grid.pp, args.microbatches,
                                         len(stages) // grid.pp, balance[1])
         log(text)
     from .train.checkpointing import CheckpointConfig, attach_checkpoint   # --checkpoint-dir, --inject-fault

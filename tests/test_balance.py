@@ -88,6 +88,6 @@ def test_profile_runs_once_per_cache_key(tmp_path, monkeypatch):
 def test_balance_table_predicts_the_simulated_bubble():
     costs = [LayerCost(f"l{i}", 0.003, 0, 0) for i in range(4)]
     stages = [["l0", "l1"], ["l2", "l3"]]
-    text, seconds = balance_table(stages, costs, "1f1b", 2, 8, 1, inflight_per_stage("1f1b", 2, 8, 1))
-    assert "bubble 0.111" in text          # equal stages: (p-1)/(m+p-1) = 1/9
+    text, seconds, bubble = balance_table(stages, costs, "1f1b", 2, 8, 1, inflight_per_stage("1f1b", 2, 8, 1))
+    assert "bubble 0.111" in text and bubble == pytest.approx(1 / 9)   # equal stages: (p-1)/(m+p-1)
     assert seconds == pytest.approx((8 + 1) * 0.006)

@@ -41,3 +41,12 @@ def test_dp_step_times_ours_ours_bf16_and_ddp():
     times = dict(zip(row.split()[0::2], map(float, row.split()[1::2])))
     assert set(times) == {"local", "ours", "ours+bf16", "ddp-gloo"} and all(v > 0 for v in times.values()), out
     assert "synthetic inputs" in out and "ours/ddp-gloo" in out, out
+
+
+def test_balance_rows_for_each_partition():
+    out = bench(2, "balance", "--examples", "pipeline-cifar", "--steps", "2", "--warmup", "1",
+                "--microbatches", "2", "--batch-size", "8")
+    rows = {l.split()[0]: l.split() for l in out.splitlines() if l.split() and l.split()[0] in
+            ("params", "layers", "time", "best")}
+    assert set(rows) == {"params", "layers", "time", "best"}, out
+    assert float(rows["best"][3].rstrip("x")) == 1.0 and all(float(r[2]) > 0 for r in rows.values()), out

@@ -104,10 +104,11 @@ def inflight_per_stage(schedule: str, p: int, m: int, v: int) -> list[int]:
     return [-(-peak[j % p] // v) for j in range(p * v)]
 
 
-def balance_table(stages, costs, schedule: str, p: int, m: int, v: int, inflight) -> tuple[str, float]:
+def balance_table(stages, costs, schedule: str, p: int, m: int, v: int, inflight) -> tuple[str, float, float]:
     """The chosen balance as people read it -- per virtual stage its layers, forward+backward
     ms per micro-batch, share of the total and estimated memory -- and the step time and bubble
-    the simulator predicts for the schedule with these costs. Returns (text, predicted seconds)."""
+    the simulator predicts for the schedule with these costs. Returns (text, predicted seconds,
+    predicted bubble)."""
     from .simulate import lists_for, simulate
     where = {c.name: c for c in costs}
     per = [sum(where[n].seconds for n in layers) for layers in stages]
@@ -131,7 +132,7 @@ def balance_table(stages, costs, schedule: str, p: int, m: int, v: int, inflight
     rows.append(f"predicted for {schedule}, {m} micro-batch(es): {result.makespan * 1e3:.1f} ms per step "
                 f"of compute, bubble {result.bubble:.3f} (forward+backward measured per layer; "
                 f"memory: 4 bytes of state per parameter byte + saved activations x micro-batches in flight)")
-    return "\n".join(rows), result.makespan
+    return "\n".join(rows), result.makespan, result.bubble
 
 
 def partition(specs, balance, n_stages: int, world=None, sample: torch.Tensor | None = None,
@@ -351,12 +352,13 @@ class Pipeline:
             self.module.train(was)
         return got[0] if got else None
 
-    def write_timeline(self, log=print) -> None:
+    def write_timeline(self, log=print) -> float | None:
+        """Write the trace and Gantt chart (collective); the measured bubble on rank 0."""
         if self.recorder is None:
-            return
+            return None
         m = self.microbatches
         label = f"{self.schedule.name}, p={self.p}, m={m}" + (f", v={self.v}" if self.v > 1 else "")
-        timeline.write(self.topo.world, self.recorder, self.timeline_path,
+        return timeline.write(self.topo.world, self.recorder, self.timeline_path,
                        self.schedule.bubble(self.p, m, self.v), label, log)
 
     def close(self) -> None:
