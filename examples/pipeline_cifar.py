@@ -16,10 +16,11 @@ def conv(c_in, c_out, pool):
 
 
 def layers(args):
+    """Eight layers: enough for the interleaved schedule's 2 chunks on each of 4 ranks."""
     w = args.width
     return [LayerSpec("conv1", conv(3, w, False)), LayerSpec("conv2", conv(w, w, True)),          # 32 -> 16
             LayerSpec("conv3", conv(w, 2 * w, False)), LayerSpec("conv4", conv(2 * w, 2 * w, True)),  # -> 8
-            LayerSpec("conv5", conv(2 * w, 4 * w, True)),                                            # -> 4
+            LayerSpec("conv5", conv(2 * w, 4 * w, True)), LayerSpec("conv6", conv(4 * w, 4 * w, False)),  # -> 4
             LayerSpec("fc1", lambda: nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, 128), nn.ReLU())),
             LayerSpec("fc2", lambda: nn.Linear(128, 10))]
 

@@ -18,6 +18,7 @@ from mpipar.session import build_trainer
 from mpipar.topology import Topology
 from mpipar.comm import World
 from mpirun import mpirun
+from parity import check_parity
 
 torch.set_num_threads(1)
 
@@ -123,3 +124,10 @@ def test_timeline_flag_writes_trace_and_gantt(tmp_path):
     assert {e["cat"] for e in events if e["ph"] == "X"} == {"F", "B", "W"}
     assert {e["tid"] for e in events if e["ph"] == "X"} == {0, 1}
     assert (tmp_path / "tl.png").stat().st_size > 1000
+
+
+def test_pipeline_cifar_interleaved_on_4_ranks_equals_single_process(tmp_path):
+    """Issue 15: pipeline-cifar's 8 layers fill 4 ranks x 2 chunks of the interleaved schedule."""
+    out = check_parity(tmp_path, 4, ["pipeline-cifar", "--schedule", "interleaved", "--microbatches", "4",
+                                     "--epochs", "1", "--steps", "3", "--n-train", "256", "--width", "8"])
+    assert "schedule interleaved" in out and "conv1 + " in out, out[-2000:]
