@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import dp_step
 from .allreduce import human_bytes
 
 SUBNET = "10.200.0.0/24"
@@ -122,8 +123,9 @@ def run_config(hosts: int, per_host: int, args, workdir: Path, tag: str) -> dict
                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                            os.environ.get("PYTHONPATH")]))}
         if args.step:
-            argv = ["-m", "mpipar.bench", "dp-step", "--width", str(args.width), "--batch", str(args.batch),
-                    "--steps", str(args.steps), "--bucket-mb", str(args.bucket_mb), "--wait", args.wait]
+            argv = ["-m", "mpipar.bench", "dp-step"]
+            for name in dp_step.FLAGS:
+                argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         else:
             argv = ["-m", "mpipar.bench", "allreduce", "--sizes", args.sizes, "--rounds", str(args.rounds),
                     "--out", str(out), "--extra", ",".join(extras(per_host, args))]
@@ -197,13 +199,7 @@ def main(argv) -> int:
     p.add_argument("--no-compress", action="store_true", help="skip ours with bf16 on the wire")
     p.add_argument("--step", action="store_true", help="instead of the all-reduce table: dp-cifar's training "
                    "step, ours vs ours+bf16 vs torch DDP on gloo (python -m mpipar.bench dp-step)")
-    p.add_argument("--width", type=int, default=16, help="--step: the CNN's width (dp-cifar: 16)")
-    p.add_argument("--batch", type=int, default=32, help="--step: samples per rank")
-    p.add_argument("--steps", type=int, default=30, help="--step: timed steps per mode")
-    p.add_argument("--bucket-mb", type=float, default=4.0, help="--step: our gradient bucket size")
-    p.add_argument("--wait", default="poll", choices=["auto", "spin", "poll"],
-                   help="--step: how our ranks wait (default poll: the emulated hosts share this "
-                        "machine's cores, which auto cannot see)")
+    dp_step.add_args(p.add_argument_group("--step (python -m mpipar.bench dp-step's flags)"), wait="poll")
     p.add_argument("--timeout", type=float, default=900, help="seconds per config before giving up")
     p.add_argument("--out", default=None, help="also write every config's rows as JSON here")
     args = p.parse_args(argv)

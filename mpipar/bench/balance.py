@@ -25,7 +25,7 @@ from ..comm import World, failure
 from ..pipeline.pipe import (Pipeline, balance_table, inflight_per_stage, partition, shared_costs,
                              virtual_stages)
 from ..topology import Topology, share_cores
-from ..rankmap import Grid
+from ..rankmap import Grid, stages_from_sizes
 
 
 def every_cut(n: int, k: int):
@@ -73,14 +73,13 @@ def bench_example(world, name: str, args, log) -> None:
         for i, sizes in enumerate(every_cut(len(specs), n)):
             results[tuple(sizes)] = run_cut(topo, specs, example, x, y, sizes, args, Path(tmp) / f"t{i}")
     best = min(results, key=lambda s: results[s][0])
-    stages = lambda sizes: [names[a:a + k] for a, k in zip(itertools.accumulate([0, *sizes[:-1]]), sizes)]  # noqa: E731
     log(f"{name}: {len(specs)} layers on {world.size} ranks, {args.schedule}, {args.microbatches} micro-batches "
         f"of {args.batch_size // args.microbatches}; step ms (median of {args.steps}, slowest rank)")
     log(f"{'balance':<8} {'sizes':<12} {'step ms':>8} {'vs best':>8} {'bubble':>7} {'predicted':>9}")
     rows = [(b, chosen[b]) for b in ("params", "layers", "time")] + [("best", list(best))]
     for label, sizes in rows:
         seconds, bubble = results[tuple(sizes)]
-        _, _, predicted = balance_table(stages(sizes), costs, args.schedule, world.size, args.microbatches,
+        _, _, predicted = balance_table(stages_from_sizes(names, sizes), costs, args.schedule, world.size, args.microbatches,
                                         n // world.size, inflight)
         log(f"{label:<8} {','.join(map(str, sizes)):<12} {seconds * 1e3:>8.1f} {seconds / results[best][0]:>7.2f}x "
             f"{bubble if bubble is not None else float('nan'):>7.3f} {predicted:>9.3f}")

@@ -66,17 +66,25 @@ class Mode:
         return float(world.allgather_floats([time.perf_counter() - t0]).max())
 
 
-def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="python -m mpipar.bench dp-step", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+FLAGS = ("width", "batch", "steps", "wait", "bucket_mb")   # what allreduce-hosts --step passes on
+
+
+def add_args(p: argparse.ArgumentParser, wait: str = "auto") -> None:
+    """dp-step's flags (also allreduce-hosts --step's, which passes them on: FLAGS)."""
     p.add_argument("--width", type=int, default=16, help="channels of the first conv block (dp-cifar: 16)")
     p.add_argument("--batch", type=int, default=32, help="samples per rank per step (dp-cifar: 128 over 4 ranks)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per mode")
-    p.add_argument("--wait", default="auto", choices=["auto", "spin", "poll"],
-                   help="how our ranks wait for messages (auto: poll when a host has more ranks than "
-                        "cores; emulated hosts share this machine's cores, so say poll there)")
+    p.add_argument("--wait", default=wait, choices=["auto", "spin", "poll"],
+                   help=f"how our ranks wait for messages (default {wait}; auto: poll when a host has more "
+                        "ranks than cores; emulated hosts share this machine's cores, which auto cannot see)")
     p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB, help="our gradient buckets "
                    f"(default {DEFAULT_BUCKET_MB:g}, as the trainer's; DDP keeps its own, 25 MiB after a first 1 MiB)")
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m mpipar.bench dp-step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
     args = p.parse_args(argv)
     world = World()
     failure.install(world.host)
