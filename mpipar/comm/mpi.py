@@ -33,6 +33,18 @@ def start() -> None:
     atexit.register(finalize)
 
 
+_finalize_at_exit = True
+
+
+def skip_finalize() -> None:
+    """Leave MPI unfinalised at exit. For a job that has lost a process (ULFM): Open MPI's
+    MPI_Finalize fences every process the job started, the dead one included, and under load
+    that fence was seen to wait forever after all the work was done. mpirun started with
+    --with-ft ulfm accepts a survivor that exits without it."""
+    global _finalize_at_exit
+    _finalize_at_exit = False
+
+
 def finalize() -> None:
-    if MPI.Is_initialized() and not MPI.Is_finalized():
+    if _finalize_at_exit and MPI.Is_initialized() and not MPI.Is_finalized():
         MPI.Finalize()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from . import mpi
 from .mpi import MPI
 
 from .world import World
@@ -92,4 +93,5 @@ def shrink(world: World) -> World:
         pass
     comm = world.comm.Shrink()
     comm.Set_errhandler(MPI.ERRORS_RETURN)
+    mpi.skip_finalize()   # a finalize would wait on the dead rank
     return World(comm, name=world.name, policy=world.policy)
