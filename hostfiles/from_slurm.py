@@ -71,10 +71,13 @@ def expand_counts(text: str) -> list[int]:
 
 
 def hostfile(hosts: list[str], slots: list[int], fmt: str = "openmpi") -> str:
+    """fmt: openmpi ('host slots=N'), hydra ('host:N', MPICH and Intel MPI), or auto (the MPI
+    this Python's mpiexec is, as mpipar.launcher detects it)."""
     if len(slots) != len(hosts):
         raise ValueError(f"{len(hosts)} hosts but {len(slots)} slot counts")
-    line = "{h} slots={n}" if fmt == "openmpi" else "{h}:{n}"
-    return "".join(line.format(h=h, n=n) + "\n" for h, n in zip(hosts, slots))
+    from mpipar.launcher import MPIExec, find
+    mpi = find() if fmt == "auto" else MPIExec("openmpi" if fmt == "openmpi" else "mpich", "mpiexec")
+    return mpi.hostfile(list(zip(hosts, slots)))
 
 
 def main(argv=None) -> int:
@@ -83,8 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--tasks-per-node", default=os.environ.get("SLURM_TASKS_PER_NODE")
                    or os.environ.get("SLURM_JOB_CPUS_PER_NODE"), help="default $SLURM_TASKS_PER_NODE")
     p.add_argument("--slots", type=int, default=None, help="the same number of slots on every node")
-    p.add_argument("--format", choices=["openmpi", "hydra"], default="openmpi",
-                   help="openmpi: 'host slots=N'; hydra (MPICH): 'host:N'")
+    p.add_argument("--format", choices=["auto", "openmpi", "hydra"], default="auto",
+                   help="openmpi: 'host slots=N'; hydra (MPICH, Intel MPI): 'host:N'; auto (default): the "
+                        "format of the mpiexec this Python finds")
     args = p.parse_args(argv)
     if not args.nodelist:
         p.error("no node list: run inside a SLURM allocation or pass --nodelist")

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Run an example on this machine with oversubscribed ranks:
-#   bash launch/local.sh EXAMPLE [-np N] [flags...]     (default 4 ranks)
+# Run an example on this machine with oversubscribed ranks, under the MPI of the set-up's venv
+# (mpipar.launcher builds the command and the yield-when-idle settings for Open MPI, MPICH or Intel MPI):
+#   bash launch/local.sh EXAMPLE [-np N] [flags...]       (default 4 ranks)
+#   MPIPAR_VENV=.venv-mpich bash launch/local.sh mlp      (the MPICH set-up: MPIPAR_MPI=mpich launch/setup.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. .venv/bin/activate
+VENV=${MPIPAR_VENV:-.venv}
+[ -x "$VENV/bin/python" ] || { echo "launch/local.sh: no $VENV/bin/python: run bash launch/setup.sh first" >&2; exit 2; }
 NP=4
 if [ "${2:-}" = "-np" ]; then NP=$3; set -- "$1" "${@:4}"; fi
-export OMPI_MCA_mpi_yield_when_idle=1          # idle ranks yield the core (else ~500x slower)
-export OMPI_MCA_hwloc_base_binding_policy=none
-[ "$(id -u)" = 0 ] && export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-exec mpirun -np "$NP" --oversubscribe --bind-to none python -m mpipar.run "$@"
+exec "$VENV/bin/python" -m mpipar.launcher --np "$NP" -- -m mpipar.run "$@"

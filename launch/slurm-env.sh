@@ -1,7 +1,8 @@
 # Sourced by launch/*.sbatch: the job's Python, the MPI settings, and `mpipar_launch`, so every
 # batch script starts ranks the same way.  Knobs (environment, or sbatch --export=ALL,NAME=value):
-#   MPIPAR_LAUNCHER=mpirun|srun  mpirun (default; works with the bundled PyPI Open MPI and any
-#                                Open MPI >= 4) or srun --mpi=pmix (needs SLURM's PMIx plugin)
+#   MPIPAR_LAUNCHER=mpirun|srun  mpirun (default: the MPI's own launcher, Open MPI's mpirun or
+#                                MPICH's / Intel MPI's mpiexec, as mpipar.launcher detects it) or
+#                                srun --mpi=$MPIPAR_PMI (pmix by default; MPICH builds may want pmi2)
 #   MPIPAR_NP=N                  ranks (default: the allocation's $SLURM_NTASKS)
 #   MPIPAR_PYTHON=/path/python   interpreter with mpipar installed (default: ROOT/.venv, else python3)
 #   MPIPAR_IFACE=eth0|10.1.0.0/16  restrict MPI's TCP traffic to this interface or subnet
@@ -15,15 +16,13 @@ fi
 PATH=$(dirname "$(command -v "$MPIPAR_PYTHON")"):$PATH
 export PATH
 
-# Open MPI on oversubscribed nodes (more ranks than cores, as in tests or small allocations):
-export OMPI_MCA_mpi_yield_when_idle=1             # idle ranks yield the core instead of spinning
-export OMPI_MCA_rmaps_base_oversubscribe=1        # allow more ranks than slots (mpirun --oversubscribe)
-export OMPI_MCA_hwloc_base_binding_policy=none    # no binding: SLURM/cgroups already place the job
-export PRTE_MCA_prte_silence_shared_fs=1
-if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
-if [ -n "${MPIPAR_IFACE:-}" ]; then
-  export OMPI_MCA_btl_tcp_if_include=$MPIPAR_IFACE OMPI_MCA_oob_tcp_if_include=$MPIPAR_IFACE
-fi
+# The MPI's own settings for oversubscribed nodes (yield when idle, no binding; as root, Open MPI's
+# permission) and MPIPAR_IFACE, as mpipar.launcher gives them for the MPI this Python uses.
+while IFS= read -r line; do [ -n "$line" ] && export "$line"; done < <(
+  "$MPIPAR_PYTHON" -c 'import os, sys
+from mpipar.launcher import find
+for k, v in find().environment(True, os.environ.get("MPIPAR_IFACE") or None).items():
+    if k not in os.environ: print(f"{k}={v}")')
 
 MPIPAR_NP=${MPIPAR_NP:-${SLURM_NTASKS:-4}}
 
@@ -31,12 +30,15 @@ MPIPAR_NP=${MPIPAR_NP:-${SLURM_NTASKS:-4}}
 mpipar_launch() {
   local np=$MPIPAR_NP launcher=${MPIPAR_LAUNCHER:-mpirun} cmd
   case "$launcher" in
-    mpirun) cmd=(mpirun -np "$np" --oversubscribe --bind-to none) ;;
-    srun)   cmd=(srun --mpi=pmix -n "$np" --kill-on-bad-exit=1)
-            [ "$np" -gt "${SLURM_NTASKS:-$np}" ] && cmd+=(--overcommit) ;;
+    mpirun) mapfile -t cmd < <("$MPIPAR_PYTHON" -c 'import sys
+from mpipar.launcher import find
+print("\n".join(find().command(int(sys.argv[1]), sys.argv[2:], python=sys.executable)))' "$np" -m mpipar.run "$@") ;;
+    srun)   cmd=(srun "--mpi=${MPIPAR_PMI:-pmix}" -n "$np" --kill-on-bad-exit=1)
+            [ "$np" -gt "${SLURM_NTASKS:-$np}" ] && cmd+=(--overcommit)
+            cmd+=("$MPIPAR_PYTHON" -m mpipar.run "$@") ;;
     *)      echo "MPIPAR_LAUNCHER=$launcher: use mpirun or srun" >&2; return 2 ;;
   esac
-  cmd+=("$MPIPAR_PYTHON" -m mpipar.run "$@")
+  [ "${#cmd[@]}" -gt 0 ] || return 2   # mpipar.launcher printed why
   echo "mpipar job ${SLURM_JOB_ID:-?}: $np ranks on ${SLURM_JOB_NODELIST:-$(hostname)} via $launcher: ${cmd[*]}"
   if [ -n "${MPIPAR_DRY_RUN:-}" ]; then return 0; fi
   "${cmd[@]}"

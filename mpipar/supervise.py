@@ -8,7 +8,8 @@ reported itself (a Python exception, a bad flag) is not retried: it would happen
         [--mpirun-arg=ARG ...] [--restart-on-error] [--] EXAMPLE [flags] | -m MODULE ... | SCRIPT.py ...
 
 Inside a SLURM allocation (SLURM_JOB_ID set) -np defaults to SLURM_NTASKS and mpirun is not
-told to oversubscribe; --launcher srun uses `srun --mpi=pmix` instead. Commands are argument
+told to oversubscribe; --launcher srun uses `srun --mpi=pmix` instead. mpirun is whichever MPI
+this Python uses (mpipar.launcher: Open MPI, MPICH, Intel MPI). Commands are argument
 lists, never a shell. Each launch gets MPIPAR_ATTEMPT=0,1,2,... in its environment.
 """
 from __future__ import annotations
@@ -16,17 +17,20 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 from collections import deque
-from pathlib import Path
 
+from .launcher import find, srun_command
+
+# Open MPI: "exited on signal 9 (Killed)"; srun: "task 2: Killed"; hydra (MPICH, Intel MPI):
+# "EXIT STRING: Killed (signal 9)".
 RANK_DEATH = re.compile(r"exited on\s+signal|task \d+: (Killed|Segmentation)"
-                        r"|signal \d+ \((Killed|Segmentation fault|Bus error|Aborted)\)")
-REPORTED = re.compile(r"MPI_ABORT was invoked|calling\s+\"abort\"")
+                        r"|signal \d+ \((Killed|Segmentation fault|Bus error|Aborted)\)"
+                        r"|(Killed|Segmentation fault|Bus error) \(signal \d+\)")
+REPORTED = re.compile(r"MPI_ABORT was invoked|calling\s+\"abort\"|application called MPI_Abort")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,21 +45,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def launcher_command(np_: int, python_argv: list[str], launcher: str = "mpirun", extra=(), env=None) -> list[str]:
+    """The job's command: the MPI's own launcher (oversubscribing outside SLURM) or srun."""
     env = os.environ if env is None else env
     if launcher == "srun":
-        return ["srun", "--mpi=pmix", "-n", str(np_), "--kill-on-bad-exit=1", *extra, sys.executable, *python_argv]
-    exe = shutil.which("mpirun", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")) or "mpirun"
-    spread = [] if "SLURM_JOB_ID" in env else ["--oversubscribe"]
-    return [exe, "-np", str(np_), *spread, "--bind-to", "none", *extra, sys.executable, *python_argv]
+        return srun_command(np_, python_argv, extra=extra)
+    return find(env).command(np_, python_argv, oversubscribe="SLURM_JOB_ID" not in env, extra=extra)
 
 
 def launch_env(attempt: int) -> dict:
     env = {**os.environ, "MPIPAR_ATTEMPT": str(attempt), "MPIPAR_SUPERVISED": "1"}
-    if "SLURM_JOB_ID" not in env:
-        env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")   # oversubscribed ranks must yield the core
-    if hasattr(os, "getuid") and os.getuid() == 0:            # as launch/local.sh does
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    for k, v in find(env).environment(oversubscribed="SLURM_JOB_ID" not in env).items():
+        env.setdefault(k, v)   # the user's own settings win
     return env
 
 
@@ -71,20 +71,23 @@ def rank_died(returncode: int, stderr_text: str) -> bool:
 
 
 class Launch:
-    """One launch: stdout passes through, stderr too (its tail is kept to classify the end);
-    SIGTERM/SIGINT to the supervisor go to the whole job and stop the relaunching."""
+    """One launch: stdout and stderr pass through (their tails are kept to classify the end:
+    hydra reports a killed rank on stdout, Open MPI on stderr); SIGTERM/SIGINT to the
+    supervisor go to the whole job and stop the relaunching."""
 
     def __init__(self, cmd: list[str], env: dict):
-        self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace",
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     errors="replace", start_new_session=True)
         self.tail: deque[str] = deque(maxlen=400)
-        self.reader = threading.Thread(target=self._pump, daemon=True)
-        self.reader.start()
+        self.readers = [threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+                        for src, dst in ((self.proc.stdout, sys.stdout), (self.proc.stderr, sys.stderr))]
+        for r in self.readers:
+            r.start()
 
-    def _pump(self) -> None:
-        for line in self.proc.stderr:
-            sys.stderr.write(line)
-            sys.stderr.flush()
+    def _pump(self, src, dst) -> None:
+        for line in src:
+            dst.write(line)
+            dst.flush()
             self.tail.append(line)
 
     def signal(self, sig: int) -> None:
@@ -95,7 +98,8 @@ class Launch:
 
     def wait(self) -> tuple[int, str]:
         rc = self.proc.wait()
-        self.reader.join(timeout=10)
+        for r in self.readers:
+            r.join(timeout=10)
         return rc, "".join(self.tail)
 
 

@@ -1,42 +1,29 @@
-"""Launch multi-rank jobs from pytest: oversubscribed Open MPI, a hard timeout, no hang."""
+"""Launch multi-rank jobs from pytest: oversubscribed ranks under the MPI this Python uses (Open MPI,
+MPICH or Intel MPI, through mpipar.launcher), a hard timeout, no hang."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MPI_DIR = Path(__file__).resolve().parent / "mpi"
 
-ENV = {
-    "OMPI_MCA_mpi_yield_when_idle": "1",     # without it, oversubscribed ranks spin and starve each other
-    "OMPI_MCA_rmaps_base_oversubscribe": "1",
-    "OMPI_MCA_hwloc_base_binding_policy": "none",
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "PRTE_MCA_prte_silence_shared_fs": "1",
-    "OMP_NUM_THREADS": "1",
-    "OMPI_MCA_osc": "^ucx",                   # what mpipar's World sets when it starts MPI itself; under
-                                              # `python -m mpi4py` MPI starts first (osc/ucx would complain)
-}
+from mpipar import launcher  # noqa: E402
 
-
-def mpirun_exe() -> str:
-    exe = shutil.which("mpirun", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
-    if not exe:
-        raise RuntimeError("mpirun not found: pip install -e .[all] (bundled Open MPI) or load your MPI module")
-    return exe
+MPIEXEC = launcher.find()   # the MPI this Python's mpi4py uses: Open MPI, MPICH or Intel MPI
+KIND = MPIEXEC.kind
+ENV = {**MPIEXEC.environment(oversubscribed=True), "OMP_NUM_THREADS": "1"}
+if KIND == "openmpi":   # what mpipar's World sets when it starts MPI itself; under `python -m
+    ENV["OMPI_MCA_osc"] = "^ucx"   # mpi4py` MPI starts first (osc/ucx would complain)
 
 
 def mpirun(np: int, *argv: str, timeout: float = 120, env: dict | None = None,
-           cwd: Path | None = None, mpi_args: tuple = ()) -> subprocess.CompletedProcess:
-    """Run `python argv...` on np ranks (`mpi_args`: more mpirun options); returns the finished
-    process (never hangs past timeout)."""
-    cmd = [mpirun_exe(), "-np", str(np), "--oversubscribe", "--bind-to", "none", *mpi_args,
-           sys.executable, *argv]
+           cwd: Path | None = None, mpi_args: tuple = (), hostfile: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python argv...` on np ranks (`mpi_args`: more launcher options; `hostfile` in this
+    MPI's format); returns the finished process (never hangs past timeout)."""
+    cmd = MPIEXEC.command(np, list(argv), extra=mpi_args, hostfile=hostfile)
     full_env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env, cwd=cwd or ROOT, start_new_session=True)
@@ -45,7 +32,7 @@ def mpirun(np: int, *argv: str, timeout: float = 120, env: dict | None = None,
     except subprocess.TimeoutExpired:
         kill_group(proc)
         out, err = proc.communicate()
-        raise AssertionError(f"mpirun -np {np} {' '.join(argv)} hung for {timeout} s\n"
+        raise AssertionError(f"{MPIEXEC.name} -n {np} {' '.join(argv)} hung for {timeout} s\n"
                              f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}") from None
     except BaseException:   # Ctrl-C, pytest-timeout: the ranks are in their own session, end them too
         kill_group(proc)

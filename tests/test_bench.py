@@ -50,3 +50,14 @@ def test_balance_rows_for_each_partition():
             ("params", "layers", "time", "best")}
     assert set(rows) == {"params", "layers", "time", "best"}, out
     assert float(rows["best"][3].rstrip("x")) == 1.0 and all(float(r[2]) > 0 for r in rows.values()), out
+
+
+def test_oversubscribed_rows_with_and_without_yield():
+    import subprocess
+    import sys
+    from mpirun import ROOT
+    p = subprocess.run([sys.executable, "-m", "mpipar.bench", "oversubscribed", "--np", "3", "--steps", "3",
+                        "--repeats", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = {l.split()[0]: l.split()[1:] for l in p.stdout.splitlines() if l.split()[:1] in (["spin"], ["poll"])}
+    assert set(rows) == {"spin", "poll"} and all(float(v[1]) > 0 for v in rows.values()), p.stdout

@@ -182,6 +182,7 @@ def test_rng_and_optimizer_state_survive_weights_only():
 
 # -- resume: bit-identical, fallback, keep-K ---------------------------------------------------------
 
+@pytest.mark.smoke
 def test_resume_is_bit_identical_and_rows_carry_over(tmp_path, reference):
     ref_params, ref_rows = reference
     torch.manual_seed(123)

@@ -3,6 +3,7 @@ the same global batch (uneven shards included), composition with pipeline stages
 built differently on one rank ending the job with one clear line instead of a hang.
 DataParallel/buckets against single-process training: tests/mpi/cases_dp.py, run case by case
 by tests/test_mpi_cases.py."""
+import pytest
 import torch
 
 from mpirun import mpirun
@@ -18,6 +19,7 @@ def test_mismatched_models_end_the_job_with_the_layout_error():
     assert "disagree on the gradient layout" in line and "rank 1 has 10 parameters / 3,986 elements" in line, p.stderr[-2000:]
 
 
+@pytest.mark.smoke
 def test_dp4_equals_single_process_with_the_same_global_batch(tmp_path):
     # (uneven shards are checked with SGD in tests/mpi/cases_dp.py: Adam's first steps turn the
     # last-bit differences of a 7-vs-8-sample shard mean into ~1e-4 parameter differences)

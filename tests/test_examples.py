@@ -31,7 +31,8 @@ NOT_BITWISE = {"pipeline-gcn-cora"}   # dropout: each rank draws its own masks
 GAP = 1e-5                           # measured: 0 to 3.2e-7 over these runs
 
 
-@pytest.mark.parametrize("name", [n for n in registry.available() if n not in CUSTOM])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.smoke) if n == "dp-cifar" else n
+                                  for n in registry.available() if n not in CUSTOM])
 def test_example_runs_and_equals_single_process(tmp_path, name):
     np_, argv = SMOKE.get(name, DEFAULT)
     p = mpirun(np_, "-m", "mpipar.run", name, *argv, "--compare", "--out", str(tmp_path), timeout=240)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster import netns
-from mpirun import ENV, ROOT, mpirun_exe
+from mpirun import ENV, ROOT
 
 pytestmark = pytest.mark.timeout(200)
 
@@ -31,7 +31,7 @@ def hosts(tmp_path):
 
 def job(hosts, tmp_path, script, *args):
     return netns.HostJob(hosts, tmp_path, sum(SLOTS), [str(HERE / script), *args],
-                         env={**ENV, "PYTHONPATH": str(ROOT)}, mpirun=mpirun_exe(), cwd=ROOT)
+                         env={**ENV, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
 
 
 def test_hierarchical_allreduce_equals_mpi_across_hosts(hosts, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cluster import netns
-from mpirun import ENV, ROOT, mpirun_exe
+from mpirun import ENV, ROOT
 
 pytestmark = pytest.mark.timeout(280)
 torch.set_num_threads(1)
@@ -33,7 +33,7 @@ def hosts(tmp_path):
 def host_job(hosts, tmp_path, argv):
     """`python -m mpipar.run ARGV` under mpirun started on the first host."""
     return netns.HostJob(hosts, tmp_path, sum(SLOTS), ["-m", "mpipar.run", *argv],
-                         env={**ENV, "PYTHONPATH": str(ROOT)}, mpirun=mpirun_exe(), cwd=ROOT)
+                         env={**ENV, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
 
 
 def test_training_spreads_over_three_hosts_and_matches_single_process(hosts, tmp_path):

@@ -126,6 +126,7 @@ def test_timeline_flag_writes_trace_and_gantt(tmp_path):
     assert (tmp_path / "tl.png").stat().st_size > 1000
 
 
+@pytest.mark.smoke
 def test_pipeline_cifar_interleaved_on_4_ranks_equals_single_process(tmp_path):
     """Issue 15: pipeline-cifar's 8 layers fill 4 ranks x 2 chunks of the interleaved schedule."""
     out = check_parity(tmp_path, 4, ["pipeline-cifar", "--schedule", "interleaved", "--microbatches", "4",

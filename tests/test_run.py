@@ -6,9 +6,10 @@ import time
 import pytest
 import torch
 
+from mpipar.launcher import parse_hostfile
 from mpipar.model import param_counts
 from mpipar.run import parse
-from mpirun import ROOT, mpirun
+from mpirun import MPIEXEC, ROOT, mpirun
 from parity import check_parity
 
 torch.set_num_threads(1)
@@ -92,10 +93,13 @@ def test_a_config_error_every_rank_raises_is_printed_once():
     assert len(lines) == 1 and lines[0].lstrip("\0 ").startswith("rank 0 ("), p.stderr[-2000:]
 
 
-def test_hostfile_as_shipped_places_ranks():
-    """hostfiles/cluster runs as shipped (localhost slots=8), as the README's command uses it."""
+def test_hostfile_as_shipped_places_ranks(tmp_path):
+    """hostfiles/cluster runs as shipped (localhost slots=8), as the README's command uses it
+    (python -m mpipar.launcher --hostfile rewrites it for MPICH's hydra, as done here)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text(MPIEXEC.hostfile(parse_hostfile((ROOT / "hostfiles/cluster").read_text())))
     p = mpirun(8, "-c", "from mpipar.comm import World; w = World(); print('rank', w.rank, 'of', w.size)",
-               mpi_args=("--hostfile", str(ROOT / "hostfiles/cluster")), timeout=90)
+               hostfile=hosts, timeout=90)
     assert p.returncode == 0, p.stderr[-2000:]
     assert sorted(ln for ln in p.stdout.splitlines() if ln.startswith("rank")) == \
         sorted(f"rank {r} of 8" for r in range(8)), p.stdout

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 from . import dp_step
+from ..launcher import find
 from .allreduce import human_bytes
 
 SUBNET = "10.200.0.0/24"
@@ -110,18 +110,16 @@ def run_config(hosts: int, per_host: int, args, workdir: Path, tag: str) -> dict
         agent = workdir / "rsh"
         agent.write_text(AGENT.replace("PREFIX", h.prefix))
         agent.chmod(0o755)
+        mpi = find()
         hostfile = workdir / "hostfile"
-        hostfile.write_text("".join(f"{n} slots={per_host}\n" for n in h.names))
-        mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
-        env = {**os.environ,
-               "OMPI_MCA_mpi_yield_when_idle": "1", "OMPI_MCA_hwloc_base_binding_policy": "none",
-               "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-               "PRTE_MCA_prte_silence_shared_fs": "1", "OMP_NUM_THREADS": "1",
-               "PRTE_MCA_plm_ssh_agent": str(agent), "OMPI_MCA_btl": args.btl,
-               "OMPI_MCA_btl_tcp_if_include": SUBNET, "OMPI_MCA_oob_tcp_if_include": SUBNET,
-               "MASTER_ADDR": "10.200.0.1", "GLOO_SOCKET_IFNAME": "eth0",
+        hostfile.write_text(mpi.hostfile([(n, per_host) for n in h.names]))
+        env = {**os.environ, **mpi.environment(oversubscribed=True),
+               **mpi.remote_env(agent, SUBNET if mpi.kind == "openmpi" else "eth0", tcp_only=False),
+               "OMP_NUM_THREADS": "1", "MASTER_ADDR": "10.200.0.1", "GLOO_SOCKET_IFNAME": "eth0",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                            os.environ.get("PYTHONPATH")]))}
+        if mpi.kind == "openmpi":
+            env["OMPI_MCA_btl"] = args.btl
         if args.step:
             argv = ["-m", "mpipar.bench", "dp-step"]
             for name in dp_step.FLAGS:
@@ -132,8 +130,7 @@ def run_config(hosts: int, per_host: int, args, workdir: Path, tag: str) -> dict
             if args.no_gloo:
                 argv.append("--no-gloo")
         cmd = ["ip", "netns", "exec", h.names[0], "unshare", "--uts", "sh", "-c", 'hostname "$0"; exec "$@"',
-               h.names[0], mpirun, "--hostfile", str(hostfile), "-np", str(hosts * per_host),
-               "--bind-to", "none", sys.executable, *argv]
+               h.names[0], *mpi.command(hosts * per_host, argv, hostfile=hostfile, oversubscribe=False)]
         t0 = time.monotonic()
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
         if p.returncode:
@@ -206,7 +203,7 @@ def main(argv) -> int:
     if os.geteuid() != 0:
         print("allreduce-hosts builds network namespaces: run it as root", file=sys.stderr)
         return 2
-    if "OMPI_COMM_WORLD_RANK" in os.environ or "PMIX_RANK" in os.environ:
+    if any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")):
         print("allreduce-hosts is the launcher: run it without mpirun", file=sys.stderr)
         return 2
     bits = rate_bits(args.rate)

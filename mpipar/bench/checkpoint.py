@@ -24,15 +24,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {"OMPI_MCA_mpi_yield_when_idle": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1",
-       "OMPI_MCA_hwloc_base_binding_policy": "none", "PRTE_MCA_prte_silence_shared_fs": "1",
-       "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def run(cmd: list[str], timeout: float = 1800) -> tuple[int, str, str]:
-    env = {**os.environ, **ENV}
-    if os.getuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    from ..launcher import find
+    env = {**os.environ, **find().environment(oversubscribed=True), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
 

@@ -25,6 +25,10 @@ def one_line(exc: BaseException) -> str:
 
 
 QUIET_SECONDS = 2.0   # how long ranks > 0 hold back a ConfigError's line for rank 0's
+# MPI_Abort goes through the launcher, which may itself be cut off from this host (MPICH's hydra
+# proxy, its link to mpiexec cut, never returns). After this long the rank ends itself: its
+# launcher daemon then sees it gone, and its peers are ended by their own aborts.
+ABORT_GRACE = 15.0
 
 
 def report_and_abort(exc: BaseException, code: int = 1) -> None:
@@ -42,7 +46,13 @@ def report_and_abort(exc: BaseException, code: int = 1) -> None:
     sys.stderr.write(f"rank {rank} ({host}): {one_line(exc)}\n")
     sys.stderr.flush()
     sys.stdout.flush()
+    threading.Thread(target=_exit_after, args=(ABORT_GRACE, code), name="mpipar-abort-grace", daemon=True).start()
     MPI.COMM_WORLD.Abort(code)
+
+
+def _exit_after(seconds: float, code: int) -> None:
+    time.sleep(seconds)
+    os._exit(code)
 
 
 def install(host: str, debug: bool = False) -> None:

@@ -34,6 +34,12 @@ def start() -> None:
 
 
 _finalize_at_exit = True
+_before_finalize: list = []
+
+
+def at_finalize(fn) -> None:
+    """Run `fn()` (collective over every rank, all ranks in the same order) just before MPI_Finalize."""
+    _before_finalize.append(fn)
 
 
 def skip_finalize() -> None:
@@ -47,4 +53,6 @@ def skip_finalize() -> None:
 
 def finalize() -> None:
     if _finalize_at_exit and MPI.Is_initialized() and not MPI.Is_finalized():
+        for fn in _before_finalize:
+            fn()
         MPI.Finalize()

@@ -13,9 +13,23 @@ from dataclasses import dataclass
 
 import torch
 
+from . import mpi
 from .mpi import MPI
 from .waits import BOARD
 from .world import World
+
+
+_LIVE: dict = {}   # buffers not freed yet, in creation order (the same on every rank)
+
+
+def _free_live() -> None:
+    """At exit, before MPI_Finalize: MPICH's libfabric netmod cannot close while a window is
+    still open ("fabricclose failed: Device or resource busy")."""
+    for buf in list(_LIVE.values()):
+        buf.free()
+
+
+mpi.at_finalize(_free_live)
 
 
 class SharedBuffer:
@@ -24,6 +38,7 @@ class SharedBuffer:
 
     def __init__(self, world, nbytes: int):
         self.world, self.nbytes = world, int(nbytes)
+        _LIVE[id(self)] = self
         self.comm = world.comm.Dup()
         self.win = MPI.Win.Allocate_shared(max(self.nbytes, 8), 1, comm=self.comm)
         self.win.Lock_all()   # one passive-target epoch for the buffer's life: Sync() orders memory
@@ -73,6 +88,7 @@ class SharedBuffer:
             self.win.Free()
             self.comm.Free()
             self.win = None
+            _LIVE.pop(id(self), None)
 
 
 def one_host(world) -> bool:

@@ -25,13 +25,17 @@ def has_api() -> bool:
 def enabled() -> bool:
     """True when this job runs with fault tolerance on (Open MPI: mpirun --with-ft ulfm)."""
     flag = os.environ.get("OMPI_MCA_mpi_ft_enable", "").strip().lower()
-    return has_api() and flag in ("1", "true", "yes", "on")
+    return has_api() and flag in ("1", "true", "yes", "on") and "Open MPI" in MPI.Get_library_version()
 
 
 def status() -> str:
     """One line for the banner: what this MPI offers."""
+    lib = MPI.Get_library_version().splitlines()[0].strip()
+    if "Open MPI" not in lib:
+        return (f"ULFM: off ({lib[:40]}: mpipar survives a dead rank in place only under Open MPI 5 with "
+                f"mpirun --with-ft ulfm; here the supervisor relaunches from the last checkpoint)")
     if not has_api():
-        return (f"ULFM: unavailable ({MPI.Get_library_version().splitlines()[0].strip()} via mpi4py "
+        return (f"ULFM: unavailable ({lib} via mpi4py "
                 f"{__import__('mpi4py').__version__} has no MPI_Comm_revoke/shrink/agree)")
     if not enabled():
         return "ULFM: available but off (launch with mpirun --with-ft ulfm to survive a dead rank)"

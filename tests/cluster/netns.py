@@ -16,6 +16,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from mpipar import launcher
+
 SUBNET = "10.200.0.0/24"
 _instances = itertools.count()
 
@@ -140,8 +142,8 @@ class Hosts:
         return path
 
     def write_hostfile(self, path: Path, slots: list[int]) -> Path:
-        """An Open MPI hostfile naming these hosts; kept as .hostfile."""
-        path.write_text("".join(f"{h} slots={s}\n" for h, s in zip(self.names, slots)))
+        """A hostfile naming these hosts, in the format of this Python's MPI; kept as .hostfile."""
+        path.write_text(launcher.find().hostfile(list(zip(self.names, slots))))
         self.hostfile = path
         return path
 
@@ -156,15 +158,11 @@ class HostJob:
     processes would block the reader forever."""
 
     def __init__(self, hosts: Hosts, workdir: Path, np: int, argv: list[str], env: dict | None = None,
-                 mpirun: str = "mpirun", cwd: Path | None = None):
+                 cwd: Path | None = None):
         self.out, self.err = workdir / "stdout.txt", workdir / "stderr.txt"
-        full = {**os.environ, **(env or {}),
-                "PRTE_MCA_plm_ssh_agent": str(hosts.agent),     # Open MPI 5 (PRRTE) launcher agent
-                "OMPI_MCA_btl": "tcp,self",                     # no shared memory between "hosts"
-                "OMPI_MCA_btl_tcp_if_include": SUBNET,
-                "OMPI_MCA_oob_tcp_if_include": SUBNET}
-        cmd = [*hosts.run_on(hosts.names[0]), mpirun, "--hostfile", str(hosts.hostfile),
-               "-np", str(np), "--bind-to", "none", sys.executable, *argv]
+        mpi = launcher.find()
+        full = {**os.environ, **(env or {}), **mpi.remote_env(hosts.agent, SUBNET if mpi.kind == "openmpi" else "eth0")}
+        cmd = [*hosts.run_on(hosts.names[0]), *mpi.command(np, argv, hostfile=hosts.hostfile, oversubscribe=False)]
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full, cwd=cwd, start_new_session=True)
 
