@@ -51,7 +51,7 @@ def test_environment_per_implementation():
     o = MPIExec("openmpi", "m").environment(True, "10.0.0.0/24")
     assert o["OMPI_MCA_mpi_yield_when_idle"] == "1" and o["OMPI_MCA_btl_tcp_if_include"] == "10.0.0.0/24"
     m = MPIExec("mpich", "m").environment(True)
-    assert m["MPIR_CVAR_CH4_PROGRESS_THROTTLE"] == "1" and not any(k.startswith("OMPI_") for k in m)
+    assert m["MPIR_CVAR_POLLS_BEFORE_YIELD"] == "1000" and not any(k.startswith("OMPI_") for k in m)
     assert "OMPI_MCA_mpi_yield_when_idle" not in MPIExec("openmpi", "m").environment(False)
     assert MPIExec("impi", "m").environment(True)["I_MPI_WAIT_MODE"] == "1"
 
