@@ -11,6 +11,8 @@ from mpipar.model import LayerSpec
 
 
 def add_args(p) -> None:
+    p.add_argument("--record", default="100", help="MIT-BIH record name (100 is shipped; others need "
+                                                   "their .hea/.dat/.atr in --data-dir)")
     p.add_argument("--window", default="250,110",
                    help="samples before,after each R peak (250 before reaches the previous beat: prematurity shows)")
     p.add_argument("--test-fraction", type=float, default=0.3, help="normal beats held out for the test set")
@@ -25,7 +27,7 @@ def window(args) -> tuple[int, int]:
 def data(args):
     """Train: normal beats only (x is its own target). Test: held-out normal + every abnormal
     beat, labels kept in meta['labels'] for the AUC."""
-    beats = load_ecg_beats(args.data_dir, window=window(args))
+    beats = load_ecg_beats(args.data_dir, window=window(args), record=args.record)
     train, test = split_normal_train(beats, args.test_fraction, args.seed)
     return (Split(train.x, train.x, train.note),
             Split(test.x, test.x, test.note, {"labels": test.y, **test.meta}))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -211,9 +212,11 @@ def main(argv=None) -> int:
             raise ConfigError("nothing to run: give the python arguments, e.g. -m mpipar.run mlp")
         hostfile = None
         if a.hostfile:
-            hosts = parse_hostfile(Path(a.hostfile).read_text())
-            hostfile = Path(os.environ.get("TMPDIR", "/tmp")) / f"mpipar-hosts-{os.getpid()}"
-            hostfile.write_text(mpi.hostfile(hosts))
+            text = mpi.hostfile(parse_hostfile(Path(a.hostfile).read_text()))
+            # named by its content: relaunches reuse it instead of leaving one file per launch
+            digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+            hostfile = Path(os.environ.get("TMPDIR", "/tmp")) / f"mpipar-hosts-{mpi.kind}-{digest}"
+            hostfile.write_text(text)
         cmd = mpi.command(a.np, rest, hostfile=hostfile, oversubscribe=not a.no_oversubscribe)
         env = {**mpi.environment(not a.no_oversubscribe, a.iface), **os.environ}
     except (ConfigError, OSError) as e:

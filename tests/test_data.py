@@ -159,7 +159,15 @@ def test_ecg(tmp_path):
     assert torch.equal(split_normal_train(beats)[1].meta["index"], te.meta["index"])
     assert load_ecg_beats(window=(10, 20)).x.shape[1] == 30
     one_line_error(load_ecg_beats, tmp_path / "100.hea", tmp_path)
+    msg = one_line_error(load_ecg_beats, VENDORED / "ecg" / "208.hea", record="208")   # any record, by name
+    assert "MIT-BIH record 208 (208.hea, 208.dat and 208.atr)" in msg
     d = copy_of("ecg", tmp_path)
+    hea = (d / "100.hea").read_text()   # the same record under another name
+    (d / "x1.hea").write_text(hea.replace("\n100 ", "\nx1 ").replace("100.dat", "x1.dat"))
+    (d / "100.dat").rename(d / "x1.dat")
+    (d / "100.atr").rename(d / "x1.atr")
+    assert torch.equal(load_ecg_beats(d, record="x1").x, beats.x)
+    d = copy_of("ecg", tmp_path / "again")
     (d / "100.hea").write_text("this is not a header\n")
     one_line_error(load_ecg_beats, d, d)
 

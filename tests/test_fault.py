@@ -26,8 +26,8 @@ def params(folder):
     return out
 
 
-def run(cmd, timeout):
-    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
+def run(cmd, timeout, env=None):
+    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             start_new_session=True)
     try:
@@ -40,9 +40,10 @@ def run(cmd, timeout):
 
 
 def supervised(tmp, *flags, timeout=300):
-    return run([sys.executable, "-m", "mpipar.supervise", "--np", "4", "--max-restarts", "2", "--",
+    """launch/supervise, as a user runs it, with this Python's venv (and so its MPI)."""
+    return run(["bash", "launch/supervise", "--np", "4", "--max-restarts", "2", "--",
                 "-m", "mpipar.run", *ARGV, "--checkpoint-dir", str(tmp / "ckpt"), "--out", str(tmp / "out"),
-                "--save-params", str(tmp / "params"), *flags], timeout)
+                "--save-params", str(tmp / "params"), *flags], timeout, env={"MPIPAR_VENV": sys.prefix})
 
 
 @pytest.fixture(scope="module")

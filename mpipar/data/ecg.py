@@ -1,4 +1,4 @@
-"""MIT-BIH record 100 cut into per-beat windows, for the ECG anomaly-detection example."""
+"""An MIT-BIH record (100 is shipped) cut into per-beat windows, for the ECG anomaly-detection examples."""
 from __future__ import annotations
 
 import warnings
@@ -8,46 +8,52 @@ import torch
 
 from .common import Split, data_dir_for, fail, need_file, quiet_import, why
 
-RECORD = "100"
+RECORD = "100"   # the record shipped in examples/data/ecg; any other MIT-BIH record name works with its files
 LEAD = "MLII"
 # WFDB beat annotation codes; everything else ('+', '~', '|', ...) marks rhythm/noise, not a beat.
 BEATS = set("NLRBAaJSVrFejnE/fQ?")
-FIX = "pass --data-dir pointing at a folder with MIT-BIH 100.hea, 100.dat and 100.atr"
 
 
-def load_ecg_beats(data_dir=None, window: tuple[int, int] = (90, 110)) -> Split:
-    """All beats of record 100: x float32 [N, before+after] (lead MLII, each window z-scored),
+def load_ecg_beats(data_dir=None, window: tuple[int, int] = (90, 110), record: str = RECORD) -> Split:
+    """All beats of MIT-BIH `record` (e.g. "100", "208"): x float32 [N, before+after] (lead MLII, each window z-scored),
     y int64 (0 = normal 'N', 1 = any other beat type). Beats too close to either end are skipped.
     meta: symbols, r_peaks (sample index), fs. Use split_normal_train() for train/test."""
     wfdb = quiet_import("wfdb")
     d = data_dir_for("ecg", data_dir)
+    record = str(record)
+    if not record.isalnum():
+        raise ValueError(f"MIT-BIH record names are like 100 or 208, got {record!r}")
+    files = f"{record}.hea, {record}.dat and {record}.atr"
     for ext in ("hea", "dat", "atr"):
-        need_file("ecg", d / f"{RECORD}.{ext}", "MIT-BIH record 100 (100.hea, 100.dat, 100.atr)", FIX)
+        need_file("ecg", d / f"{record}.{ext}", f"MIT-BIH record {record} ({files})",
+                  f"pass --data-dir pointing at a folder with MIT-BIH {files}")
     before, after = window
     if before < 0 or after < 1:
         raise ValueError(f"window must be (before >= 0, after >= 1) samples, got {window}")
     try:
         with warnings.catch_warnings():  # wfdb 4.3 trips pandas deprecation warnings
             warnings.simplefilter("ignore")
-            rec = wfdb.rdrecord(str(d / RECORD))
-            ann = wfdb.rdann(str(d / RECORD), "atr")
+            rec = wfdb.rdrecord(str(d / record))
+            ann = wfdb.rdann(str(d / record), "atr")
+        if LEAD not in rec.sig_name:
+            raise ValueError(f"no lead {LEAD} (leads {', '.join(rec.sig_name)})")
         sig = rec.p_signal[:, rec.sig_name.index(LEAD)].astype(np.float64)
     except Exception as e:
-        raise fail("ecg", f"garbled record {d / RECORD} ({why(e)})",
-                   "restore the original 100.hea/.dat/.atr") from None
+        raise fail("ecg", f"garbled record {d / record} ({why(e)})",
+                   f"restore the original {files}") from None
     if not np.isfinite(sig).all() or len(sig) < before + after:
-        raise fail("ecg", f"garbled record {d / RECORD} (signal has NaNs or is too short)",
-                   "restore the original 100.hea/.dat/.atr")
+        raise fail("ecg", f"garbled record {d / record} (signal has NaNs or is too short)",
+                   f"restore the original {files}")
     keep = [(int(s), sym) for s, sym in zip(ann.sample, ann.symbol)
             if sym in BEATS and s - before >= 0 and s + after <= len(sig)]
     if not keep:
-        raise fail("ecg", f"no beat annotations in {d / RECORD}.atr", "restore the original 100.atr")
+        raise fail("ecg", f"no beat annotations in {d / record}.atr", f"restore the original {record}.atr")
     peaks = np.array([s for s, _ in keep])
     x = np.stack([sig[s - before:s + after] for s in peaks])
     x = (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
     symbols = [sym for _, sym in keep]
     y = np.array([0 if sym == "N" else 1 for sym in symbols], dtype=np.int64)
-    note = (f"MIT-BIH record {RECORD} lead {LEAD}: {len(y)} beats ({int((y == 0).sum())} normal, "
+    note = (f"MIT-BIH record {record} lead {LEAD}: {len(y)} beats ({int((y == 0).sum())} normal, "
             f"{int(y.sum())} abnormal), windows of {before}+{after} samples at {rec.fs} Hz, z-scored")
     return Split(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y), note,
                  {"symbols": symbols, "r_peaks": torch.from_numpy(peaks), "fs": rec.fs})
