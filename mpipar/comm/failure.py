@@ -29,6 +29,9 @@ QUIET_SECONDS = 2.0   # how long ranks > 0 hold back a ConfigError's line for ra
 # proxy, its link to mpiexec cut, never returns). After this long the rank ends itself: its
 # launcher daemon then sees it gone, and its peers are ended by their own aborts.
 ABORT_GRACE = 15.0
+# The launcher forwards a rank's stderr asynchronously; MPICH's hydra tears its proxies down on
+# MPI_Abort and could drop the line just written (seen: a job ending with empty stderr).
+FORWARD_SECONDS = 0.5
 
 
 def report_and_abort(exc: BaseException, code: int = 1) -> None:
@@ -47,6 +50,7 @@ def report_and_abort(exc: BaseException, code: int = 1) -> None:
     sys.stderr.flush()
     sys.stdout.flush()
     threading.Thread(target=_exit_after, args=(ABORT_GRACE, code), name="mpipar-abort-grace", daemon=True).start()
+    time.sleep(FORWARD_SECONDS)
     MPI.COMM_WORLD.Abort(code)
 
 
