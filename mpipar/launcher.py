@@ -131,10 +131,12 @@ class MPIExec:
             out.update({k: iface for k in IFACE_ENV[self.kind]})
         return out
 
-    def remote_env(self, agent: str | Path, iface: str, tcp_only: bool = True) -> dict[str, str]:
+    def remote_env(self, agent: str | Path, iface: str, subnet: str | None = None,
+                   tcp_only: bool = True) -> dict[str, str]:
         """Start the remote hosts' daemons with `agent` instead of ssh (called as `agent [-opts]
-        HOST COMMAND...`), keep MPI's traffic on `iface` (a name; Open MPI also takes a subnet) and,
-        with tcp_only (Open MPI), TCP even between the processes of one host."""
+        HOST COMMAND...`), keep MPI's traffic on the interface named `iface` (Open MPI: on `subnet`
+        when given, which it also accepts) and, with tcp_only (Open MPI), TCP even between the
+        processes of one host."""
         if self.kind == "openmpi":
             out = {"PRTE_MCA_plm_ssh_agent": str(agent), "OMPI_MCA_plm_rsh_agent": str(agent)}
             if tcp_only:
@@ -143,7 +145,8 @@ class MPIExec:
             # (not UCX, MPICH's first netmod: it would find hosts emulated on one machine in shared memory)
             out = {"HYDRA_LAUNCHER": "ssh", "HYDRA_LAUNCHER_EXEC": str(agent), "HYDRA_IFACE": iface,
                    "FI_PROVIDER": "tcp", "MPIR_CVAR_CH4_NETMOD": "ofi", "I_MPI_FABRICS": "shm:ofi"}
-        return {**out, **self.environment(oversubscribed=False, iface=iface)}
+        where = subnet if subnet and self.kind == "openmpi" else iface
+        return {**out, **self.environment(oversubscribed=False, iface=where)}
 
     def hostfile(self, hosts: list[tuple[str, int]]) -> str:
         """Hostfile text: Open MPI `host slots=N`, hydra `host:N`."""

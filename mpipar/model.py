@@ -5,6 +5,7 @@ so any partition of the layers over ranks gets exactly the weights a single proc
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -55,13 +56,15 @@ def build_full(specs: Sequence[LayerSpec], seed: int, device="cpu") -> nn.Sequen
     return build_stage(specs, [s.name for s in specs], seed, device)
 
 
-def param_counts(specs: Sequence[LayerSpec]) -> list[int]:
-    """Parameters per layer, counted on the meta device (nothing is allocated)."""
-    counts = []
+def param_shapes(specs: Sequence[LayerSpec]) -> list[list[tuple[int, ...]]]:
+    """Each layer's parameter shapes, built on the meta device (nothing is allocated)."""
     with torch.device("meta"):
-        for s in specs:
-            counts.append(sum(p.numel() for p in s.build().parameters()))
-    return counts
+        return [[tuple(p.shape) for p in s.build().parameters()] for s in specs]
+
+
+def param_counts(specs: Sequence[LayerSpec]) -> list[int]:
+    """Parameters per layer."""
+    return [sum(math.prod(shape) for shape in layer) for layer in param_shapes(specs)]
 
 
 def check_unique(specs: Sequence[LayerSpec]) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
-from .model import build_layer
+from .model import build_layer, param_shapes
 
 
 @dataclass
@@ -64,10 +64,7 @@ def profile_layers(specs, sample: torch.Tensor, seed: int, repeats: int = 3) -> 
 def cache_key(specs, sample: torch.Tensor) -> str:
     """Layers (names, parameter shapes, counted on the meta device), micro-batch shape and
     dtype, device, torch version: what the measured costs depend on."""
-    shapes = []
-    with torch.device("meta"):
-        for s in specs:
-            shapes.append([s.name] + [list(p.shape) for p in s.build().parameters()])
+    shapes = [[s.name] + [list(shape) for shape in layer] for s, layer in zip(specs, param_shapes(specs))]
     doc = {"layers": shapes, "sample": list(sample.shape), "dtype": str(sample.dtype),
            "device": str(sample.device), "torch": torch.__version__}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]

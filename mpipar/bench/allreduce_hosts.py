@@ -114,7 +114,7 @@ def run_config(hosts: int, per_host: int, args, workdir: Path, tag: str) -> dict
         hostfile = workdir / "hostfile"
         hostfile.write_text(mpi.hostfile([(n, per_host) for n in h.names]))
         env = {**os.environ, **mpi.environment(oversubscribed=True),
-               **mpi.remote_env(agent, SUBNET if mpi.kind == "openmpi" else "eth0", tcp_only=False),
+               **mpi.remote_env(agent, "eth0", SUBNET, tcp_only=False),
                "OMP_NUM_THREADS": "1", "MASTER_ADDR": "10.200.0.1", "GLOO_SOCKET_IFNAME": "eth0",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                            os.environ.get("PYTHONPATH")]))}

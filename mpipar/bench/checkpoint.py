@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
+from ..launcher import find
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(cmd: list[str], timeout: float = 1800) -> tuple[int, str, str]:
-    from ..launcher import find
     env = {**os.environ, **find().environment(oversubscribed=True), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     return p.returncode, p.stdout, p.stderr

@@ -161,7 +161,7 @@ class HostJob:
                  cwd: Path | None = None):
         self.out, self.err = workdir / "stdout.txt", workdir / "stderr.txt"
         mpi = launcher.find()
-        full = {**os.environ, **(env or {}), **mpi.remote_env(hosts.agent, SUBNET if mpi.kind == "openmpi" else "eth0")}
+        full = {**os.environ, **(env or {}), **mpi.remote_env(hosts.agent, "eth0", SUBNET)}
         cmd = [*hosts.run_on(hosts.names[0]), *mpi.command(np, argv, hostfile=hosts.hostfile, oversubscribe=False)]
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full, cwd=cwd, start_new_session=True)
