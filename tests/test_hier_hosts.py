@@ -57,7 +57,7 @@ def test_cut_link_during_hierarchical_allreduce_ends_with_stall_report(hosts, tm
     rc = j.wait(STALL + 70)
     ended = time.monotonic() - t_cut
     stalls = re.findall(rf"rank \d \(\S+\): StallError: waited \d+ s for (?:RING|HIER)[^(]*?"
-                        rf"(?:from rank \d|the other ranks) \(--stall-timeout {STALL}\)", j.stderr())
+                        rf"from (?:rank \d|the other ranks) \(--stall-timeout {STALL}\)", j.stderr())
     print(f"link of {victim} cut; mpirun exit {rc} after {ended:.1f} s; reports:\n" + "\n".join(stalls))
     assert rc != 0, j.report()
     assert stalls, j.report()

@@ -82,7 +82,7 @@ class Watchdog(threading.Thread):
                 continue
             waited = time.monotonic() - w.since
             if waited > self.timeout:
-                peer = f" rank {w.peer}" if w.peer >= 0 else " the other ranks"
+                peer = f" rank {w.peer}" if w.peer >= 0 else " from the other ranks"
                 sys.stderr.write(
                     f"rank {rank} ({self.host}): StallError: waited {waited:.0f} s for {w.describe()}{peer} "
                     f"(--stall-timeout {self.timeout:g}); aborting the job\n")

@@ -198,7 +198,7 @@ class HierPlan(Plan):
                     for j, (a, b) in enumerate(bounds) if b > a]
             self.halves.append((segs, outs))
         self.combine = _combiner(op, torch_arrays=True)
-        where = f"{node.name} ({lay.describe()} ranks per host)"
+        where = f"{node.name} of {lay.describe()} ranks per host"
         self.labels = (f"HIER copy-in on {where}", f"HIER gather on {where}")
 
     def steps(self, seq: int):
