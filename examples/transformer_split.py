@@ -3,12 +3,13 @@
 The model is a sequence of layers whose stage boundaries carry ONE tensor, so the decoder's
 inputs travel packed: `embed` turns x = [src digits | shifted target words] into
     h [B, S + T, d + 1] = [encoder states (S rows) | decoder states (T rows)], + a pad-flag column
-(1.0 where a source slot is padding). Encoder blocks rewrite rows :S, decoder blocks rewrite rows
-S: attending to rows :S (masking flagged slots), `head` maps rows S: to logits [B, T, V].
-The default `--balance params` cuts at the encoder | decoder boundary for the default 2 + 2
-blocks on 2..6 stages (decoder blocks weigh ~1.5 encoder blocks): 3,3 on 2 ranks (embed..enc2 |
-dec1..head), 3,1,2 on 3, 2,1,1,2 on 4. With other --enc-layers/--dec-layers, give the sizes
-yourself, e.g. `--enc-layers 3 --balance 3,1,1,2` (embed..enc2 | enc3 | dec1 | dec2+head).
+(1.0 where a source slot is padding). Encoder sublayers rewrite rows :S, decoder sublayers rows
+S: (cross-attention reads rows :S, masking flagged slots), `head` maps rows S: to logits [B, T, V].
+Each pre-norm transformer layer is split into its sublayers as pipeline layers (encN-attn,
+encN-ff; decN-attn, decN-cross, decN-ff), so the default cut by measured time (--balance time)
+can even out the stages: a decoder layer costs ~1.7 encoder layers, and with whole layers the
+best cut of the default 2 + 2 on 2 ranks was 8.4 against 4.8 ms per micro-batch. `--balance
+params` or sizes like 6,6 (embed..dec1-attn | dec1-cross..head) cut it by hand.
 After training, greedy decoding runs through the same pipeline (forward-only schedule, one
 position per round, the last stage broadcasting its predicted tokens over the pp world).
 """
@@ -52,41 +53,76 @@ def freeze_key_bias(attn: nn.MultiheadAttention) -> None:
     attn.in_proj_bias.register_hook(lambda g: g * keep)
 
 
-class EncoderBlock(nn.Module):
-    """One pre-norm encoder layer on rows :S (the last block also applies the final norm)."""
+def put(h, s_len, d, src=None, tgt=None):
+    """h with its rows :S replaced by `src` and/or its rows S: by `tgt` (pad flags kept)."""
+    states = torch.cat([h[:, :s_len, :d] if src is None else src.to(h.dtype),
+                        h[:, s_len:, :d] if tgt is None else tgt.to(h.dtype)], 1)
+    return torch.cat([states, h[..., d:]], -1)
 
-    def __init__(self, s_len, d, heads, ff, dropout, final):
+
+class SelfAttention(nn.Module):
+    """Pre-norm self-attention with its residual, on the source rows (padding masked) or on the
+    target rows (causal)."""
+
+    def __init__(self, s_len, d, heads, dropout, side):
         super().__init__()
-        self.s_len, self.d = s_len, d
-        self.layer = nn.TransformerEncoderLayer(d, heads, ff, dropout, batch_first=True, norm_first=True)
-        freeze_key_bias(self.layer.self_attn)
-        self.norm = nn.LayerNorm(d) if final else None
+        self.s_len, self.d, self.side = s_len, d, side
+        self.norm = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, dropout, batch_first=True)
+        self.drop = nn.Dropout(dropout)
+        freeze_key_bias(self.attn)
 
     def forward(self, h):
         s, d = self.s_len, self.d
-        mem = self.layer(h[:, :s, :d], src_key_padding_mask=h[:, :s, d] > 0.5)
-        if self.norm is not None:
-            mem = self.norm(mem)
-        return torch.cat([torch.cat([mem.to(h.dtype), h[:, s:, :d]], 1), h[..., d:]], -1)
+        if self.side == "src":
+            x = h[:, :s, :d]
+            mask = dict(key_padding_mask=h[:, :s, d] > 0.5)
+        else:
+            x = h[:, s:, :d]
+            n = x.shape[1]
+            mask = dict(attn_mask=torch.ones(n, n, dtype=torch.bool, device=h.device).triu(1), is_causal=True)
+        y = self.norm(x)
+        x = x + self.drop(self.attn(y, y, y, need_weights=False, **mask)[0])
+        return put(h, s, d, **{self.side: x})
 
 
-class DecoderBlock(nn.Module):
-    """One pre-norm decoder layer on rows S: (causal), cross-attending to rows :S."""
+class CrossAttention(nn.Module):
+    """Pre-norm cross-attention of the target rows to the source rows (padding masked)."""
 
-    def __init__(self, s_len, d, heads, ff, dropout):
+    def __init__(self, s_len, d, heads, dropout):
         super().__init__()
         self.s_len, self.d = s_len, d
-        self.layer = nn.TransformerDecoderLayer(d, heads, ff, dropout, batch_first=True, norm_first=True)
-        freeze_key_bias(self.layer.self_attn)
-        freeze_key_bias(self.layer.multihead_attn)
+        self.norm = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, dropout, batch_first=True)
+        self.drop = nn.Dropout(dropout)
+        freeze_key_bias(self.attn)
 
     def forward(self, h):
         s, d = self.s_len, self.d
-        t_len = h.shape[1] - s
-        causal = torch.ones(t_len, t_len, dtype=torch.bool, device=h.device).triu(1)
-        tgt = self.layer(h[:, s:, :d], h[:, :s, :d], tgt_mask=causal, tgt_is_causal=True,
-                         memory_key_padding_mask=h[:, :s, d] > 0.5)
-        return torch.cat([torch.cat([h[:, :s, :d], tgt.to(h.dtype)], 1), h[..., d:]], -1)
+        x, mem = h[:, s:, :d], h[:, :s, :d]
+        x = x + self.drop(self.attn(self.norm(x), mem, mem, key_padding_mask=h[:, :s, d] > 0.5,
+                                    need_weights=False)[0])
+        return put(h, s, d, tgt=x)
+
+
+class FeedForward(nn.Module):
+    """Pre-norm feed-forward block with its residual on one side's rows; the encoder's last one
+    also applies the encoder's final norm."""
+
+    def __init__(self, s_len, d, ff, dropout, side, final=False):
+        super().__init__()
+        self.s_len, self.d, self.side = s_len, d, side
+        self.norm = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff, d), nn.Dropout(dropout))
+        self.final = nn.LayerNorm(d) if final else None
+
+    def forward(self, h):
+        s, d = self.s_len, self.d
+        x = h[:, :s, :d] if self.side == "src" else h[:, s:, :d]
+        x = x + self.ff(self.norm(x))
+        if self.final is not None:
+            x = self.final(x)
+        return put(h, s, d, **{self.side: x})
 
 
 class Head(nn.Module):
@@ -113,13 +149,16 @@ class SentenceCrossEntropy(nn.Module):
 def layers(args):
     s, t = lengths(args.max_number)
     d, wrap = args.d_model, (lambda build: lambda: Autocast(build(), args.amp))
-    block = (args.heads, args.ff, args.dropout)
+    heads, ff, drop = args.heads, args.ff, args.dropout
     specs = [LayerSpec("embed", wrap(lambda: Embed(s, t, d)))]
-    for i in range(args.enc_layers):
-        final = i == args.enc_layers - 1
-        specs.append(LayerSpec(f"enc{i + 1}", wrap(lambda final=final: EncoderBlock(s, d, *block, final))))
-    for i in range(args.dec_layers):
-        specs.append(LayerSpec(f"dec{i + 1}", wrap(lambda: DecoderBlock(s, d, *block))))
+    for i in range(1, args.enc_layers + 1):
+        last = i == args.enc_layers
+        specs += [LayerSpec(f"enc{i}-attn", wrap(lambda: SelfAttention(s, d, heads, drop, "src"))),
+                  LayerSpec(f"enc{i}-ff", wrap(lambda last=last: FeedForward(s, d, ff, drop, "src", last)))]
+    for i in range(1, args.dec_layers + 1):
+        specs += [LayerSpec(f"dec{i}-attn", wrap(lambda: SelfAttention(s, d, heads, drop, "tgt"))),
+                  LayerSpec(f"dec{i}-cross", wrap(lambda: CrossAttention(s, d, heads, drop))),
+                  LayerSpec(f"dec{i}-ff", wrap(lambda: FeedForward(s, d, ff, drop, "tgt")))]
     specs.append(LayerSpec("head", wrap(lambda: Head(s, d))))
     return specs
 
@@ -219,8 +258,7 @@ EXAMPLE = Example(
     optimizer=lambda params, args: torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-9),
     lr_scheduler=lambda opt, args: noam(opt, args.d_model, args.warmup),
     task="classification",
-    defaults=dict(epochs=2, batch_size=64, lr=0.5, clip_grad=1.0,
-                  balance="params"),   # encoder | decoder on 2..6 stages (module docstring)
+    defaults=dict(epochs=2, batch_size=64, lr=0.5, clip_grad=1.0),
     add_args=add_args,
     on_trainer=attach_scaler,
     after_fit=after_fit,

@@ -31,34 +31,44 @@ class LayerCost:
     param_bytes: int
 
 
-def profile_layers(specs, sample: torch.Tensor, seed: int, repeats: int = 3) -> list[LayerCost]:
-    """Each layer's cost on `sample` (a micro-batch), building one layer at a time."""
+def profile_layers(specs, sample: torch.Tensor, seed: int, repeats: int = 3,
+                   which: range | None = None) -> list[LayerCost]:
+    """The costs of layers `which` (default all) on `sample`, a micro-batch of the model's
+    input: the layers before them only run forward, without autograd, to make their input.
+    One layer is built at a time."""
+    which = range(len(specs)) if which is None else which
     costs, x = [], sample
-    for i, spec in enumerate(specs):
+    for i, spec in enumerate(specs[:which.stop]):
         layer = build_layer(spec, i, seed)
-        best, saved = float("inf"), 0
-        for r in range(repeats + 1):          # the first run warms caches up and is not timed
-            inp = x.detach().requires_grad_(x.is_floating_point())
-            held = []
-            try:
-                with torch.autograd.graph.saved_tensors_hooks(
-                        lambda t: (held.append(t.numel() * t.element_size()), t)[1], lambda t: t):
-                    t0 = time.perf_counter()
-                    out = layer(inp)
-                    out.float().sum().backward()
-                    dt = time.perf_counter() - t0
-            except Exception as e:
-                raise ConfigError(f"--balance time: profiling layer {spec.name!r} on the activation "
-                                  f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')} failed: {e}") from None
-            if r:
-                best = min(best, dt)
-            saved = sum(held)
-        param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
-        costs.append(LayerCost(spec.name, best, saved, param_bytes))
-        with torch.no_grad():
-            x = layer(x)
+        if i in which:
+            costs.append(_measure(layer, spec.name, x, repeats))
+        if i + 1 < which.stop:
+            with torch.no_grad():
+                x = layer(x)
         del layer
     return costs
+
+
+def _measure(layer, name: str, x: torch.Tensor, repeats: int) -> LayerCost:
+    best, saved = float("inf"), 0
+    for r in range(repeats + 1):          # the first run warms caches up and is not timed
+        inp = x.detach().requires_grad_(x.is_floating_point())
+        held = []
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: (held.append(t.numel() * t.element_size()), t)[1], lambda t: t):
+                t0 = time.perf_counter()
+                out = layer(inp)
+                out.float().sum().backward()
+                dt = time.perf_counter() - t0
+        except Exception as e:
+            raise ConfigError(f"--balance time: profiling layer {name!r} on the activation "
+                              f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')} failed: {e}") from None
+        if r:
+            best = min(best, dt)
+        saved = sum(held)
+    param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    return LayerCost(name, best, saved, param_bytes)
 
 
 def cache_key(specs, sample: torch.Tensor) -> str:
@@ -74,19 +84,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MPIPAR_CACHE") or Path.home() / ".cache" / "mpipar") / "profiles"
 
 
-def layer_costs(specs, sample: torch.Tensor, seed: int, log=None) -> list[LayerCost]:
-    """The cached profile for (specs, sample's shape), measured and stored if there is none."""
-    path = cache_dir() / f"{cache_key(specs, sample)}.json"
+def read_cache(specs, sample: torch.Tensor) -> list[LayerCost] | None:
+    """The stored profile for (specs, sample's shape), or None."""
     try:
-        rows = json.loads(path.read_text())
-        costs = [LayerCost(**row) for row in rows]
-        if [c.name for c in costs] == [s.name for s in specs]:
-            if log:
-                log(f"layer costs: cached profile {path}")
-            return costs
+        costs = [LayerCost(**row) for row in json.loads(cache_path(specs, sample).read_text())]
     except (OSError, ValueError, TypeError):
-        pass
-    costs = profile_layers(specs, sample, seed)
+        return None
+    return costs if [c.name for c in costs] == [s.name for s in specs] else None
+
+
+def write_cache(specs, sample: torch.Tensor, costs: list[LayerCost]) -> None:
+    path = cache_path(specs, sample)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -94,5 +102,20 @@ def layer_costs(specs, sample: torch.Tensor, seed: int, log=None) -> list[LayerC
         os.replace(tmp, path)
     except OSError:     # a read-only home: profile again next time
         pass
-    return costs
 
+
+def cache_path(specs, sample: torch.Tensor) -> Path:
+    return cache_dir() / f"{cache_key(specs, sample)}.json"
+
+
+def layer_costs(specs, sample: torch.Tensor, seed: int, log=None) -> list[LayerCost]:
+    """The cached profile for (specs, sample's shape), measured and stored if there is none
+    (one process; pipeline.pipe.shared_costs shares the measuring among ranks)."""
+    costs = read_cache(specs, sample)
+    if costs is not None:
+        if log:
+            log(f"layer costs: cached profile {cache_path(specs, sample)}")
+        return costs
+    costs = profile_layers(specs, sample, seed)
+    write_cache(specs, sample, costs)
+    return costs

@@ -11,7 +11,9 @@ layer, optionally within a memory limit per stage: the command line's default).
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -88,6 +90,61 @@ def linear_partition(weights: Sequence[float], k: int, memory=None, limit: float
     return sizes[::-1]
 
 
+EXHAUSTIVE_CUTS = 20000   # interleaved_partition tries every cut up to this many
+
+
+def interleaved_partition(weights: Sequence[float], p: int, v: int, memory=None,
+                          limit: float | None = None) -> list[int]:
+    """Sizes of p*v contiguous groups for an interleaved schedule, where rank r holds groups
+    r, r+p, ...: minimises the heaviest rank's sum (what sets its step time), then the heaviest
+    group. Exact over every cut when there are at most EXHAUSTIVE_CUTS of them; otherwise a
+    descent that moves one boundary at a time, from linear_partition's cut. `memory(j, a, b)`
+    and `limit` bound each rank's sum of its groups' bytes."""
+    n, k = len(weights), p * v
+    prefix = [0.0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+
+    def score(bounds):
+        groups = [prefix[b] - prefix[a] for a, b in zip(bounds, bounds[1:])]
+        if limit is not None:
+            held = [0.0] * p
+            for j, (a, b) in enumerate(zip(bounds, bounds[1:])):
+                held[j % p] += memory(j, a, b)
+            if max(held) > limit:
+                return None
+        return max(sum(groups[r::p]) for r in range(p)), max(groups)
+
+    if math.comb(n - 1, k - 1) <= EXHAUSTIVE_CUTS:
+        scored = ((score((0, *c, n)), c) for c in itertools.combinations(range(1, n), k - 1))
+        scored = [(s, c) for s, c in scored if s is not None]
+        if not scored:
+            raise RankMapError(f"no split of the {n} layers into {k} chunks keeps every rank within "
+                               f"{limit / 2 ** 20:.0f} MiB; raise the limit or add stages")
+        best = min(scored, key=lambda sc: (round(sc[0][0], 12), round(sc[0][1], 12), sc[1]))[1]
+        bounds = [0, *best, n]
+    else:
+        sizes = linear_partition(weights, k)
+        bounds = [0] + list(itertools.accumulate(sizes))
+        current = score(bounds)
+        improved = current is not None
+        while improved:
+            improved = False
+            for i in range(1, k):
+                for step in (-1, 1):
+                    trial = bounds.copy()
+                    trial[i] += step
+                    if not trial[i - 1] < trial[i] < trial[i + 1]:
+                        continue
+                    s = score(trial)
+                    if s is not None and s < current:
+                        bounds, current, improved = trial, s, True
+        if current is None:
+            raise RankMapError(f"--stage-memory-mb: the {n} layers in {k} chunks exceed "
+                               f"{limit / 2 ** 20:.0f} MiB on some rank; raise the limit or add stages")
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
 def stages_from_sizes(names: Sequence[str], sizes: Sequence[int]) -> list[list[str]]:
     out, i = [], 0
     for s in sizes:
@@ -104,9 +161,10 @@ def stages_from_sizes(names: Sequence[str], sizes: Sequence[int]) -> list[list[s
 def parse_balance(spec: str | None, names: Sequence[str], n_stages: int,
                   param_counts: Sequence[int] | None = None,
                   layer_times: Sequence[float] | None = None, memory=None,
-                  limit: float | None = None) -> list[list[str]]:
+                  limit: float | None = None, chunks: int = 1) -> list[list[str]]:
     """Turn a --balance value into stages (lists of layer names); validated. 'time' splits
-    `layer_times` (within `limit` bytes per stage by `memory`, see linear_partition)."""
+    `layer_times` (within `limit` bytes per stage by `memory`, see linear_partition; with
+    `chunks` > 1 per rank, by each rank's sum of its chunks, see interleaved_partition)."""
     if n_stages > len(names):
         raise RankMapError(f"{n_stages} pipeline stages but the model has only {len(names)} layers; "
                            f"use at most {len(names)} stages")
@@ -118,7 +176,9 @@ def parse_balance(spec: str | None, names: Sequence[str], n_stages: int,
     elif spec == "time":
         if layer_times is None:
             raise ConfigError("--balance time needs a profiling pass (layer_times)")
-        stages = stages_from_sizes(names, linear_partition(layer_times, n_stages, memory, limit))
+        sizes = (interleaved_partition(layer_times, n_stages // chunks, chunks, memory, limit) if chunks > 1
+                 else linear_partition(layer_times, n_stages, memory, limit))
+        stages = stages_from_sizes(names, sizes)
     elif spec.endswith(".json"):
         stages = load_json(spec)
     else:

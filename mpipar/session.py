@@ -27,7 +27,7 @@ def banner(world, hosts, example, args, grid) -> str:
 def partition(world, specs, args, grid, train, log=None):
     """The rank map's stages from the command line, and for --balance time (the default) what
     the balance table needs: (stages, (costs, in-flight micro-batches per stage) or None).
-    Rank 0 profiles each layer on a micro-batch of the real shape (cached, see profile.py)."""
+    The ranks profile the layers on a micro-batch of the real shape (cached, see profile.py)."""
     from .pipeline.pipe import inflight_per_stage, partition as cut, shared_costs, stage_memory, virtual_stages
     n = virtual_stages(args.schedule, args.chunks, grid.pp, args.balance)
     if args.balance != "time" or n == 1 or train is None:
@@ -37,7 +37,8 @@ def partition(world, specs, args, grid, train, log=None):
     costs = shared_costs(specs, train.x[:mb], world, args.seed, log)
     inflight = inflight_per_stage(args.schedule, grid.pp, args.microbatches, n // grid.pp)
     limit = args.stage_memory_mb * 2 ** 20 if args.stage_memory_mb else None
-    stages = cut(specs, "time", n, costs=costs, memory=stage_memory(costs, inflight), limit=limit)
+    stages = cut(specs, "time", n, costs=costs, memory=stage_memory(costs, inflight), limit=limit,
+                 chunks=n // grid.pp)
     return stages, (costs, inflight)
 
 

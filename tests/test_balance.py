@@ -13,7 +13,8 @@ from mpipar.errors import RankMapError
 from mpipar.model import LayerSpec
 from mpipar.pipeline.pipe import balance_table, inflight_per_stage, partition, stage_memory
 from mpipar.profile import LayerCost
-from mpipar.rankmap import linear_partition
+from mpipar import rankmap
+from mpipar.rankmap import interleaved_partition, linear_partition
 
 
 def every_split(n, k):
@@ -68,6 +69,71 @@ def test_interleaved_chunks_are_cut_into_p_times_v_stages():
     sizes = [len(s) for s in stages]
     assert len(sizes) == 4 and sizes[0] == sizes[-1] == 1   # the costly ends stand alone
     assert heaviest([c.seconds for c in costs], sizes) == 4
+
+
+def rank_sums(weights, sizes, p):
+    groups, i = [], 0
+    for s in sizes:
+        groups.append(sum(weights[i:i + s]))
+        i += s
+    return max(sum(groups[r::p]) for r in range(p))
+
+
+@pytest.mark.parametrize("weights, p, v", [
+    ([4, 1, 1, 1, 1, 1, 1, 4], 2, 2), ([1, 2, 3, 4, 5, 6, 7, 8, 9], 2, 2), ([9, 1, 1, 9, 1, 1, 9, 2, 2, 5], 2, 3),
+    ([0.3, 7.1, 0.2, 0.2, 3.3, 2.9, 0.1, 4.4, 1.0, 0.5, 2.5, 1.5], 3, 2), ([2] * 8, 4, 2)])
+def test_interleaved_cut_minimises_the_heaviest_rank_against_every_split(weights, p, v):
+    sizes = interleaved_partition(weights, p, v)
+    assert sum(sizes) == len(weights) and len(sizes) == p * v and all(s > 0 for s in sizes)
+    best = min(rank_sums(weights, s, p) for s in every_split(len(weights), p * v))
+    assert rank_sums(weights, sizes, p) == pytest.approx(best)
+
+
+def test_interleaved_cut_beats_the_per_chunk_cut_where_they_differ():
+    weights = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    per_chunk = linear_partition(weights, 4)                  # minimises the heaviest chunk only
+    ours = interleaved_partition(weights, 2, 2)
+    assert rank_sums(weights, ours, 2) < rank_sums(weights, per_chunk, 2)
+
+
+def test_interleaved_cut_keeps_each_rank_within_the_memory_limit():
+    weights = [1] * 8
+    mem = [10] * 7 + [100]
+    memory = lambda j, a, b: sum(mem[a:b])   # noqa: E731
+    sizes = interleaved_partition(weights, 2, 2, memory, limit=120)
+    bounds = [0] + list(itertools.accumulate(sizes))
+    held = [0, 0]
+    for j, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        held[j % 2] += memory(j, a, b)
+    assert max(held) <= 120 and sizes != [2, 2, 2, 2]       # [2,2,2,2] puts 130 on rank 1
+    assert rank_sums(weights, sizes, 2) == 5                  # the best such cut: 5 and 3 layers
+    with pytest.raises(RankMapError, match="keeps every rank within"):
+        interleaved_partition(weights, 2, 2, memory, limit=50)
+
+
+def test_interleaved_descent_on_many_cuts_is_valid_and_no_worse_than_its_start(monkeypatch):
+    monkeypatch.setattr(rankmap, "EXHAUSTIVE_CUTS", 0)        # force the descent path
+    weights = [float(w) for w in [5, 1, 1, 8, 2, 2, 9, 1, 3, 3, 7, 1, 1, 6, 2, 4]]
+    sizes = interleaved_partition(weights, 2, 3)
+    assert sum(sizes) == len(weights) and len(sizes) == 6 and all(s > 0 for s in sizes)
+    assert rank_sums(weights, sizes, 2) <= rank_sums(weights, linear_partition(weights, 6), 2)
+
+
+def test_interleaved_time_balance_goes_through_partition():
+    specs = [LayerSpec(f"l{i}", lambda: nn.Linear(2, 2)) for i in range(9)]
+    costs = [LayerCost(f"l{i}", w, 0, 0) for i, w in enumerate([1, 2, 3, 4, 5, 6, 7, 8, 9])]
+    sizes = [len(s) for s in partition(specs, "time", 4, costs=costs, chunks=2)]
+    assert sizes == interleaved_partition([c.seconds for c in costs], 2, 2)
+
+
+def test_a_share_of_the_layers_is_profiled_with_the_same_numbers_as_the_whole():
+    specs = [LayerSpec("a", lambda: nn.Linear(8, 16)), LayerSpec("b", lambda: nn.Linear(16, 32)),
+             LayerSpec("c", lambda: nn.Linear(32, 4))]
+    x = torch.randn(4, 8)
+    whole = profile.profile_layers(specs, x, 0)
+    tail = profile.profile_layers(specs, x, 0, which=range(1, 3))
+    assert [c.name for c in tail] == ["b", "c"]
+    assert [(c.saved_bytes, c.param_bytes) for c in tail] == [(c.saved_bytes, c.param_bytes) for c in whole[1:]]
 
 
 def test_profile_runs_once_per_cache_key(tmp_path, monkeypatch):

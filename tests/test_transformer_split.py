@@ -8,8 +8,7 @@ import torch
 
 from mpipar.data.numbers import (BOS, EOS, IGNORE, PAD, SRC_VOCAB, TGT_VOCAB, encode_pairs, lengths,
                                  numbers_to_words, to_words)
-from mpipar.model import build_full, param_counts
-from mpipar.rankmap import parse_balance
+from mpipar.model import build_full
 from mpipar.run import parse
 from mpipar.train.amp import Autocast
 from mpipar.train.noam import noam, noam_factor
@@ -114,14 +113,43 @@ def test_noam_warms_up_then_decays():
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10])) and all(a > b for a, b in zip(lrs[9:], lrs[10:]))
 
 
-@pytest.mark.parametrize("stages", [2, 3, 4, 5, 6])
-def test_default_balance_cuts_between_encoder_and_decoder(stages):
-    args, example = parse(["transformer-split"])
-    specs = example.layers(args)
-    split = parse_balance(args.balance, [s.name for s in specs], stages, param_counts(specs))
-    assert any(st[-1] == "enc2" for st in split) and any(st[0] == "dec1" for st in split), split
-    if stages == 4:
-        assert [len(st) for st in split] == [2, 1, 1, 2]
+def test_sublayers_compose_to_torchs_pre_norm_transformer():
+    """The pipeline layers are torch's pre-norm encoder and decoder layers cut at their
+    sublayers: with the same weights, the packed model gives nn.Transformer*Layer's numbers."""
+    from torch import nn
+    args, _, model = small_model("--amp", "off")
+    names = [n for n, _ in model.named_children()]
+    assert names == ["embed", "enc1-attn", "enc1-ff", "enc2-attn", "enc2-ff", "dec1-attn", "dec1-cross", "dec1-ff",
+                     "dec2-attn", "dec2-cross", "dec2-ff", "head"]
+    assert args.balance == "time"                      # the default: cut by measured cost
+    d, s = args.d_model, 3
+    layer = {n: m.layer for n, m in model.named_children()}
+    enc = [nn.TransformerEncoderLayer(d, args.heads, args.ff, 0.0, batch_first=True, norm_first=True) for _ in range(2)]
+    dec = [nn.TransformerDecoderLayer(d, args.heads, args.ff, 0.0, batch_first=True, norm_first=True) for _ in range(2)]
+    with torch.no_grad():
+        for i, e in enumerate(enc, 1):
+            a, f = layer[f"enc{i}-attn"], layer[f"enc{i}-ff"]
+            for dst, src in [(e.norm1, a.norm), (e.self_attn, a.attn), (e.norm2, f.norm), (e.linear1, f.ff[0]),
+                             (e.linear2, f.ff[3])]:
+                dst.load_state_dict(src.state_dict())
+        for i, t in enumerate(dec, 1):
+            a, c, f = layer[f"dec{i}-attn"], layer[f"dec{i}-cross"], layer[f"dec{i}-ff"]
+            for dst, src in [(t.norm1, a.norm), (t.self_attn, a.attn), (t.norm2, c.norm), (t.multihead_attn, c.attn),
+                             (t.norm3, f.norm), (t.linear1, f.ff[0]), (t.linear2, f.ff[3])]:
+                dst.load_state_dict(src.state_dict())
+    model.eval()
+    x, _ = encode_pairs([7, 42, 615], s, 5)
+    h = model[0](x)
+    pad = h[:, :s, d] > 0.5
+    mem, tgt = h[:, :s, :d], h[:, s:, :d]
+    for e in enc:
+        mem = e(mem, src_key_padding_mask=pad)
+    mem = layer["enc2-ff"].final(mem)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    for t in dec:
+        tgt = t(tgt, mem, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=pad)
+    head = layer["head"]
+    torch.testing.assert_close(model(x), head.proj(head.norm(tgt)))
 
 
 # -- on several ranks ----------------------------------------------------------------------------
@@ -151,10 +179,10 @@ def assert_same(got, ref):
 
 def test_two_stage_parity_with_microbatches_and_greedy_samples(tmp_path):
     argv = ["transformer-split", *SMALL, "--amp", "off", "--clip-grad", "0", "--microbatches", "2",
-            "--samples", "3"]
+            "--samples", "3", "--balance", "6,6"]
     got, out = pipeline_params(tmp_path, 2, argv)   # 20 steps
     assert_same(got, reference_params(argv))
-    assert "embed..enc2" in out and "dec1..head" in out     # encoder | decoder
+    assert "embed..dec1-attn" in out and "dec1-cross..head" in out     # a cut inside a decoder layer
     assert "greedy decoding through the pipeline: exact match" in out
     assert "; greedy exact match " in next(ln for ln in out.splitlines() if ln.startswith("summary:"))
     shown = [ln for ln in out.splitlines() if ln.startswith(("  ok ", "  BAD ")) and " -> " in ln]
@@ -164,9 +192,9 @@ def test_two_stage_parity_with_microbatches_and_greedy_samples(tmp_path):
 
 def test_four_stage_clip_is_global(tmp_path):
     argv = ["transformer-split", *SMALL, "--batch-size", "16", "--amp", "off", "--clip-grad", "0.05",
-            "--samples", "-1"]
+            "--samples", "-1", "--balance", "3,3,3,3"]
     got, out = pipeline_params(tmp_path, 4, argv)
-    assert "embed..enc1" in out and "dec2..head" in out     # default balance: 2,1,1,2
+    assert "embed..enc1-ff" in out and "dec2-cross..head" in out
     clipped = reference_params(argv)                 # torch.nn.utils.clip_grad_norm_ over the whole model
     assert_same(got, clipped)
     unclipped = reference_params(argv, clip_grad=0.0)

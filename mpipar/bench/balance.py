@@ -8,7 +8,7 @@ to the one the simulator predicts from the profile.
 
 Run it with one core per rank (no oversubscription), so stages really run side by side. Each
 figure is the median over steps of the slowest rank's step time (forward+backward over the
-micro-batches and SGD), after warm-up steps.
+micro-batches and SGD), after warm-up steps; the cuts take turns step by step.
 """
 from __future__ import annotations
 
@@ -34,24 +34,32 @@ def every_cut(n: int, k: int):
         yield [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-def run_cut(topo, specs, example, x, y, sizes, args, trace: Path) -> tuple[float, float | None]:
-    """(median step seconds, measured bubble on rank 0) of the pipeline cut into `sizes`."""
-    pipe = Pipeline(specs, topo, loss_fn=example.loss(), schedule=args.schedule,
-                    microbatches=args.microbatches, balance=list(sizes), timeline=str(trace))
-    opt = torch.optim.SGD(pipe.parameters(), lr=1e-3)
-    world, times = topo.world, []
+def run_cuts(topo, specs, example, x, y, cuts, args, tmp: Path) -> dict:
+    """{sizes: (median step seconds, measured bubble on rank 0)} of the pipeline cut each way.
+    The cuts take turns step by step, so a slow spell of a shared machine hits them alike."""
+    pipes, opts, times = {}, {}, {}
+    for i, sizes in enumerate(cuts):
+        key = tuple(sizes)
+        pipes[key] = Pipeline(specs, topo, loss_fn=example.loss(), schedule=args.schedule,
+                              microbatches=args.microbatches, balance=list(sizes), timeline=str(tmp / f"t{i}"))
+        opts[key] = torch.optim.SGD(pipes[key].parameters(), lr=1e-3)
+        times[key] = []
+    world = topo.world
     for i in range(args.warmup + args.steps):
-        world.barrier()
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        pipe.step(x, y)
-        opt.step()
-        dt = float(world.allgather_floats([time.perf_counter() - t0]).max())
-        if i >= args.warmup:
-            times.append(dt)
-    bubble = pipe.write_timeline(log=lambda *a, **k: None)
-    pipe.close()
-    return statistics.median(times), bubble
+        for key, pipe in pipes.items():
+            world.barrier()
+            t0 = time.perf_counter()
+            opts[key].zero_grad(set_to_none=True)
+            pipe.step(x, y)
+            opts[key].step()
+            dt = float(world.allgather_floats([time.perf_counter() - t0]).max())
+            if i >= args.warmup:
+                times[key].append(dt)
+    out = {}
+    for key, pipe in pipes.items():
+        out[key] = statistics.median(times[key]), pipe.write_timeline(log=lambda *a, **k: None)
+        pipe.close()
+    return out
 
 
 def bench_example(world, name: str, args, log) -> None:
@@ -68,10 +76,8 @@ def bench_example(world, name: str, args, log) -> None:
     inflight = inflight_per_stage(args.schedule, world.size, args.microbatches, n // world.size)
     names = [s.name for s in specs]
     chosen = {b: [len(s) for s in partition(specs, b, n, costs=costs)] for b in ("params", "layers", "time")}
-    results = {}
     with tempfile.TemporaryDirectory(prefix="mpipar-balance-") as tmp:
-        for i, sizes in enumerate(every_cut(len(specs), n)):
-            results[tuple(sizes)] = run_cut(topo, specs, example, x, y, sizes, args, Path(tmp) / f"t{i}")
+        results = run_cuts(topo, specs, example, x, y, list(every_cut(len(specs), n)), args, Path(tmp))
     best = min(results, key=lambda s: results[s][0])
     log(f"{name}: {len(specs)} layers on {world.size} ranks, {args.schedule}, {args.microbatches} micro-batches "
         f"of {args.batch_size // args.microbatches}; step ms (median of {args.steps}, slowest rank)")

@@ -14,6 +14,7 @@ backward; with tp > 1, layers that have a tensor-parallel twin (LayerSpec.tp) ho
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -68,17 +69,44 @@ def virtual_stages(schedule: str, chunks: int | None, pp: int, balance=None) -> 
 
 
 def shared_costs(specs, sample: torch.Tensor, world=None, seed: int = 0, log=None) -> list:
-    """Every layer's cost (profile.LayerCost) on the micro-batch `sample`: rank 0 profiles (or
-    reads its cache) and sends the numbers to every rank of `world`, so all cut alike."""
-    from ..profile import LayerCost, layer_costs
-    buf = torch.zeros(3, len(specs), dtype=torch.float64)
-    if world is None or world.rank == 0:
-        costs = layer_costs(specs, sample, seed, log)
-        buf[:] = torch.tensor([[c.seconds for c in costs], [c.saved_bytes for c in costs],
-                               [c.param_bytes for c in costs]], dtype=torch.float64)
-    if world is not None:
-        world.bcast_(buf, 0)
-    return [LayerCost(s.name, float(buf[0, i]), int(buf[1, i]), int(buf[2, i])) for i, s in enumerate(specs)]
+    """Every layer's cost (profile.LayerCost) on the micro-batch `sample`, the same on every
+    rank of `world`, so all cut alike. Rank 0's cached profile if it has one; otherwise the
+    ranks on rank 0's host, up to one per core, each measure an even share of the layers at
+    once (so stages are timed with their neighbours busy, as in training), and rank 0 stores
+    the result. A rank whose layer fails to run ends the job with one line."""
+    from ..profile import LayerCost, layer_costs, profile_layers, read_cache, write_cache
+    if world is None or world.size == 1:
+        return layer_costs(specs, sample, seed, log)
+    n, hosts = len(specs), world.hosts()
+    local = [r for r, h in enumerate(hosts) if h == hosts[0]]
+    head = torch.zeros(2, dtype=torch.float64)          # [cached?, ranks that profile]
+    cached = None
+    if world.rank == 0:
+        cached = read_cache(specs, sample)
+        head[:] = torch.tensor([cached is not None, min(n, len(local), os.cpu_count() or 1)])
+    world.bcast_(head, 0)
+    table = torch.zeros(3, n, dtype=torch.float64)     # seconds, saved bytes, parameter bytes
+    if head[0]:
+        if cached is not None:
+            table[:] = torch.tensor([[c.seconds, c.saved_bytes, c.param_bytes] for c in cached]).T
+            if log:
+                log("layer costs: cached profile")
+        world.bcast_(table, 0)
+    else:
+        k = int(head[1])
+        profilers = local[:k]
+        if world.rank in profilers:
+            i = profilers.index(world.rank)
+            mine = range(i * n // k, (i + 1) * n // k)
+            for j, c in zip(mine, profile_layers(specs, sample, seed, which=mine)):
+                table[:, j] = torch.tensor([c.seconds, c.saved_bytes, c.param_bytes], dtype=torch.float64)
+        table = torch.from_numpy(world.allgather_floats(table.reshape(-1).numpy()).sum(0).reshape(3, n))
+        if log:
+            log(f"layer costs: profiled on {k} rank(s) at once, {-(-n // k)} layer(s) each at most")
+    costs = [LayerCost(s.name, float(table[0, i]), int(table[1, i]), int(table[2, i])) for i, s in enumerate(specs)]
+    if world.rank == 0 and not head[0]:
+        write_cache(specs, sample, costs)
+    return costs
 
 
 STATE_PER_PARAM_BYTE = 4   # parameters, gradients and two optimizer states (fp32 Adam)
@@ -136,10 +164,12 @@ def balance_table(stages, costs, schedule: str, p: int, m: int, v: int, inflight
 
 
 def partition(specs, balance, n_stages: int, world=None, sample: torch.Tensor | None = None,
-              seed: int = 0, costs=None, memory=None, limit: float | None = None) -> list[list[str]]:
+              seed: int = 0, costs=None, memory=None, limit: float | None = None,
+              chunks: int = 1) -> list[list[str]]:
     """Layers per virtual stage. `balance`: 'time' (the slowest stage as fast as it can be, by
-    each layer's forward+backward time on the micro-batch `sample`, measured once by rank 0 and
-    cached; within `limit` bytes per stage by `memory`, see stage_memory), 'params' (even
+    each layer's forward+backward time on the micro-batch `sample`, measured once by the ranks
+    and cached; within `limit` bytes per stage by `memory`, see stage_memory; with `chunks` > 1
+    per rank, by each rank's sum of its chunks), 'params' (even
     parameter counts), 'layers', sizes like [3, 3, 2, 2] or '3,3,2,2', or a JSON file.
     `costs`: shared_costs already measured."""
     names = [s.name for s in specs]
@@ -154,7 +184,7 @@ def partition(specs, balance, n_stages: int, world=None, sample: torch.Tensor | 
         times = [c.seconds for c in costs]
     elif balance == "time":
         return [names]
-    return parse_balance(balance, names, n_stages, param_counts(specs), times, memory, limit)
+    return parse_balance(balance, names, n_stages, param_counts(specs), times, memory, limit, chunks)
 
 
 def recompute_here(flag, s: int, p: int) -> bool:
@@ -207,7 +237,7 @@ class Pipeline:
             if balance == "auto":
                 balance = "time" if sample is not None else "params"
             n = virtual_stages(schedule, chunks, p, balance)
-            rankmap = RankMap(topo.grid, partition(specs, balance, n, topo.world, sample, seed))
+            rankmap = RankMap(topo.grid, partition(specs, balance, n, topo.world, sample, seed, chunks=n // p))
         if len(rankmap.stages) % p:
             raise RankMapError(f"the rank map has {len(rankmap.stages)} stages, not a multiple of pp={p}")
         self.rankmap, self.specs = rankmap, specs
@@ -264,6 +294,17 @@ class Pipeline:
     def parameters(self) -> list[nn.Parameter]:
         """This rank's trainable parameters (hand them to your optimizer)."""
         return [q for q in self.module.parameters() if q.requires_grad]
+
+    def parameter_order(self) -> list[int]:
+        """For each of parameters(), its place in the whole model's parameters() order (layer
+        index, then position in the layer): what the global-norm clip combines norms by."""
+        index, seen, order = {spec.name: i for i, spec in enumerate(self.specs)}, set(), []
+        for name, layer in self.module.named_children():
+            for j, q in enumerate(layer.parameters()):
+                if q.requires_grad and id(q) not in seen:      # as module.parameters(): once each
+                    seen.add(id(q))
+                    order.append(index[name] * 2 ** 20 + j)
+        return order
 
     def state_dict(self) -> dict:
         """This rank's layers under the single-process model's names; with tp > 1 the shards are

@@ -56,6 +56,7 @@ class Trainer:
         self.topo, self.loss_fn = pipe.topo, pipe.loss_fn
         self.module, self.stage, self.engine = pipe.module, pipe.stages[0], pipe.engine
         self.params = pipe.parameters()
+        self.param_order = pipe.parameter_order()
         self.optimizer, self.scheduler = optimizer, scheduler
         self.callbacks: list[Callback] = []   # loss scaling, checkpoints, gradient edits (callbacks.py)
         self.step_count = 0
@@ -96,7 +97,7 @@ class Trainer:
             cb.after_backward(self)
         if self.config.clip_grad:
             clip_global_norm(self.params, self.config.clip_grad, self.topo.pp_world, self.topo.tp_world,
-                             self.pipe.sharded_ids)
+                             self.pipe.sharded_ids, self.param_order)
         if self.optimizer:
             self.optimizer.step()
         if self.scheduler:

@@ -86,6 +86,30 @@ def test_schedule_equals_single_process_training(world, mpi_tmp_path, schedule, 
         assert held == simulate.run(schedule, 4, m, v).peak_held, (held, schedule, m)
 
 
+def test_ranks_share_the_profiling_and_measure_once_per_key(world, mpi_tmp_path, monkeypatch):
+    """--balance time: the ranks on rank 0's host (one per core) each time an even share of the
+    layers, every rank gets the same costs, and the second call reads rank 0's cache."""
+    import os
+    from mpipar import profile
+    from mpipar.pipeline.pipe import shared_costs
+    monkeypatch.setenv("MPIPAR_CACHE", str(mpi_tmp_path / "cache"))
+    mine = []
+    real = profile.profile_layers
+    monkeypatch.setattr(profile, "profile_layers", lambda *a, **k: mine.extend(k["which"]) or real(*a, **k))
+    specs = [LayerSpec(f"l{i}", lambda: nn.Linear(8, 8)) for i in range(6)]
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    first = shared_costs(specs, x, world)
+    table = lambda costs: [v for c in costs for v in (c.seconds, c.saved_bytes, c.param_bytes)]  # noqa: E731
+    every = world.allgather_floats(table(first))
+    assert (every == every[0]).all() and all(c.seconds > 0 for c in first)
+    counts = world.allgather_floats([len(mine)])[:, 0]
+    k = min(6, world.size, os.cpu_count() or 1)          # one host here
+    assert counts.sum() == 6 and (counts > 0).sum() == k, counts
+    world.barrier()
+    again = shared_costs(specs, x, world)
+    assert again == first and world.allgather_floats([len(mine)])[:, 0].tolist() == counts.tolist()
+
+
 def test_timeline_is_written(world, mpi_tmp_path):
     out = mpi_tmp_path / "timeline"
     trainer, *_ = train(world, COMMON + ["--schedule", "1f1b", "--microbatches", "4", "--timeline", str(out)],
