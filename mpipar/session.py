@@ -63,14 +63,26 @@ def build_trainer(topo, rankmap, example, specs, args, log=print):
 
 
 def compare(example, specs, train, test, args, rows, grid, log) -> None:
-    """Train the same model single-process (rank 0) and overlay the learning curves."""
+    """Train the same model single-process (rank 0) and overlay the learning curves. PipeDream-2BW
+    (one-step-delayed weights) is compared with its own delayed-weight reference, which it
+    should match, and with synchronous training, which shows what the delay costs."""
     from .train.curves import plot_overlay
-    ref = reference_rows(example, specs, train, test, args)
+    sync = reference_rows(example, specs, train, test, args)
+    refs = {"single process": sync}
+    if args.schedule == "pipedream":
+        refs = {"single process, 2BW's one-step-delayed weights": reference_rows(example, specs, train, test, args,
+                                                                               two_bw=True),
+                "single process, synchronous": sync}
     label = f"mpipar pp={grid.pp} dp={grid.dp} tp={grid.tp}, {args.schedule}"
-    png = plot_overlay(rows, ref, Path(args.out) / "learning_curves.png",
+    png = plot_overlay(rows, refs, Path(args.out) / "learning_curves.png",
                        f"{example.name}: {label} vs single process (seed {args.seed})", label)
-    gap = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(rows, ref))
-    log(f"learning curves: {png} (largest train-loss gap to single process: {gap:.2e})")
+    gaps = "; ".join(f"to {name}: {max(abs(a['train_loss'] - b['train_loss']) for a, b in zip(rows, ref)):.2e}"
+                     for name, ref in refs.items())
+    log(f"learning curves: {png} (largest train-loss gap {gaps})")
+    metric = next((k for k in rows[-1] if k.startswith("test_") and k != "test_loss"), "test_loss")
+    if len(refs) > 1:
+        log(f"final {metric}: {rows[-1][metric]:.4g} here; " +
+            ", ".join(f"{ref[-1][metric]:.4g} {name}" for name, ref in refs.items()))
 
 
 def reference_model(example, specs, train, args, on_epoch=None, two_bw: bool = False):
@@ -83,8 +95,9 @@ def reference_model(example, specs, train, args, on_epoch=None, two_bw: bool = F
     return train_reference(model, example.loss(), opt, train, train_config(example, args), sched, on_epoch, two_bw)
 
 
-def reference_rows(example, specs, train, test, args) -> list[dict]:
-    """Per-epoch rows (same keys as the parallel run's) of single-process training."""
+def reference_rows(example, specs, train, test, args, two_bw: bool = False) -> list[dict]:
+    """Per-epoch rows (same keys as the parallel run's) of single-process training (two_bw:
+    with PipeDream-2BW's one-step-delayed weights)."""
     from .train.metrics import error_metric, summarize
     from .train.reference import evaluate
     rows, error = [], error_metric(example.loss())
@@ -94,7 +107,7 @@ def reference_rows(example, specs, train, test, args) -> list[dict]:
                      **summarize(evaluate(model, example.loss(), example.task, test, args.batch_size),
                                  example.task, "test", error)})
 
-    reference_model(example, specs, train, args, on_epoch=record)
+    reference_model(example, specs, train, args, on_epoch=record, two_bw=two_bw)
     return rows
 
 
@@ -138,6 +151,8 @@ def run_example(world, example, args) -> dict:
     log(banner(world, hosts, example, args, grid))
     log(f"data: {train.note}")
     log(rankmap.table(hosts, params))
+    if trainer.pipe.dp is not None:
+        log(f"data parallel: {trainer.pipe.dp.describe()}")
     predicted = None
     if balance is not None:
         from .pipeline.pipe import balance_table

@@ -36,6 +36,8 @@ class WaitBoard:
     current: Waiting | None = None
     bytes_sent: int = 0      # payload and header bytes handed to MPI by this process
     messages_sent: int = 0
+    bytes_shared: int = 0    # bytes this process wrote into host-shared windows for its host's
+                             # other ranks to read (the shared-memory all-reduce moves no messages)
     seconds: float = 0.0
     count: int = 0
     longest: float = 0.0
@@ -123,10 +125,13 @@ class WaitBoard:
         self.bytes_sent += nbytes
         self.messages_sent += 1
 
+    def shared(self, nbytes: int) -> None:
+        self.bytes_shared += nbytes
+
     def reset(self) -> None:
         with self.lock:
             self.seconds, self.count, self.longest = 0.0, 0, 0.0
-            self.bytes_sent, self.messages_sent = 0, 0
+            self.bytes_sent, self.messages_sent, self.bytes_shared = 0, 0, 0
 
 
 def _tight_timer_slack() -> None:

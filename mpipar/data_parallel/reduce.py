@@ -110,7 +110,9 @@ def make_plan(world, t: torch.Tensor, op: str = "sum", algorithm: str = "auto",
         if algorithm == "ring":
             return RingPlan(world, x, op, 0, 2 * world.size - 3, piece_bytes, across=not alone)
         return (HalvingPlan if algorithm == "halving" else DoublingPlan)(world, x, op)
-    return make(t) if t.device.type == "cpu" else StagedPlan(world, t, make)
+    plan = make(t) if t.device.type == "cpu" else StagedPlan(world, t, make)
+    plan.algorithm = algorithm + (f" ({str(wire).removeprefix('torch.')} on the wire)" if wire is not None else "")
+    return plan
 
 
 def grouped(world) -> bool:

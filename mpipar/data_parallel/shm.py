@@ -79,6 +79,7 @@ class SharedPlan(Plan):
         buf, copy = self.buffer, self.copy
         pieces = self.runs[buf.flip]
         buf.flip ^= 1
+        self.world.board.shared(self.flat.numel() * self.flat.element_size())
         copy(*pieces[0][0])
         yield buf.ibarrier(), self.labels[0], -1        # piece 0 is in every segment
         buf.acquire()
@@ -206,6 +207,7 @@ class HierPlan(Plan):
         segs, outs = self.halves[buf.flip]
         buf.flip ^= 1
         mine = segs[self.layout.node.rank]
+        self.world.board.shared(self.flat.numel() * self.flat.element_size())
         mine.copy_(self.flat)
         yield buf.ibarrier(), self.labels[0], -1          # every vector is on the host
         buf.acquire()

@@ -37,6 +37,14 @@ class DataParallel:
         self.steps = 0
         broadcast_state(module, dp_world)
 
+    def describe(self) -> str:
+        """Which all-reduce each gradient bucket runs, e.g. '3 bucket(s), 2.4 MiB: shm x3 over 2 ranks'."""
+        from collections import Counter
+        used = Counter(getattr(b.plan, "algorithm", "none") for b in self.buckets.buckets)
+        nbytes = sum(b.flat.numel() * b.flat.element_size() for b in self.buckets.buckets)
+        algos = ", ".join(f"{a} x{k}" for a, k in used.items())
+        return f"{len(self.buckets.buckets)} bucket(s), {nbytes / 2**20:.1f} MiB: {algos} over {self.world.size} ranks"
+
     def begin_step(self, backward_passes: int = 1) -> None:
         """Call before the step's backward(s): `backward_passes` = micro-batches run backward."""
         self.buckets.begin_step(backward_passes)

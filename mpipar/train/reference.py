@@ -29,12 +29,14 @@ def train_reference(model, loss_fn, optimizer, train, cfg, scheduler=None, on_ep
             x, y = x_all[idx], y_all[idx]
             if two_bw:
                 old.zero_grad(set_to_none=True)
-                loss_fn(old(x), y).backward()
+                out = old(x)                            # the loss 2BW reports: at the weights it used
+                loss_fn(out, y).backward()
                 now = copy.deepcopy(model)              # W(t): the next batch's weights
                 for p, q in zip(model.parameters(), old.parameters()):
                     p.grad = q.grad
                 optimizer.step()
                 old = now
+                tally.add(out, y)
                 continue
             optimizer.zero_grad(set_to_none=True)
             out = model(x)

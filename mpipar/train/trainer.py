@@ -159,7 +159,8 @@ class Trainer:
             if self.scheduler:
                 row["lr"] = self.scheduler.get_last_lr()[0]
             rows.append(row)
-            gathered = world.allgather_floats(stats.snapshot(local, count))
+            mine = vec[0] / vec[2] if self.pipe.is_last and vec[2] else float("nan")
+            gathered = world.allgather_floats(stats.snapshot(local, count, mine))
             if dash:
                 dash.add(row, gathered)
             if metrics:
