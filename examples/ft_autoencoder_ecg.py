@@ -57,13 +57,16 @@ def relaunching(args, world, log):
 
 def after_fit(trainer, train, test, args, log) -> str:
     """AUC-ROC on the test beats, and how many injected faults this run came back from."""
+    from mpipar.checkpoint.fault import fired_launches
     auc, text = ecg.pipeline_auc(trainer, test)
-    fired = len(list((Path(args.checkpoint_dir) / "faults").glob("fault-*")))
+    launches = fired_launches(Path(args.checkpoint_dir) / "faults")
     attempt = int(os.environ.get("MPIPAR_ATTEMPT", "0"))
+    recovered = sum(1 for k in launches if k < attempt)   # this launch got past every fault an earlier one died of
+    rate = f" ({recovered / len(launches):.0%})" if launches else ""
     log(f"ft-autoencoder-ecg: {text}")
-    log(f"recovery: {fired} injected fault(s), {fired} recovered by relaunch + resume"
-        + (" (100%)" if fired else "") + f"; this is launch {attempt + 1}")
-    return f"AUC-ROC {auc:.4f}, {fired} fault(s) recovered"
+    log(f"recovery: {len(launches)} injected fault(s) fired, {recovered} recovered by relaunch + resume{rate}; "
+        f"this is launch {attempt + 1}")
+    return f"AUC-ROC {auc:.4f}, {recovered} of {len(launches)} fault(s) recovered"
 
 
 def surviving(args, world, log):

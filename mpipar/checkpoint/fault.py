@@ -109,9 +109,19 @@ class FaultPlan:
 
     def die(self, i: int, fault: Fault, step: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.marker(i), f"rank={fault.rank} step={step} phase={fault.phase}\n")
+        atomic_write_text(self.marker(i), f"rank={fault.rank} step={step} phase={fault.phase} "
+                                          f"launch={os.environ.get('MPIPAR_ATTEMPT', '0')}\n")
         sys.stdout.flush()
         sys.stderr.write(f"rank {self.rank}: injected fault {i}: SIGKILL at step {step} "
                          f"(phase {fault.phase}, --inject-fault)\n")
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fired_launches(faults_dir) -> list[int]:
+    """For each fault that fired (a marker in `faults_dir`), the launch it ended (0 = first)."""
+    out = []
+    for marker in sorted(Path(faults_dir).glob("fault-*")):
+        fields = dict(kv.split("=", 1) for kv in marker.read_text().split() if "=" in kv)
+        out.append(int(fields.get("launch", 0)))
+    return out
