@@ -9,6 +9,7 @@ DataParallel, which keeps replicas identical.
     reduce.py      all_reduce / reduce_scatter / all_gather: which algorithm, and running it
     buckets.py     gradients bucketed and reduced from autograd hooks; replica fingerprints
     wrapper.py     DataParallel
+    zero.py        ShardedOptimizer: ZeRO stage 1 (optimizer state sharded over the replicas)
 """
 from .buckets import DEFAULT_BUCKET_MB, GradBuckets
 from .reduce import all_gather, all_reduce, all_reduce_start, choose_algorithm, make_plan, reduce_scatter, segment_of
