@@ -55,10 +55,15 @@ def build_trainer(topo, rankmap, example, specs, args, log=print):
                     chunks=args.chunks, rankmap=rankmap, recompute=args.recompute, seed=args.seed,
                     timeline=args.timeline,
                     data_parallel=DataParallelOptions(args.bucket_mb, args.allreduce, args.dp_check_every,
-                                                        args.grad_compress))
+                                                        args.grad_compress, args.zero))
     params = pipe.parameters()
     optimizer = example.optimizer(params, args) if params else None
-    scheduler = example.lr_scheduler(optimizer, args) if optimizer and example.lr_scheduler else None
+    stepped = optimizer       # what an lr scheduler adjusts (under --zero 1: the shard's optimizer)
+    if pipe.zero and optimizer is not None:
+        from .data_parallel.zero import ShardedOptimizer
+        optimizer = ShardedOptimizer.like(optimizer, params, topo)
+        stepped = optimizer.inner
+    scheduler = example.lr_scheduler(stepped, args) if optimizer and example.lr_scheduler else None
     return Trainer(pipe, optimizer, train_config(example, args), scheduler, log)
 
 
@@ -153,6 +158,8 @@ def run_example(world, example, args) -> dict:
     log(rankmap.table(hosts, params))
     if trainer.pipe.dp is not None:
         log(f"data parallel: {trainer.pipe.dp.describe()}")
+    if trainer.pipe.zero and trainer.optimizer is not None:
+        log(f"data parallel: {trainer.optimizer.describe()}")
     predicted = None
     if balance is not None:
         from .pipeline.pipe import balance_table

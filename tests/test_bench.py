@@ -61,3 +61,11 @@ def test_oversubscribed_rows_with_and_without_yield():
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rows = {l.split()[0]: l.split()[1:] for l in p.stdout.splitlines() if l.split()[:1] in (["spin"], ["poll"])}
     assert set(rows) == {"spin", "poll"} and all(float(v[1]) > 0 for v in rows.values()), p.stdout
+
+
+def test_zero_rows_for_dp_and_stage1():
+    out = bench(2, "zero", "--width", "64", "--depth", "2", "--steps", "2", "--warmup", "1")
+    rows = {l.split()[0]: l.split() for l in out.splitlines() if l.split()[:1] in (["dp"], ["zero1"])}
+    assert set(rows) == {"dp", "zero1"}, out
+    assert float(rows["dp"][3]) == 1.0 and float(rows["zero1"][1]) < float(rows["dp"][1]), out   # 16 vs 8+8/N
+    assert "synthetic inputs" in out

@@ -41,7 +41,8 @@ class ShardedOptimizer:
             name = getattr(optimizer, "__name__", type(optimizer).__name__)
             raise ConfigError(f"ZeRO shards the optimizer state by segment, which needs an elementwise step; "
                               f"{name} is not one of {', '.join(c.__name__ for c in ELEMENTWISE)}")
-        self.params = [p for p in params if p.requires_grad]
+        seen: set[int] = set()
+        self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
             raise ConfigError(f"ZeRO here keeps one flat vector: parameters must share a dtype, not {sorted(map(str, dtypes))}")
@@ -61,6 +62,20 @@ class ShardedOptimizer:
         self.shard = nn.Parameter(self.flat[a:b])      # shares the flat vector's storage
         self.inner = optimizer([self.shard], **kwargs)
 
+    @classmethod
+    def like(cls, optimizer, params, topo) -> "ShardedOptimizer":
+        """The sharded twin of a built torch optimizer (its class and hyperparameters, one
+        param group) over `topo`'s dp replicas; clipping sums norms over the pipeline too."""
+        if isinstance(optimizer, cls):
+            return optimizer
+        if not isinstance(optimizer, torch.optim.Optimizer) or len(optimizer.param_groups) != 1:
+            raise ConfigError(f"--zero 1 rebuilds the optimizer over a flat segment: it needs a torch optimizer "
+                              f"with one param group, not {type(optimizer).__name__}")
+        import inspect
+        accepted = inspect.signature(type(optimizer)).parameters
+        kwargs = {k: v for k, v in optimizer.param_groups[0].items() if k != "params" and k in accepted}
+        return cls(params, topo.dp_world, type(optimizer), norm_worlds=(topo.pp_world,), **kwargs)
+
     # -- what a torch optimizer offers ----------------------------------------------------
     @property
     def param_groups(self):
@@ -69,6 +84,12 @@ class ShardedOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
+
+    def describe(self) -> str:
+        a, b = self.segment
+        return (f"ZeRO stage 1 over {self.world.size} replicas: {type(self.inner).__name__} steps {b - a:,} of "
+                f"{self.flat.numel():,} parameters here (its state 1/{self.world.size} of the whole); "
+                f"gradients reduce-scattered, parameters all-gathered")
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this replica holds (tensors only)."""

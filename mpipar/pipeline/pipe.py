@@ -39,6 +39,8 @@ class DataParallelOptions:
     algorithm: str = "auto"       # auto | ring | halving | doubling | shm
     check_every: int = 0          # > 0: every N steps prove the replicas bit-identical (debug)
     grad_compress: str | None = None   # bf16 | fp16: gradients cross hosts as that type
+    zero: int = 0                 # 1: ZeRO stage 1 -- no all-reduce here; the optimizer must be a
+                                  # data_parallel.zero.ShardedOptimizer (Trainer: ShardedOptimizer.like)
 
 
 def specs_of(model) -> list[LayerSpec]:
@@ -263,11 +265,20 @@ class Pipeline:
         plan = tp_plan(self.module)
         self.sharded_ids = {id(q) for name, q in self.module.named_parameters() if name in plan}
         self.dp = None
-        if topo.grid.dp > 1:
+        o = data_parallel or DataParallelOptions()
+        self.zero = o.zero if topo.grid.dp > 1 else 0
+        if self.zero:
+            if o.zero != 1:
+                raise ConfigError(f"--zero {o.zero}: only stage 1 (optimizer state sharded) exists so far")
+            if self.streaming or self.tp_group is not None:
+                raise ConfigError(f"--zero 1 runs with synchronous schedules and tp=1 so far, not "
+                                  f"--schedule {schedule} with tp={topo.grid.tp}")
+            from ..data_parallel.wrapper import broadcast_state
+            broadcast_state(self.module, topo.dp_world)     # replicas start equal; the optimizer sums
+        elif topo.grid.dp > 1:
             # each micro-batch's loss is weighted by its share of the GLOBAL batch, so replicas SUM
             # their gradients: the mean over the global batch, even when shards differ in size
             from ..data_parallel.wrapper import DataParallel
-            o = data_parallel or DataParallelOptions()
             self.dp = DataParallel(self.module, topo.dp_world, bucket_mb=o.bucket_mb, op="sum",
                                    check_every=o.check_every, algorithm=o.algorithm,
                                    grad_compress=o.grad_compress)
@@ -326,7 +337,7 @@ class Pipeline:
                               f"train it with mpipar.Trainer (or run_batch with an update function)")
         n = len(x)
         if global_n is None:
-            global_n = n if self.dp is None else int(self.topo.dp_world.allgather_floats([n]).sum())
+            global_n = n if self.topo.grid.dp == 1 else int(self.topo.dp_world.allgather_floats([n]).sum())
         xs, ys = split_microbatches(x, self.microbatches), split_microbatches(y, self.microbatches)
         weights = [len(c) / global_n for c in ys]
         total = [0.0]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..callbacks import Callback
+from ..data_parallel.zero import ShardedOptimizer
 from ..errors import ConfigError
 from ..pipeline.pipe import split_microbatches
 from .batches import size_of, sized_batches
@@ -95,11 +96,14 @@ class Trainer:
         optimizer and lr steps."""
         for cb in self.callbacks:
             cb.after_backward(self)
-        if self.config.clip_grad:
-            clip_global_norm(self.params, self.config.clip_grad, self.topo.pp_world, self.topo.tp_world,
-                             self.pipe.sharded_ids, self.param_order)
-        if self.optimizer:
-            self.optimizer.step()
+        if isinstance(self.optimizer, ShardedOptimizer):   # ZeRO: reduces, clips and steps its shard
+            self.optimizer.step(clip=self.config.clip_grad)
+        else:
+            if self.config.clip_grad:
+                clip_global_norm(self.params, self.config.clip_grad, self.topo.pp_world, self.topo.tp_world,
+                                 self.pipe.sharded_ids, self.param_order)
+            if self.optimizer:
+                self.optimizer.step()
         if self.scheduler:
             self.scheduler.step()
 

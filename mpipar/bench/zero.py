@@ -1,0 +1,99 @@
+"""zero: per-replica model-state memory and step time, plain data parallelism vs ZeRO stage 1,
+side by side in one job.
+
+    mpirun -np N --bind-to none python -m mpipar.bench zero [--width 1024] [--depth 6] [--steps 10]
+
+Model state per replica, measured from the tensors each replica holds (parameters, gradients,
+optimizer state), against the formula for fp32 Adam with Psi parameters on N replicas: DP 16 Psi
+bytes, stage 1 8 Psi + 8 Psi / N. Step time: the median over steps of the slowest replica's
+forward+backward+reduction+step, ZeRO over DP. A synthetic MLP on synthetic inputs (the figures
+are about memory and time, not learning).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from ..comm import World, failure
+from ..data_parallel import DataParallel
+from ..data_parallel.zero import ShardedOptimizer
+from ..topology import share_cores
+
+
+def model(width: int, depth: int) -> nn.Module:
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, 8))
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def run(world, kind: str, args) -> tuple[int, float]:
+    """(model-state bytes this replica holds, median step seconds of the slowest replica)."""
+    net = model(args.width, args.depth)
+    params = list(net.parameters())
+    if kind == "dp":
+        dp = DataParallel(net, world, op="sum")
+        opt = torch.optim.Adam(params, lr=1e-4)
+    else:
+        dp, opt = None, ShardedOptimizer(params, world, torch.optim.Adam, lr=1e-4)
+    g = torch.Generator().manual_seed(world.rank)
+    x, y = torch.randn(args.batch, args.width, generator=g), torch.randn(args.batch, 8, generator=g)
+    times = []
+    for i in range(args.warmup + args.steps):
+        world.barrier()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=False)
+        if dp is not None:
+            dp.begin_step()
+        (nn.functional.mse_loss(net(x), y) / world.size).backward()
+        if dp is not None:
+            dp.finish()
+        opt.step()
+        dt = float(world.allgather_floats([time.perf_counter() - t0]).max())
+        if i >= args.warmup:
+            times.append(dt)
+    grads = [p.grad for p in params]
+    if kind == "dp":
+        state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim()]
+        held = tensor_bytes(params) + tensor_bytes(grads) + tensor_bytes(state)
+        dp.remove()
+    else:   # the flat parameter and gradient vectors replace the per-tensor copies
+        held = tensor_bytes([opt.flat, opt.grad]) + opt.state_bytes()
+    return held, statistics.median(times)
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m mpipar.bench zero", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--batch", type=int, default=32, help="samples per replica per step")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args(argv)
+    world = World()
+    failure.install(world.host)
+    share_cores(world, world.hosts(), "auto")
+    log = print if world.rank == 0 else (lambda *a, **k: None)
+    psi = sum(q.numel() for q in model(args.width, args.depth).parameters())
+    n = world.size
+    log(f"zero: MLP {args.depth}x{args.width} ({psi:,} parameters, fp32 Adam) on {n} replicas, batch {args.batch} "
+        f"per replica, synthetic inputs; model state = parameters + gradients + optimizer state, per replica")
+    formula = {"dp": 16 * psi, "zero1": 8 * psi + 8 * psi / n}
+    results = {kind: run(world, kind, args) for kind in ("dp", "zero1")}
+    log(f"{'mode':<6} {'held MiB':>9} {'formula MiB':>11} {'held/formula':>12} {'max over ranks MiB':>18} "
+        f"{'step ms':>8} {'vs dp':>6}")
+    for kind, (held, seconds) in results.items():
+        top = float(world.allgather_floats([held]).max())
+        log(f"{kind:<6} {held / 2**20:>9.2f} {formula[kind] / 2**20:>11.2f} {held / formula[kind]:>12.3f} "
+            f"{top / 2**20:>18.2f} {seconds * 1e3:>8.1f} {seconds / results['dp'][1]:>5.2f}x")
+    return 0
