@@ -8,7 +8,8 @@ import pytest
 
 from mpirun import mpirun
 
-ARGV = ["viz-dp-lstm-temperature", "--epochs", "2", "--steps", "3", "--plot", "--hidden", "8", "--depth", "2"]
+ARGV = ["viz-dp-lstm-temperature", "--epochs", "2", "--steps", "3", "--plot", "--hidden", "8", "--depth", "2",
+        "--stream-steps", "0"]
 
 
 def run(tmp_path, np_, *extra):
