@@ -45,7 +45,8 @@ class ShardedOptimizer:
         self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
-            raise ConfigError(f"ZeRO here keeps one flat vector: parameters must share a dtype, not {sorted(map(str, dtypes))}")
+            raise ConfigError(f"ZeRO here keeps one flat vector: parameters must share a dtype, "
+                              f"not {sorted(map(str, dtypes))}")
         self.world, self.norm_worlds = dp_world, tuple(norm_worlds)
         total = sum(p.numel() for p in self.params)
         self.flat = torch.zeros(total, dtype=self.params[0].dtype)
