@@ -27,6 +27,7 @@ from mpipar.data.ppi import load_ppi
 from mpipar.example import Example
 from mpipar.model import LayerSpec
 from mpipar.callbacks import AfterBackward
+from mpipar.data_parallel.partitioned import MARK, RowOwners, fetch_rows
 
 SCALE = 5.0   # link logits are SCALE x cosine similarity (temperature 0.2: s() can saturate)
 
@@ -101,20 +102,39 @@ class NodeInput(nn.Module):
     """Node ids -> [features, learnable embedding row]; the table's gradient is sparse.
     In training a fraction `drop` of the looked-up rows reads as zero (and gets no gradient), as
     every row of an unseen test graph does: otherwise the table memorises the training graphs'
-    links and the layers above never learn to use the features."""
+    links and the layers above never learn to use the features.
+    `partitioned` (data parallel): after attach(dp_world) this rank keeps only its own nodes'
+    feature and table rows and fetches the others' from their owners (data_parallel/partitioned.py);
+    their gradients go back to the owners as sparse rows."""
 
-    def __init__(self, G, dim, sparse, drop=0.0):
+    def __init__(self, G, dim, sparse, drop=0.0, partitioned=False):
         super().__init__()
         self.register_buffer("feats", G.x, persistent=False)
         self.table = nn.Embedding(G.n, dim, sparse=sparse)
-        self.drop = drop
+        self.drop, self.owners = drop, None
         nn.init.normal_(self.table.weight, std=0.01)   # unseen (test) nodes stay near 0
+        if partitioned:
+            setattr(self.table.weight, MARK, True)
+
+    def attach(self, world) -> None:
+        """Keep this rank's rows only (collective over `world`, every replica of this stage)."""
+        self.owners = RowOwners(self.feats.shape[0], world)
+        lo, hi = self.owners.lo, self.owners.hi
+        self.feats = self.feats[lo:hi].clone()
+        self.table.weight.data = self.table.weight.data[lo:hi].clone()
 
     def forward(self, ids):
         ids = ids.long()
-        if not (self.training and self.drop > 0):
+        drop = self.training and self.drop > 0
+        keep = torch.rand(ids.shape) >= self.drop if drop else None
+        if self.owners is not None:
+            feats, rows = fetch_rows(ids, self.owners, None if drop else self.table.weight, self.feats)
+            if drop:
+                rows = self.table.weight.new_zeros(*ids.shape, self.table.embedding_dim)
+                rows[keep] = fetch_rows(ids[keep], self.owners, self.table.weight)[1]
+            return torch.cat([feats, rows], -1)
+        if not drop:
             return torch.cat([self.feats[ids], self.table(ids)], -1)
-        keep = torch.rand(ids.shape) >= self.drop
         rows = self.table.weight.new_zeros(*ids.shape, self.table.embedding_dim)
         rows[keep] = self.table(ids[keep])
         return torch.cat([self.feats[ids], rows], -1)
@@ -152,16 +172,27 @@ class Normalize(nn.Module):
         return nn.functional.normalize(z, dim=-1)
 
 
-def dense_table_grad(args) -> bool:
-    """Data-parallel replicas sum the table gradient with the dense ring all-reduce."""
+def data_parallel(args) -> bool:
     dp = [v for k, _, v in (part.partition("=") for part in (args.grid or "").split(",")) if k.strip() == "dp"]
-    return args.dense_table_grad or (args.grid or "").strip() == "dp" or any(v.strip() not in ("", "1") for v in dp)
+    return (args.grid or "").strip() == "dp" or any(v.strip() not in ("", "1") for v in dp)
+
+
+def partitioned(args) -> bool:
+    """Data parallel: the nodes' features and table rows partitioned over the replicas (default)."""
+    return data_parallel(args) and not args.dense_table_grad
+
+
+def dense_table_grad(args) -> bool:
+    """--dense-table-grad: every replica holds the whole table; the ring all-reduce sums its
+    gradient densely (the whole table moves every step), sparsified before SparseAdam."""
+    return args.dense_table_grad
 
 
 def layers(args):
     G, _ = graphs(args)
     fo, h, d = fanout(args), args.hidden, args.emb_dim
-    specs = [LayerSpec("input", lambda: NodeInput(G, d, sparse=not dense_table_grad(args), drop=args.table_dropout))]
+    specs = [LayerSpec("input", lambda: NodeInput(G, d, sparse=not dense_table_grad(args), drop=args.table_dropout,
+                                                  partitioned=partitioned(args)))]
     dims = [G.x.shape[1] + d] + [h] * len(fo)
     for i in range(len(fo)):
         specs.append(LayerSpec(f"sage{i + 1}", lambda i=i: Sage(dims[i], dims[i + 1], fo[:len(fo) - i],
@@ -207,6 +238,23 @@ def optimizer(params, args):
     return TwoOptimizers(params, args.lr)
 
 
+def on_trainer(trainer, args):
+    """Partitioned: the first stage's replicas keep their own rows. Dense: sparsify after the
+    all-reduce."""
+    for layer in trainer.module.modules():
+        if isinstance(layer, NodeInput) and is_marked(layer):
+            layer.attach(trainer.topo.dp_world)
+            trainer.log(f"graph partitioned over {trainer.topo.grid.dp} replicas: rank {trainer.topo.world.rank} owns "
+                        f"nodes [{layer.owners.lo}, {layer.owners.hi}) of {int(layer.owners.bounds[-1])} "
+                        f"(features and table rows); the rest are fetched by message")
+    if dense_table_grad(args):
+        sparsify(trainer, args)
+
+
+def is_marked(layer: NodeInput) -> bool:
+    return bool(getattr(layer.table.weight, MARK, False))
+
+
 def sparsify(trainer, args):
     """After a dense (data-parallel) reduction of the table's gradient: keep only touched rows
     as a sparse gradient, so SparseAdam still updates just those rows."""
@@ -232,7 +280,10 @@ def micro_f1(trainer, train, test, args, log):
     te_nodes = torch.arange(*G.ranges["test_all"])
     embs = [None, None]
     trainer.module.eval()
-    for j, nodes in enumerate((tr_nodes, te_nodes) if trainer.topo.dp_rank == 0 else ()):   # one replica
+    inputs = [m for m in trainer.module.modules() if isinstance(m, NodeInput)]
+    spread = partitioned(args)      # replicas fetch each other's rows: all embed, in lockstep
+    moved = inputs[0].owners.bytes_sent if inputs and inputs[0].owners else None
+    for j, nodes in enumerate((tr_nodes, te_nodes) if spread or trainer.topo.dp_rank == 0 else ()):
         got = []
         for chunk in nodes.split(512):
             t = torch.stack([G.trees(chunk, fo, g) for _ in range(args.eval_samples)], 1).float()
@@ -240,11 +291,21 @@ def micro_f1(trainer, train, test, args, log):
         embs[j] = torch.cat(got) if got else None
     trainer.module.train()
     f1 = -1.0
-    if embs[0] is not None:
+    if embs[0] is not None and trainer.topo.dp_rank == 0:
         f1 = logistic_f1(embs[0], G.y[tr_nodes], embs[1], G.y[te_nodes])
     f1 = float(trainer.topo.world.allgather_floats([f1]).max())
     raw = logistic_f1(G.x[tr_nodes], G.y[tr_nodes], G.x[te_nodes], G.y[te_nodes]) if trainer.topo.world.rank == 0 else 0.0
-    return (f"micro-F1 {f1:.3f} vs {raw:.3f} on raw features (logistic regression on frozen standardised "
+    traffic = ""
+    if spread:     # what training moved (counted before the evaluation's fetches), per first-stage rank
+        per = trainer.topo.world.allgather_floats([moved if moved is not None else float("nan")])[:, 0]
+        per = per[per == per]
+        n, steps = trainer.topo.grid.dp, max(trainer.step_count, 1)
+        ring = 2 * (n - 1) / n * G.n * args.emb_dim * 4
+        traffic = (f"graph partitioned over {n} replicas: training sent {per.mean() / steps / 2**20:.2f} MiB per step "
+                   f"per rank (node ids, feature rows, table rows and their gradients), against "
+                   f"{ring / 2**20:.2f} MiB per step per rank for a ring all-reduce of the dense table alone "
+                   f"(--dense-table-grad, which also keeps every feature row on every rank); ")
+    return (traffic + f"micro-F1 {f1:.3f} vs {raw:.3f} on raw features (logistic regression on frozen standardised "
             f"embeddings, each the mean of {args.eval_samples} neighbour samples; {len(tr_nodes)} train-graph nodes -> "
             f"{len(te_nodes)} test-graph nodes); {len(trainer.step_seconds) / max(sum(trainer.step_seconds), 1e-9) / max(len(train), 1) * args.batch_size:.2f} "
             f"epochs/s (last epoch's steps); data: {note}")
@@ -279,7 +340,8 @@ def add_args(p):
     p.add_argument("--table-dropout", type=float, default=0.5,
                    help="fraction of table rows read as zero in training (test graphs' rows are untrained)")
     p.add_argument("--dense-table-grad", action="store_true",
-                   help="dense table gradient, sparsified before SparseAdam (automatic when --grid has dp > 1)")
+                   help="data parallel: replicate the whole table and all-reduce its gradient densely "
+                        "(default with dp > 1: nodes partitioned over the replicas, rows fetched by message)")
 
 
 EXAMPLE = Example(
@@ -293,6 +355,6 @@ EXAMPLE = Example(
     task="regression",
     defaults=dict(epochs=2, batch_size=256, lr=5e-3, balance="layers"),
     add_args=add_args,
-    on_trainer=sparsify,
+    on_trainer=on_trainer,
     after_fit=micro_f1,
 )

@@ -96,6 +96,23 @@ class World:
         BOARD.wait(self.comm.Iallgather(mine, out), f"ALLGATHER on {self.name}", -1)
         return out
 
+    def alltoallv(self, sends: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Personalised exchange: `sends[p]` (1-D, contiguous, CPU, one dtype for all) goes to
+        rank p; returns what each rank sent here, by rank. Counts travel first (MPI_Alltoall),
+        then the data (MPI_Alltoallv)."""
+        dtype = sends[0].dtype
+        counts = np.array([len(t) for t in sends], dtype=np.int64)
+        theirs = np.zeros(self.size, dtype=np.int64)
+        BOARD.wait(self.comm.Ialltoall(counts, theirs), f"ALLTOALL counts on {self.name}", -1)
+        out = torch.empty(int(theirs.sum()), dtype=dtype)
+        send = torch.cat(sends) if sends else torch.empty(0, dtype=dtype)
+        sdisp = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        rdisp = np.concatenate([[0], np.cumsum(theirs)[:-1]])
+        BOARD.wait(self.comm.Ialltoallv([send.numpy(), (counts, sdisp)], [out.numpy(), (theirs, rdisp)]),
+                   f"ALLTOALLV on {self.name}", -1)
+        BOARD.sent(int(send.numel() * send.element_size()))
+        return list(out.split(theirs.tolist()))
+
     def abort(self, code: int = 1) -> None:
         MPI.COMM_WORLD.Abort(code)
 

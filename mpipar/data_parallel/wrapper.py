@@ -22,6 +22,7 @@ from torch import nn
 
 from .buckets import DEFAULT_BUCKET_MB, GradBuckets, check_identical
 from .compress import wire_dtype
+from .partitioned import is_partitioned
 
 
 class DataParallel:
@@ -30,7 +31,7 @@ class DataParallel:
                  algorithm: str = "auto", grad_compress: str | None = None):
         dp_world = getattr(dp_world, "dp_world", dp_world)   # a Topology: its replicas' World
         self.module, self.world, self.check_every = module, dp_world, check_every
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad and not is_partitioned(p)]
         self.buckets = GradBuckets(dp_world, [p for _, p in named], bucket_mb, op, overlap,
                                    names=[n for n, _ in named], background=background, algorithm=algorithm,
                                    wire=wire_dtype(grad_compress))
@@ -60,7 +61,7 @@ class DataParallel:
 
     def check_replicas(self) -> None:
         """Raise ReplicaMismatchError unless parameters and reduced gradients are bit-identical."""
-        params = [p for p in self.module.parameters()]
+        params = [p for p in self.module.parameters() if not is_partitioned(p)]
         check_identical(self.world, params, f"parameters before step {self.steps}")
         grads = [p.grad for p in params if p.grad is not None]
         check_identical(self.world, grads, f"reduced gradients of step {self.steps}")
@@ -75,6 +76,8 @@ def broadcast_state(module: nn.Module, world, root: int = 0) -> None:
     if world.size == 1:
         return
     for t in list(module.parameters()) + list(module.buffers()):
+        if is_partitioned(t):     # each rank holds its own rows (partitioned.py)
+            continue
         if t.is_contiguous():
             world.bcast_(t.data, root)
         else:
