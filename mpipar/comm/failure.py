@@ -87,6 +87,7 @@ class Watchdog(threading.Thread):
                     f"rank {rank} ({self.host}): StallError: waited {waited:.0f} s for {w.describe()}{peer} "
                     f"(--stall-timeout {self.timeout:g}); aborting the job\n")
                 sys.stderr.flush()
+                time.sleep(FORWARD_SECONDS)      # as report_and_abort: let the launcher forward it
                 MPI.COMM_WORLD.Abort(3)
 
 
