@@ -18,6 +18,9 @@ def shared_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64, help="global batch size")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                   help="where each rank trains: cuda = GPU (local rank %% GPUs on its host), auto = cuda when "
+                        "there is one, else cpu")
     p.add_argument("--steps", type=int, default=0, help="stop each epoch after this many steps (0: all)")
     p.add_argument("--data-dir", default=None, help="full dataset location (default: the copy shipped in examples/data)")
     p.add_argument("--out", default=None, help="output dir for metrics and plots (default runs/EXAMPLE)")

@@ -15,10 +15,11 @@ from .train.trainer import TrainConfig, Trainer, parse_inject
 from .version import __version__
 
 
-def banner(world, hosts, example, args, grid) -> str:
+def banner(world, hosts, example, args, grid, device=None) -> str:
     cuda = "yes" if world.cuda_support else "no"
+    placed = f"\ndevice: {device}" if device is not None else ""
     return (f"mpipar {__version__} | {world.mpi_library} | {world.size} ranks on {len(set(hosts))} host(s) | "
-            f"torch {torch.__version__} | CUDA-aware MPI: {cuda} ({world.policy.describe()})\n"
+            f"torch {torch.__version__} | CUDA-aware MPI: {cuda} ({world.policy.describe()}){placed}\n"
             f"example {example.name}: {example.summary}\n"
             f"grid pp={grid.pp} dp={grid.dp} tp={grid.tp} | schedule {args.schedule}, "
             f"{args.microbatches} micro-batch(es) | global batch {args.batch_size} | seed {args.seed}")
@@ -53,7 +54,7 @@ def build_trainer(topo, rankmap, example, specs, args, log=print):
     from .pipeline.pipe import DataParallelOptions, Pipeline
     pipe = Pipeline(specs, topo, loss_fn=example.loss(), schedule=args.schedule, microbatches=args.microbatches,
                     chunks=args.chunks, rankmap=rankmap, recompute=args.recompute, seed=args.seed,
-                    timeline=args.timeline,
+                    timeline=args.timeline, device=getattr(args, "device_", "cpu"),
                     data_parallel=DataParallelOptions(args.bucket_mb, args.allreduce, args.dp_check_every,
                                                         args.grad_compress, args.zero))
     params = pipe.parameters()
@@ -94,7 +95,7 @@ def reference_model(example, specs, train, args, on_epoch=None, two_bw: bool = F
     """The example trained single-process (train/reference.py) with the flags' settings."""
     from .model import build_full
     from .train.reference import train_reference
-    model = build_full(specs, args.seed)
+    model = build_full(specs, args.seed, getattr(args, "device_", "cpu"))
     opt = example.optimizer([p for p in model.parameters() if p.requires_grad], args)
     sched = example.lr_scheduler(opt, args) if example.lr_scheduler and not two_bw else None
     return train_reference(model, example.loss(), opt, train, train_config(example, args), sched, on_epoch, two_bw)
@@ -126,8 +127,12 @@ def run_example(world, example, args) -> dict:
     log = print if world.rank == 0 and args.log_level != "quiet" else (lambda *a, **k: None)
     hosts = world.hosts()
     share_cores(world, hosts, args.wait)
+    from .comm import devices
     if example.main is not None:
+        if args.device != "cpu":
+            raise ConfigError(f"--device {args.device}: {example.name} runs its own loop, on CPU only so far")
         return example.main(args, world, log)
+    args.device_ = devices.choose(args.device, world)   # before any data is read: a bad choice fails fast
     grid = Grid.parse(args.grid, world.size)
     specs = example.layers(args)
     check_unique(specs)
@@ -153,7 +158,7 @@ def run_example(world, example, args) -> dict:
     mine = sum(p.numel() for p in trainer.module.parameters())
     counts = world.allgather_floats([mine, trainer.full_param_count()])
     params, full = [int(v) for v in counts[:, 0]], [int(v) for v in counts[:, 1]]
-    log(banner(world, hosts, example, args, grid))
+    log(banner(world, hosts, example, args, grid, devices.describe(args.device_, world, world.policy)))
     log(f"data: {train.note}")
     log(rankmap.table(hosts, params))
     if trainer.pipe.dp is not None:

@@ -68,6 +68,8 @@ BAD = [
     ("no epochs", 2, ["mlp", "--epochs", "0"], "ConfigError: epochs=0: must be an integer >= 1"),
     ("negative batch", 2, ["mlp", "--batch-size", "-8"], "ConfigError: batch_size=-8: must be an integer >= 1"),
     ("negative steps", 2, ["mlp", "--steps", "-1"], "ConfigError: steps=-1: must be an integer >= 0"),
+    ("--device cuda without a GPU", 2, ["mlp", "--device", "cuda"],     # CPU-only CI machines
+     "ConfigError: --device cuda: this machine has no usable CUDA device"),
     ("micro-batches of one graph", 2, ["pipeline-gcn-cora", "--microbatches", "5"],   # 4 sub-graphs per batch
      "ConfigError: --microbatches 5: a batch holds 4 sample(s) per data-parallel replica here"),
 ]

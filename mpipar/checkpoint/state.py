@@ -43,14 +43,20 @@ def cloned(obj):
 def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() and torch.cuda.is_initialized() else {}
+    return {"torch": torch.get_rng_state(), **cuda,
             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "python": {"version": int(version), "internal": [int(v) for v in internal], "gauss": gauss}}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restores what was saved; a GPU run's CUDA generator only where there is a GPU (a GPU
+    checkpoint resumes on CPU too: tensors load to the host and are copied to where the
+    parameters live)."""
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))

@@ -7,6 +7,7 @@
     failure.py   one-line aborts and the stall watchdog
     shared.py    shared-memory windows and which ranks share a host
     cuda.py      CUDA-aware MPI detection and the buffer policy
+    devices.py   which GPU a rank takes, and staging device tensors through pinned host buffers
     ulfm.py      surviving a dead rank where the MPI library has ULFM
 """
 from .messages import Kind, tag

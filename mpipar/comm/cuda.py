@@ -31,10 +31,39 @@ def query_cuda_support(mpi_module) -> int:
 
 
 class BufferPolicy:
-    """Decides, per tensor, what MPI is given: the tensor itself or a host copy."""
+    """Decides, per tensor, what MPI is given: the tensor itself or a host copy (`ops`: the CUDA
+    calls staging makes, devices.CudaOps unless a test gives its FakeOps)."""
 
-    def __init__(self, cuda_aware: bool):
+    def __init__(self, cuda_aware: bool, ops=None):
         self.cuda_aware = bool(cuda_aware)
+        self._ops, self._pool = ops, None
+
+    @property
+    def ops(self):
+        if self._ops is None:
+            from .devices import OPS
+            self._ops = OPS
+        return self._ops
+
+    @property
+    def pool(self):
+        """Pinned host buffers for staging, reused per (shape, dtype)."""
+        if self._pool is None:
+            from .devices import PinnedPool
+            self._pool = PinnedPool(self.ops)
+        return self._pool
+
+    def staged_send(self, t: torch.Tensor) -> bool:
+        """Does this tensor go through a pinned host copy (a device tensor, MPI not CUDA-aware)?"""
+        if self.cuda_aware:
+            return False
+        return not t.is_cpu or (self._ops is not None and self._ops.is_device(t))
+
+    def staged_recv(self, device) -> bool:
+        if self.cuda_aware:
+            return False
+        return (device != "cpu" and device != _CPU and torch.device(device).type != "cpu") or (
+            self._ops is not None and self._ops.is_device_name(device))
 
     def describe(self) -> str:
         if not torch.cuda.is_available():
@@ -43,6 +72,11 @@ class BufferPolicy:
 
     def needs_staging(self, t: torch.Tensor) -> bool:
         return t.device.type != "cpu" and not self.cuda_aware
+
+    def ready_for_mpi(self, t: torch.Tensor) -> None:
+        """A device tensor MPI will read itself (CUDA-aware): its producing stream finishes first."""
+        if not t.is_cpu:
+            self.ops.sync_producer(t)
 
     def to_wire(self, t: torch.Tensor) -> torch.Tensor:
         """A contiguous tensor MPI may read (the tensor itself when possible)."""

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import ShapeError
 from .mpi import MPI
+from . import devices
 from .cuda import mpi_buffer, pinned_buffer
 from .waits import BOARD
 
@@ -143,11 +144,16 @@ class RecvHandle:
         self.hdr = np.empty(HEADER_LEN, dtype=np.int64)
         self.hreq = world.comm.Irecv(self.hdr, source=src, tag=tag)
         self.buf, self.preq = out, None
+        self.staged = out is None and world.policy.staged_recv(device)   # lands in a pinned host buffer
         if self.buf is None and self.shape is not None and self.dtype is not None:
-            self.buf = world.policy.recv_buffer(self.shape, self.dtype, device)
+            self.buf = self._buffer(self.shape, self.dtype)
         if self.buf is not None:   # self.buf stays referenced, so the bare address is safe
             self.preq = world.comm.Irecv(pinned_buffer(self.buf), source=src, tag=tag)
         self.result = None
+
+    def _buffer(self, shape, dtype) -> torch.Tensor:
+        policy = self.world.policy
+        return policy.pool.take(shape, dtype) if self.staged else policy.recv_buffer(shape, dtype, self.device)
 
     def _mismatch(self, got_shape, got_dtype) -> ShapeError:
         w = self.world
@@ -181,15 +187,73 @@ class RecvHandle:
         if failed is not None:
             raise failed
         if self.preq is None:
-            self.buf = w.policy.recv_buffer(shape, dtype, self.device)
+            self.buf = self._buffer(shape, dtype)
             self.preq = w.comm.Irecv(pinned_buffer(self.buf), source=self.src, tag=self.tag)
             BOARD.wait(self.preq, "RECV {tag} from", peer, self.tag)
-        self.result = w.policy.from_wire(self.buf, self.device)
+        if self.staged:   # to the device on the side stream; compute waits for the copy, not the host
+            ops = w.policy.ops
+            self.result = ops.device_empty(shape, dtype, self.device)
+            event = ops.copy_async(self.result, self.buf, self.device)
+            ops.consume_after(event, self.device)
+            w.policy.pool.give(self.buf, event)
+            self.buf = None
+        else:
+            self.result = w.policy.from_wire(self.buf, self.device)
         return self.result
+
+
+class StagedSend(SendHandle):
+    """A device tensor sent through a pinned host copy (MPI not CUDA-aware): the header goes at
+    once, the payload only when its copy to the host has completed -- checked by done(), forced
+    by wait() and by any blocking wait of this process (waits.py calls devices.flush), so a peer
+    waiting for it cannot deadlock us. The buffer returns to the pool when the send completes."""
+
+    def __init__(self, world, tensor: torch.Tensor, dst: int, tag: int):
+        policy = world.policy
+        hdr = encode(tensor.shape, tensor.dtype)
+        self.buf = policy.pool.take(tensor.shape, tensor.dtype)
+        self.event = policy.ops.copy_async(self.buf, tensor, tensor.device)
+        BOARD.sent(hdr.nbytes + tensor.numel() * tensor.element_size())
+        super().__init__(world, [world.comm.Isend(hdr, dest=dst, tag=tag)], (hdr, tensor), dst, tag)
+        self.posted = False
+        devices.pending(self)
+
+    def post(self, block: bool = False) -> bool:
+        """Hand the payload to MPI once its copy is done (block: wait for the copy); True if posted."""
+        if not self.posted:
+            ops = self.world.policy.ops
+            if block:
+                ops.wait(self.event)
+            elif not ops.done(self.event):
+                return False
+            self.reqs.append(self.world.comm.Isend(pinned_buffer(self.buf), dest=self.dst, tag=self.tag))
+            self.posted = True
+            devices.posted(self)
+        return True
+
+    def done(self) -> bool:
+        if not self.post() or not super().done():
+            return False
+        self._release()
+        return True
+
+    def wait(self) -> None:
+        self.post(block=True)
+        super().wait()
+        self._release()
+
+    def _release(self) -> None:
+        if self.buf is not None:
+            self.world.policy.pool.give(self.buf)
+            self.buf = None
 
 
 def isend(world, tensor: torch.Tensor, dst: int, tag: int) -> SendHandle:
     """Start sending `tensor` to `dst`; any dtype in header.DTYPES, any shape, contiguous or not."""
+    if not tensor.is_cpu or world.policy._ops is not None:
+        if world.policy.staged_send(tensor):
+            return StagedSend(world, tensor.detach(), dst, tag)
+        world.policy.ready_for_mpi(tensor)
     wire = world.policy.to_wire(tensor)
     hdr = encode(wire.shape, wire.dtype)
     BOARD.sent(hdr.nbytes + wire.numel() * wire.element_size())

@@ -8,6 +8,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from . import devices
 from .mpi import MPI
 
 
@@ -54,6 +55,8 @@ class WaitBoard:
             _tight_timer_slack()
 
     def _begin(self, what: str, peer: int, tag: int | None) -> float:
+        if devices._PENDING:   # staged device sends reach MPI before this process blocks on anything
+            devices.flush()
         start = time.monotonic()
         self.current = Waiting(what, peer, start, tag)
         return start

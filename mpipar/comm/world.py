@@ -84,9 +84,13 @@ class World:
         return t
 
     def bcast_(self, t: torch.Tensor, root: int = 0) -> torch.Tensor:
-        """In-place broadcast of a contiguous tensor's bytes from `root`."""
-        from .cuda import mpi_buffer
-        BOARD.wait(self.comm.Ibcast(mpi_buffer(t), root=root), f"BCAST from", self.world_rank_of(root))
+        """In-place broadcast of a contiguous tensor's bytes from `root` (a device tensor through a
+        host copy unless MPI is CUDA-aware)."""
+        wire = self.policy.to_wire(t)
+        self.policy.ready_for_mpi(wire)
+        BOARD.wait(self.comm.Ibcast(mpi_buffer(wire), root=root), f"BCAST from", self.world_rank_of(root))
+        if wire is not t:
+            t.copy_(wire)
         return t
 
     def allgather_floats(self, values) -> np.ndarray:
@@ -137,6 +141,7 @@ def allreduce_sum(world, t: torch.Tensor) -> torch.Tensor:
     if t.dtype not in REDUCIBLE:
         raise TypeError(f"allreduce_sum supports float32/float64 tensors, not {t.dtype}")
     src = world.policy.to_wire(t)
+    world.policy.ready_for_mpi(src)
     out = torch.empty_like(src)
     BOARD.wait(world.comm.Iallreduce(_typed(src), _typed(out), op=MPI.SUM),
                f"ALLREDUCE on {world.name}", -1)
@@ -146,6 +151,7 @@ def allreduce_sum(world, t: torch.Tensor) -> torch.Tensor:
 def allgather(world, t: torch.Tensor) -> torch.Tensor:
     """Every rank's `t` stacked in rank order: shape [world.size, *t.shape] (raw bytes, any dtype)."""
     src = world.policy.to_wire(t)
+    world.policy.ready_for_mpi(src)
     out = torch.empty((world.size, *src.shape), dtype=src.dtype, device=src.device)
     BOARD.wait(world.comm.Iallgather(mpi_buffer(src), mpi_buffer(out)),
                f"ALLGATHER on {world.name}", -1)

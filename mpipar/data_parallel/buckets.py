@@ -214,7 +214,10 @@ class GradBuckets:
                 offsets.append(total)
                 total += self.params[i].numel()
             first = self.params[members[0]]
-            flat = torch.zeros(total + len(members), dtype=first.dtype, device=first.device)
+            # on the host whatever the parameters' device: our all-reduce reduces in host memory (a
+            # device gradient is copied in by _stage and its reduced slice copied back by finish)
+            flat = torch.zeros(total + len(members), dtype=first.dtype,
+                               pin_memory=not first.is_cpu and torch.cuda.is_available())
             bucket = Bucket(b, members, offsets, flat, flat[total:], make_plan(world, flat, op, algorithm, wire=wire))
             self.buckets.append(bucket)
             for k, (i, off) in enumerate(zip(members, offsets)):
@@ -295,7 +298,8 @@ class GradBuckets:
             used = (b.flags != 0).tolist()
             for i, off, u in zip(b.members, b.offsets, used):
                 p = self.params[i]
-                p.grad = b.flat[off:off + p.numel()].view_as(p) if u else None
+                g = b.flat[off:off + p.numel()].view_as(p)
+                p.grad = (g if p.is_cpu else g.to(p.device, non_blocking=True)) if u else None
         self.active = False
 
     def remove(self) -> None:

@@ -218,17 +218,20 @@ class Pipeline:
     `balance` ('auto': 'time' when a micro-batch `sample` is given, else 'params'; see
     partition), `sample`, `recompute` (True, or pp ranks),
     `seed` (LayerSpec initialisation), `timeline` (path for a trace of the executed schedule),
-    `data_parallel` (DataParallelOptions for dp > 1).
+    `data_parallel` (DataParallelOptions for dp > 1), `device` ('cpu', 'cuda': GPU local rank %
+    GPUs on the host, 'auto': cuda when there is one, or a torch.device).
     """
 
     def __init__(self, model, topo=None, *, loss_fn: Callable | None = None, schedule: str = "gpipe",
                  microbatches: int = 1, chunks: int | None = None, balance="auto",
                  sample: torch.Tensor | None = None, recompute=False, seed: int = 0,
                  timeline: str | None = None, data_parallel: DataParallelOptions | None = None,
-                 rankmap: RankMap | None = None):
+                 rankmap: RankMap | None = None, device="cpu"):
         if topo is None:
             from ..topology import init
             topo = init()
+        from ..comm import devices
+        self.device = devices.choose(device, topo.world) if isinstance(device, str) else torch.device(device)
         self.topo, self.loss_fn, self.microbatches = topo, loss_fn, int(microbatches)
         if self.microbatches < 1:
             raise ConfigError(f"microbatches={microbatches}: need at least 1")
@@ -252,12 +255,12 @@ class Pipeline:
         if topo.grid.tp > 1:
             from ..tensor.group import TPGroup
             self.tp_group = TPGroup(topo.tp_world)
-        chunks_ = [build_stage(specs, rankmap.stages[s + c * p], seed, tp_group=self.tp_group)
+        chunks_ = [build_stage(specs, rankmap.stages[s + c * p], seed, self.device, tp_group=self.tp_group)
                    for c in range(self.v)]
         self.module = chunks_[0] if self.v == 1 else nn.Sequential(OrderedDict(
             (name, layer) for ch in chunks_ for name, layer in ch.named_children()))
         recompute = recompute_here(recompute, s, p)
-        self.stages = [Stage(ch, s + c * p, p * self.v, topo.pp_world, loss_fn, recompute=recompute,
+        self.stages = [Stage(ch, s + c * p, p * self.v, topo.pp_world, loss_fn, self.device, recompute=recompute,
                              weights=WeightStash(ch) if self.schedule.streaming else None)
                        for c, ch in enumerate(chunks_)]
         self.engine = Engine(self.stages)
@@ -270,9 +273,9 @@ class Pipeline:
         if self.zero:
             if o.zero != 1:
                 raise ConfigError(f"--zero {o.zero}: only stage 1 (optimizer state sharded) exists so far")
-            if self.streaming or self.tp_group is not None:
-                raise ConfigError(f"--zero 1 runs with synchronous schedules and tp=1 so far, not "
-                                  f"--schedule {schedule} with tp={topo.grid.tp}")
+            if self.streaming or self.tp_group is not None or self.device.type != "cpu":
+                raise ConfigError(f"--zero 1 runs with synchronous schedules, tp=1 and CPU tensors so far, not "
+                                  f"--schedule {schedule} with tp={topo.grid.tp} on {self.device}")
             from ..data_parallel.wrapper import broadcast_state
             broadcast_state(self.module, topo.dp_world)     # replicas start equal; the optimizer sums
         elif topo.grid.dp > 1:
@@ -338,6 +341,7 @@ class Pipeline:
         n = len(x)
         if global_n is None:
             global_n = n if self.topo.grid.dp == 1 else int(self.topo.dp_world.allgather_floats([n]).sum())
+        x, y = self.place(x, y)
         xs, ys = split_microbatches(x, self.microbatches), split_microbatches(y, self.microbatches)
         weights = [len(c) / global_n for c in ys]
         total = [0.0]
@@ -384,9 +388,18 @@ class Pipeline:
         self.engine.run(acts, xs, ys, weights, on_output, base=k * m, batch=batch, flush=k == n - 1,
                         on_update=synced_update)
 
+    def place(self, x, y=None):
+        """(x, y) on this rank's device where this rank reads them: x on the first stage, the
+        targets on the last (copies from pinned memory run asynchronously)."""
+        if self.device.type == "cpu":
+            return x, y
+        move = lambda t: t.to(self.device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+        return (move(x) if self.is_first else x), (move(y) if self.is_last else y)
+
     @torch.no_grad()
     def forward_only(self, x, y=None, on_output=None) -> None:
         """x through every stage without stashing; `on_output(0, out)` sees the last stage's output."""
+        x, y = self.place(x, y)
         rec, self.engine.recorder = self.engine.recorder, None
         try:
             self.engine.run(schedules.forward_only(self.p, 1, self.s, self.v), [x], [y], [1.0], on_output)

@@ -18,6 +18,7 @@ def train_reference(model, loss_fn, optimizer, train, cfg, scheduler=None, on_ep
     `two_bw`: PipeDream-2BW's rule, each batch's gradient taken at the weights before the
     previous update (pipeline/pipedream.py), clipping and scheduler unused."""
     params = [p for p in model.parameters() if p.requires_grad]
+    device = next(model.parameters()).device if params else torch.device("cpu")
     old = copy.deepcopy(model) if two_bw else None          # W(max(t-1, 0))
     x_all, y_all = train.x, train.y
     for epoch in range(cfg.epochs):
@@ -26,7 +27,7 @@ def train_reference(model, loss_fn, optimizer, train, cfg, scheduler=None, on_ep
             batches = batches[:cfg.steps]
         tally = Tally(loss_fn, cfg.task)
         for idx in batches:
-            x, y = x_all[idx], y_all[idx]
+            x, y = x_all[idx].to(device), y_all[idx].to(device)
             if two_bw:
                 old.zero_grad(set_to_none=True)
                 out = old(x)                            # the loss 2BW reports: at the weights it used
@@ -56,7 +57,8 @@ def train_reference(model, loss_fn, optimizer, train, cfg, scheduler=None, on_ep
 def evaluate(model, loss_fn, task: str, split, batch_size: int) -> list[float]:
     model.eval()
     tally = Tally(loss_fn, task)
+    device = next(model.parameters(), torch.empty(0)).device
     for idx in epoch_batches(len(split.y), batch_size, 0, 0, shuffle=False):
-        tally.add(model(split.x[idx]), split.y[idx])
+        tally.add(model(split.x[idx].to(device)), split.y[idx].to(device))
     model.train()
     return tally.vector()

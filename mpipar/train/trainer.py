@@ -70,6 +70,7 @@ class Trainer:
         `global_n`: samples in the global batch when x is this data-parallel rank's shard of it."""
         t0 = time.perf_counter()
         m = self.pipe.microbatches
+        x, y = self.pipe.place(x, y)
         xs, ys = split_microbatches(x, m), split_microbatches(y, m)
         weights = [len(c) / (global_n or len(y)) for c in ys]   # mean over the global batch
         if self.config.inject_error and self.config.inject_error == (self.topo.world.rank, self.step_count):
@@ -112,6 +113,7 @@ class Trainer:
         self.module.eval()
         tally = Tally(self.loss_fn, self.config.task)
         for x, y, _ in sized_batches(data, batch_size, shuffle=False, num_workers=self.config.num_workers):
+            x, y = self.pipe.place(x, y)
             self.pipe.forward_only(x, y, lambda mb, out: tally.add(out, y))
         self.module.train()
         return tally.vector()
