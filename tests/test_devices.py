@@ -1,13 +1,6 @@
-"""Device placement and staged transfers, checked without a GPU.
-
-`FakeOps` stands in for the CUDA calls of comm/devices.py: "device" tensors are CPU tensors it
-registered, and a staging copy lands only when its event is found complete (after `polls`
-queries, or a wait). A payload handed to MPI before its copy completed therefore arrives as the
-pool's NaN filling, and a pinned buffer reused too early corrupts the copy that still reads it:
-the ordering bugs staging must avoid show up as wrong numbers here."""
+"""Device placement and staged transfers, checked without a GPU through fake_device.FakeOps
+(tests/mpi/cases_devices.py runs a whole pipeline through it)."""
 from __future__ import annotations
-
-import weakref
 
 import pytest
 import torch
@@ -16,62 +9,7 @@ from mpipar.comm import World, devices
 from mpipar.comm.cuda import BufferPolicy
 from mpipar.comm.mpi import MPI
 from mpipar.errors import ConfigError
-
-
-class FakeEvent:
-    def __init__(self, land, polls: int):
-        self.land, self.polls = land, polls
-
-    def complete(self) -> None:
-        if self.land is not None:
-            self.land()
-            self.land = None
-
-
-class FakeOps:
-    def __init__(self, polls: int = 3):
-        self.polls, self.log, self._device = polls, [], {}
-
-    def register(self, t: torch.Tensor) -> torch.Tensor:
-        self._device[id(t)] = weakref.ref(t)
-        return t
-
-    def is_device(self, t) -> bool:
-        ref = self._device.get(id(t))
-        return ref is not None and ref() is t
-
-    def is_device_name(self, device) -> bool:
-        return str(device).startswith("cuda")
-
-    def pinned(self, shape, dtype):
-        self.log.append("pinned")
-        return torch.full(shape, float("nan"), dtype=dtype)
-
-    def device_empty(self, shape, dtype, device):
-        return self.register(torch.full(shape, float("nan"), dtype=dtype))
-
-    def copy_async(self, dst, src, device):
-        self.log.append("copy")
-        snapshot = src.clone()          # what the side stream reads, after the producer's kernels
-        return FakeEvent(lambda: (dst.copy_(snapshot), self.log.append("landed")), self.polls)
-
-    def done(self, event) -> bool:
-        if event.land is not None:
-            event.polls -= 1
-            if event.polls > 0:
-                return False
-            event.complete()
-        return True
-
-    def wait(self, event) -> None:
-        event.complete()
-
-    def consume_after(self, event, device) -> None:
-        self.log.append("compute waits")
-        event.complete()                # the compute stream's later kernels see the copy
-
-    def sync_producer(self, t) -> None:
-        self.log.append("sync")
+from fake_device import FakeOps
 
 
 @pytest.fixture

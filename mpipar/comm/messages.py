@@ -143,8 +143,11 @@ class RecvHandle:
         self.shape, self.dtype = (tuple(shape) if shape is not None else None), dtype
         self.hdr = np.empty(HEADER_LEN, dtype=np.int64)
         self.hreq = world.comm.Irecv(self.hdr, source=src, tag=tag)
-        self.buf, self.preq = out, None
-        self.staged = out is None and world.policy.staged_recv(device)   # lands in a pinned host buffer
+        self.out, self.preq = out, None
+        self.staged = world.policy.staged_recv(device)   # lands in a pinned host buffer, then the device
+        self.buf = None if self.staged else out
+        if self.staged and out is not None:
+            self.shape, self.dtype = tuple(out.shape), out.dtype
         if self.buf is None and self.shape is not None and self.dtype is not None:
             self.buf = self._buffer(self.shape, self.dtype)
         if self.buf is not None:   # self.buf stays referenced, so the bare address is safe
@@ -192,7 +195,7 @@ class RecvHandle:
             BOARD.wait(self.preq, "RECV {tag} from", peer, self.tag)
         if self.staged:   # to the device on the side stream; compute waits for the copy, not the host
             ops = w.policy.ops
-            self.result = ops.device_empty(shape, dtype, self.device)
+            self.result = self.out if self.out is not None else ops.device_empty(shape, dtype, self.device)
             event = ops.copy_async(self.result, self.buf, self.device)
             ops.consume_after(event, self.device)
             w.policy.pool.give(self.buf, event)
