@@ -110,7 +110,7 @@ def cache_path(specs, sample: torch.Tensor) -> Path:
 
 def layer_costs(specs, sample: torch.Tensor, seed: int, log=None) -> list[LayerCost]:
     """The cached profile for (specs, sample's shape), measured and stored if there is none
-    (one process; pipeline.pipe.shared_costs shares the measuring among ranks)."""
+    (one process; pipeline.balance.shared_costs shares the measuring among ranks)."""
     costs = read_cache(specs, sample)
     if costs is not None:
         if log:

@@ -31,7 +31,7 @@ def shared_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-memory-mb", type=float, default=None,
                    help="--balance time: no stage may need more than this (parameters, gradients, "
                         "optimizer state and the activations its schedule keeps in flight)")
-    p.add_argument("--schedule", default="gpipe", help="pipeline schedule: gpipe | 1f1b | interleaved | zb | pipedream")
+    p.add_argument("--schedule", default="gpipe", help="pipeline schedule: gpipe | 1f1b | eager-1f1b | interleaved | zb | pipedream")
     p.add_argument("--microbatches", type=int, default=1, help="micro-batches per global batch")
     p.add_argument("--chunks", type=int, default=None, help="model chunks per rank (interleaved; default 2)")
     p.add_argument("--recompute", nargs="?", const="all", default=None, metavar="STAGES",

@@ -29,7 +29,8 @@ def partition(world, specs, args, grid, train, log=None):
     """The rank map's stages from the command line, and for --balance time (the default) what
     the balance table needs: (stages, (costs, in-flight micro-batches per stage) or None).
     The ranks profile the layers on a micro-batch of the real shape (cached, see profile.py)."""
-    from .pipeline.pipe import inflight_per_stage, partition as cut, shared_costs, stage_memory, virtual_stages
+    from .pipeline.balance import inflight_per_stage, partition as cut, shared_costs, stage_memory
+    from .pipeline.pipe import virtual_stages
     n = virtual_stages(args.schedule, args.chunks, grid.pp, args.balance)
     if args.balance != "time" or n == 1 or train is None:
         return cut(specs, args.balance, n, world), None
@@ -167,7 +168,7 @@ def run_example(world, example, args) -> dict:
         log(f"data parallel: {trainer.optimizer.describe()}")
     predicted = None
     if balance is not None:
-        from .pipeline.pipe import balance_table
+        from .pipeline.balance import balance_table
         text, predicted, _ = balance_table(stages, balance[0], args.schedule, grid.pp, args.microbatches,
                                         len(stages) // grid.pp, balance[1])
         log(text)

@@ -11,7 +11,7 @@ from torch import nn
 from mpipar import profile
 from mpipar.errors import RankMapError
 from mpipar.model import LayerSpec
-from mpipar.pipeline.pipe import balance_table, inflight_per_stage, partition, stage_memory
+from mpipar.pipeline.balance import balance_table, inflight_per_stage, partition, stage_memory
 from mpipar.profile import LayerCost
 from mpipar import rankmap
 from mpipar.rankmap import interleaved_partition, linear_partition

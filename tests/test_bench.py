@@ -46,10 +46,12 @@ def test_dp_step_times_ours_ours_bf16_and_ddp():
 def test_balance_rows_for_each_partition():
     out = bench(2, "balance", "--examples", "pipeline-cifar", "--steps", "2", "--warmup", "1",
                 "--microbatches", "2", "--batch-size", "8")
-    rows = {l.split()[0]: l.split() for l in out.splitlines() if l.split() and l.split()[0] in
-            ("params", "layers", "time", "best")}
-    assert set(rows) == {"params", "layers", "time", "best"}, out
-    assert float(rows["best"][3].rstrip("x")) == 1.0 and all(float(r[2]) > 0 for r in rows.values()), out
+    rows = {(l.split()[0], l.split()[1]): l.split() for l in out.splitlines()
+            if len(l.split()) > 2 and l.split()[1] in ("params", "layers", "time", "best")}
+    assert set(rows) == {("1f1b", b) for b in ("params", "layers", "time", "best")} | {("eager-1f1b", "time")}, out
+    assert float(rows[("1f1b", "best")][4].rstrip("x")) == 1.0, out
+    assert all(float(r[3]) > 0 and 0 <= float(r[5]) < 1 for r in rows.values()), out
+    assert rows[("1f1b", "time")][2] == rows[("eager-1f1b", "time")][2]     # the same cut under both
 
 
 def test_oversubscribed_rows_with_and_without_yield():

@@ -11,7 +11,7 @@ from mpipar.pipeline.schedules import Action
 
 PS = [1, 2, 3, 4, 5, 8]
 MS = [1, 2, 3, 4, 5, 7, 8, 12, 16, 32]
-CASES = [(name, p, m, v) for name in ["gpipe", "1f1b", "zb"] for p in PS for m in MS for v in [1]]
+CASES = [(name, p, m, v) for name in ["gpipe", "1f1b", "eager-1f1b", "zb"] for p in PS for m in MS for v in [1]]
 CASES += [("interleaved", p, m, v) for p in PS for m in MS for v in [2, 3, 4] if m % p == 0]
 CASES += [("pipedream", p, m, 1) for p in PS for m in MS if m >= p]
 
@@ -43,6 +43,8 @@ def test_schedule_is_sound_bounded_and_has_its_bubble(name, p, m, v):
         assert peak == [m] * p
     elif name in ("1f1b", "pipedream"):
         assert peak == [min(p - s, m * steps) for s in range(p)]          # flat in m
+    elif name == "eager-1f1b":
+        assert peak == [min(p - s + (s < p - 1), m) for s in range(p)]    # one more, but the last stage
     elif name == "zb":
         assert peak == [min(p, m)] * p                                     # 1F1B's peak, held until W
     else:
@@ -55,6 +57,19 @@ def test_smaller_bubbles_for_interleaved_and_zero_bubble():
     b = {n: simulate.run(n, p, m, 2 if n == "interleaved" else 1).bubble for n in ["1f1b", "interleaved", "zb"]}
     assert b["interleaved"] < b["1f1b"] / 1.8 and b["zb"] < b["1f1b"] / 2.5, b
     assert b["1f1b"] == pytest.approx(3 / 19)
+
+
+@pytest.mark.parametrize("p, m", [(2, 8), (4, 8), (4, 16), (8, 16)])
+def test_eager_1f1b_keeps_message_latency_off_the_critical_path(p, m):
+    """With a latency per message (here 5% of a forward), 1F1B pays it in every steady-state
+    micro-batch; eager-1f1b (one more warm-up forward) only while filling and draining. Longer
+    latencies it hides in part."""
+    ideal = simulate.run("1f1b", p, m).makespan
+    plain, eager = (simulate.run(n, p, m, latency=0.05).makespan - ideal for n in ("1f1b", "eager-1f1b"))
+    assert eager <= 2 * (p - 1) * 0.05 + 1e-9 < (m - 1) * 0.05 <= plain
+    for latency in (0.1, 0.2, 0.5):
+        assert simulate.run("eager-1f1b", p, m, latency=latency).makespan < \
+            simulate.run("1f1b", p, m, latency=latency).makespan
 
 
 def test_1f1b_memory_is_flat_in_m_while_gpipe_grows():

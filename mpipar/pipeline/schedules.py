@@ -43,7 +43,20 @@ def one_f_one_b(p: int, m: int, s: int, v: int = 1) -> list[Action]:
     """1F1B (PipeDream-Flush): w = min(p-1-s, m) warm-up forwards, then one forward and one
     backward in turn, then the w remaining backwards. Stage s holds at most w+1 <= p-s
     micro-batches' activations, whatever m is; the bubble is GPipe's."""
-    w = min(p - 1 - s, m)
+    return _warm_then_alternate(p, m, s, min(p - 1 - s, m))
+
+
+def eager_1f1b(p: int, m: int, s: int, v: int = 1) -> list[Action]:
+    """1F1B with one more warm-up forward on every stage but the last (w = p-s). In 1F1B's steady
+    state a stage waits for its successor's gradient, which the successor sends only after running
+    the forward this stage had just sent it: two message latencies per micro-batch sit in that loop
+    on every pair of stages. One micro-batch of slack takes them out (as long as they are shorter
+    than a forward+backward). Costs one more micro-batch of activations held on stages 0..p-2;
+    same gradients, same bubble formula."""
+    return _warm_then_alternate(p, m, s, min(p - s if s < p - 1 else 0, m))
+
+
+def _warm_then_alternate(p: int, m: int, s: int, w: int) -> list[Action]:
     acts = [a for mb in range(w) for a in forward_unit(s, p, mb)]
     for i in range(m - w):
         acts += forward_unit(s, p, i + w) + backward_unit(s, p, i)
@@ -159,6 +172,7 @@ def _register() -> dict[str, Schedule]:
     scheds = [
         Schedule("gpipe", gpipe, _flat),
         Schedule("1f1b", one_f_one_b, _flat),
+        Schedule("eager-1f1b", eager_1f1b, _flat),
         Schedule("interleaved", interleaved, lambda p, m, v: (p - 1) / (v * m + p - 1),
                  _interleaved_needs, chunked=True, default_chunks=2),
         Schedule("zb", zero_bubble_h1, _zb_bubble),
@@ -168,7 +182,7 @@ def _register() -> dict[str, Schedule]:
 
 
 SCHEDULES = _register()
-ALIASES = {"zb-h1": "zb", "zbh1": "zb", "1F1B": "1f1b", "interleaved-1f1b": "interleaved",
+ALIASES = {"eager1f1b": "eager-1f1b", "zb-h1": "zb", "zbh1": "zb", "1F1B": "1f1b", "interleaved-1f1b": "interleaved",
            "2bw": "pipedream", "pipedream-2bw": "pipedream"}
 
 

@@ -6,7 +6,7 @@ send completes only once the receiver has executed the matching receive (MPI's r
 large messages); a rank blocks on its oldest send only when more than `send_window` are
 outstanding, and at the end of its list. With `opt_barrier`, OPT is a barrier of all ranks
 (an optimizer step with a collective in it, e.g. the global-norm clip). Compute takes `durations[op] / v` time
-units, messages and OPT none; times are earliest-start given each rank's fixed order.
+units, messages and OPT none (or `latency` per message); times are earliest-start given each rank's fixed order.
 """
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ def default_durations(lists: Sequence[Sequence[Action]]) -> dict[str, float]:
 
 
 def simulate(lists: Sequence[Sequence[Action]], v: int = 1, durations: dict | None = None,
-             send_window: int | None = 8, opt_barrier: bool = False) -> Result:
+             send_window: int | None = 8, opt_barrier: bool = False, latency: float = 0.0) -> Result:
+    """`latency`: time from a send until its receive can complete (0: the conservative model
+    above; > 0 shows which schedules keep messages off their critical path)."""
     p = len(lists)
     dur = durations or default_durations(lists)
     timed = dur if callable(dur) else (lambda r, a: dur[a.op] / v)   # durations(rank, action): per stage
@@ -121,7 +123,7 @@ def simulate(lists: Sequence[Sequence[Action]], v: int = 1, durations: dict | No
             if n != rcount[k]:
                 raise UnmatchedError(f"rank {r}: {a!r} matched send #{n} of {k}, expected #{rcount[k]}")
             rcount[k] += 1
-            clock[r] = max(clock[r], t)
+            clock[r] = max(clock[r], t + latency)
             recv_time[(k, n)] = clock[r]
         elif a.op == "OPT" and opt_barrier:
             i = opt_seen[r]

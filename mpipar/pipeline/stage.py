@@ -22,7 +22,7 @@ class Stashed:
     target: object = None                             # recompute: to rebuild the loss
     weight: float = 1.0
     params: dict | None = None                        # 2BW: the weight version this micro-batch uses
-    rng: torch.Tensor | None = None                   # recompute: the RNG state the forward saw
+    rng: tuple | None = None                          # recompute: the RNG states the forward saw (CPU, GPU)
     grad_root: torch.Tensor | None = None             # split: the gradient B started from
     grad_ys: list = field(default_factory=list)       # split: each layer output's gradient, for W
 
@@ -44,6 +44,10 @@ class Stage:
     @property
     def is_first(self) -> bool:
         return self.index == 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return torch.device(self.device).type == "cuda"
 
     @property
     def is_last(self) -> bool:
@@ -86,7 +90,7 @@ class Stage:
         has_loss = self.is_last and target is not None and self.loss_fn is not None
         try:
             if training and self.recompute:
-                rng = torch.get_rng_state()
+                rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.on_gpu else None)
                 with torch.no_grad():
                     out, _ = self._run(x, params, False)
                 self._hold(mb, Stashed(x, target=target, weight=weight, params=params, rng=rng))
@@ -116,8 +120,10 @@ class Stage:
         """Recompute mode: rebuild the graph from the stashed input, with the same RNG draws."""
         if e.root is not None:
             return
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(e.rng)
+        with torch.random.fork_rng(devices=[self.device] if self.on_gpu else []):
+            torch.set_rng_state(e.rng[0])
+            if e.rng[1] is not None:       # dropout on a GPU draws from the device's generator
+                torch.cuda.set_rng_state(e.rng[1], self.device)
             with torch.enable_grad():
                 out, ys = self._run(e.x, e.params, True)
         has_loss = self.is_last and e.target is not None and self.loss_fn is not None

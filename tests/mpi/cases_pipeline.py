@@ -66,7 +66,7 @@ def compare(trainer, want, what):
         torch.testing.assert_close(v, want[k], msg=lambda m: f"{what}: {k}: {m}")
 
 
-SCHEDULES = [("gpipe", 4, []), ("1f1b", 4, []), ("1f1b", 4, ["--recompute"]), ("interleaved", 8, []),
+SCHEDULES = [("gpipe", 4, []), ("1f1b", 4, []), ("1f1b", 4, ["--recompute"]), ("eager-1f1b", 8, []), ("interleaved", 8, []),
              ("zb", 4, []), ("zb", 4, ["--recompute", "0,2"]), ("pipedream", 4, [])]
 
 
@@ -91,7 +91,7 @@ def test_ranks_share_the_profiling_and_measure_once_per_key(world, mpi_tmp_path,
     layers, every rank gets the same costs, and the second call reads rank 0's cache."""
     import os
     from mpipar import profile
-    from mpipar.pipeline.pipe import shared_costs
+    from mpipar.pipeline.balance import shared_costs
     monkeypatch.setenv("MPIPAR_CACHE", str(mpi_tmp_path / "cache"))
     mine = []
     real = profile.profile_layers
