@@ -18,7 +18,7 @@ from ..comm.shared import SharedBuffer, host_layout, one_host
 from .algorithms import DoublingPlan, HalvingPlan, RingPlan
 from .compress import CastRingPlan, compressible
 from .plan import Handle, Plan, RingLayout, StagedPlan, check_op, finished
-from .shm import HierPlan, SharedPlan
+from .shm import HierPlan, SharedPlan, shared_all_gather, shared_reduce_scatter
 
 DOUBLING_MAX = 64 * 1024       # up to this: recursive doubling (log2 n messages, latency-bound)
 RING_MIN = 64 * 2 ** 20        # power-of-two n > 2: halving-doubling below this, the ring from here
@@ -183,21 +183,41 @@ def _ring_pass(world, t, op, first, last, piece_bytes) -> None:
         plan.close()
 
 
-def reduce_scatter(world, t: torch.Tensor, op: str = "sum", piece_bytes: int | None = None) -> torch.Tensor:
-    """Ring reduce-scatter in place: afterwards segment `world.rank` of flat `t` (see
-    `segment_of`) holds the reduction over all ranks and is returned (a view); the other
-    segments hold partial sums."""
+def reduce_scatter(world, t: torch.Tensor, op: str = "sum", piece_bytes: int | None = None,
+                   algorithm: str = "auto") -> torch.Tensor:
+    """Reduce-scatter in place: afterwards segment `world.rank` of flat `t` (see `segment_of`)
+    holds the reduction over all ranks and is returned (a view); the other segments are left
+    as the algorithm leaves them. `auto`: through shared memory when the World is on one host
+    (shm.shared_reduce_scatter), else the ring; 'ring' or 'shm' force one."""
     check_op(op, t.dtype)
-    _ring_pass(world, t, op, 0, world.size - 2, piece_bytes)
     a, b = segment_of(t.numel(), world.size, world.rank)
+    if _shared(world, t, algorithm):
+        return shared_reduce_scatter(world, t, op, arena(world, 2 * t.numel() * t.element_size()), _bounds(world, t))
+    _ring_pass(world, t, op, 0, world.size - 2, piece_bytes)
     return t.view(-1)[a:b]
 
 
-def all_gather(world, t: torch.Tensor, piece_bytes: int | None = None) -> torch.Tensor:
-    """Ring all-gather in place: each rank fills segment `world.rank` of flat `t` (see
-    `segment_of`); afterwards every rank holds every segment. Returns `t`."""
+def all_gather(world, t: torch.Tensor, piece_bytes: int | None = None, algorithm: str = "auto") -> torch.Tensor:
+    """All-gather in place: each rank fills segment `world.rank` of flat `t` (see `segment_of`);
+    afterwards every rank holds every segment. Returns `t`. `algorithm` as for reduce_scatter."""
+    if _shared(world, t, algorithm):
+        return shared_all_gather(world, t, arena(world, 2 * t.numel() * t.element_size()), _bounds(world, t))
     _ring_pass(world, t, "sum", world.size - 1, 2 * world.size - 3, piece_bytes)
     return t
+
+
+def _shared(world, t: torch.Tensor, algorithm: str) -> bool:
+    if algorithm not in ("auto", "ring", "shm"):
+        raise ValueError(f"algorithm {algorithm!r}: auto, ring or shm")
+    if world.size < 2 or t.numel() == 0 or algorithm == "ring":
+        return False
+    if algorithm == "shm" and not one_host(world):
+        raise ValueError(f"algorithm 'shm' needs every rank of {world.name} on one host")
+    return algorithm == "shm" or one_host(world)
+
+
+def _bounds(world, t: torch.Tensor) -> list[tuple[int, int]]:
+    return [segment_of(t.numel(), world.size, j) for j in range(world.size)]
 
 
 def segment_of(numel: int, n: int, rank: int) -> tuple[int, int]:

@@ -245,3 +245,60 @@ class HierPlan(Plan):
             self.buffer.free()
         self.buffer, self.slices, self.halves = None, [], []
         super().close()
+
+
+# -------------------------------------------------------------------------------------------------
+# Reduce-scatter and all-gather on one host through shared memory (what ZeRO steps on): the same
+# double-buffered window as SharedPlan, the segments of `segment_of` (the ring's layout, so either
+# algorithm leaves the same segment on the same rank).
+#   reduce-scatter: every rank copies its vector into its own part of the window; barrier; rank r
+#     sums segment r over every part, straight into its own vector's segment r.
+#   all-gather: every rank copies its segment r into its part; barrier; every rank copies every
+#     segment out. Each byte is written once into shared memory and read once per reader: no
+#     messages, one barrier each (the ring: n-1 hand-offs, each waiting for a peer).
+# -------------------------------------------------------------------------------------------------
+def _half(buffer: SharedBuffer, nbytes: int) -> int:
+    if buffer.nbytes < 2 * nbytes:
+        raise ValueError(f"shared buffer of {buffer.nbytes} bytes cannot hold two copies of {nbytes}")
+    h = buffer.flip
+    buffer.flip ^= 1             # the next call fills the other half: a slower rank may still read this one
+    return h * (buffer.nbytes // 2)
+
+
+def shared_reduce_scatter(world, t: torch.Tensor, op: str, buffer: SharedBuffer, bounds) -> torch.Tensor:
+    """Segment `bounds[world.rank]` of flat `t` becomes its reduction (op) over every rank; returns it."""
+    n, r, flat = world.size, world.rank, t.view(-1)
+    numel = flat.numel()
+    offset = _half(buffer, numel * t.element_size())
+    parts = [buffer.view(j, offset, numel, t.dtype) for j in range(n)]
+    parts[r].copy_(flat)
+    world.board.shared(numel * t.element_size())
+    buffer.wait_barrier(f"SHM reduce-scatter on {world.name}")
+    a, b = bounds[r]
+    mine = flat[a:b]
+    acc_dtype = accumulate_dtype(t.dtype)
+    acc = mine if acc_dtype == t.dtype else mine.to(acc_dtype)
+    combine = _combiner(op, True)
+    for i in range(1, n):
+        combine(acc, parts[(r + i) % n][a:b])
+    if op == "avg":
+        acc.div_(n)
+    if acc is not mine:
+        mine.copy_(acc)
+    return mine
+
+
+def shared_all_gather(world, t: torch.Tensor, buffer: SharedBuffer, bounds) -> torch.Tensor:
+    """Every rank's segment `bounds[rank]` of flat `t`, on every rank; returns `t`."""
+    n, r, flat = world.size, world.rank, t.view(-1)
+    numel = flat.numel()
+    offset = _half(buffer, numel * t.element_size())
+    a, b = bounds[r]
+    buffer.view(r, offset, b - a, t.dtype).copy_(flat[a:b])
+    world.board.shared((b - a) * t.element_size())
+    buffer.wait_barrier(f"SHM all-gather on {world.name}")
+    for j in range(n):
+        if j != r:
+            lo, hi = bounds[j]
+            flat[lo:hi].copy_(buffer.view(j, offset, hi - lo, t.dtype))
+    return t

@@ -101,19 +101,24 @@ def test_shared_memory_f32_avg(world):
 
 
 def test_reduce_scatter_then_all_gather(world):
+    """Both algorithms (the ring; shared memory, `auto` on one host) leave the same segments."""
     for w in every_ring(world):
-        for numel in (max(w.size - 1, 0), 1001):
-            x = data(numel, torch.float32, w.rank, 7)
-            ref = native(w, x, "sum")
-            a, b = segment_of(numel, w.size, w.rank)
-            mine = reduce_scatter(w, x, "sum")
-            torch.testing.assert_close(mine.double(), ref[a:b], **F32,
-                                       msg=lambda m: f"reduce_scatter n={w.size} numel={numel}: {m}")
-            full = torch.full((numel,), float("nan"))
-            full[a:b] = ref[a:b].float()
-            all_gather(w, full)
-            torch.testing.assert_close(full.double(), ref, **F32,
-                                       msg=lambda m: f"all_gather n={w.size} numel={numel}: {m}")
+        for algorithm in ("ring", "shm"):
+            for numel, dtype in ((max(w.size - 1, 0), torch.float32), (1001, torch.float32),
+                                 (300_001, torch.float32), (1001, torch.bfloat16)):
+                x = data(numel, dtype, w.rank, 7)
+                ref = native(w, x.float(), "sum")
+                a, b = segment_of(numel, w.size, w.rank)
+                mine = reduce_scatter(w, x, "sum", algorithm=algorithm)
+                tol = F32 if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+                torch.testing.assert_close(mine.double(), ref[a:b], **tol,
+                                           msg=lambda m: f"{algorithm} reduce_scatter n={w.size} numel={numel}: {m}")
+                full = torch.full((numel,), float("nan"), dtype=dtype)
+                full[a:b] = mine
+                all_gather(w, full, algorithm=algorithm)
+                torch.testing.assert_close(full.double(), ref, **tol,
+                                           msg=lambda m: f"{algorithm} all_gather n={w.size} numel={numel}: {m}")
+                same_everywhere(w, full, f"{algorithm} all_gather n={w.size} numel={numel}")
 
 
 def test_bf16_sum_accumulates_in_float32(world):
