@@ -44,14 +44,18 @@ def test_pipeline_x_data_x_tensor_parallel_on_8_ranks(tmp_path):
     assert "pp=2 dp=2 tp=2" in out
 
 
-@pytest.mark.parametrize("grid, extra", [("dp=3", []), ("pp=2,dp=2", ["--balance", "4,4", "--microbatches", "2",
-                                                                       "--schedule", "1f1b"])],
-                         ids=["dp3", "pp2xdp2"])
-def test_zero_stage1_equals_single_process(tmp_path, grid, extra):
-    """--zero 1 through the Trainer: Adam's state sharded over the replicas, gradients
-    reduce-scattered, parameters all-gathered, clipping by the global norm over stages and
-    shards; 30 Adam steps (and an uneven last batch on 3 replicas) equal single-process training."""
+PP2 = ["--balance", "4,4", "--microbatches", "2", "--schedule", "1f1b"]
+
+
+@pytest.mark.parametrize("grid, extra, stage", [("dp=3", [], 1), ("pp=2,dp=2", PP2, 1), ("pp=2,dp=2", PP2, 2)],
+                         ids=["dp3", "pp2xdp2", "stage2-pp2xdp2"])
+def test_zero_equals_single_process(tmp_path, grid, extra, stage):
+    """--zero 1|2 through the Trainer: Adam's state (stage 2: and the gradients, reduced per
+    bucket in backward once both micro-batches have accumulated) sharded over the replicas,
+    parameters all-gathered, clipping by the global norm over stages and shards; 30 Adam steps
+    (and an uneven last batch on 3 replicas) equal single-process training."""
     np_ = 3 if grid == "dp=3" else 4
-    out = check_parity(tmp_path, np_, ["mlp", "--grid", grid, "--zero", "1", "--steps", "30", "--epochs", "1",
+    out = check_parity(tmp_path, np_, ["mlp", "--grid", grid, "--zero", str(stage), "--steps", "30", "--epochs", "1",
                                        "--clip-grad", "0.05", *extra])
+    assert f"ZeRO stage {stage} over" in out
     assert f"pp={2 if 'pp' in grid else 1} dp={3 if grid == 'dp=3' else 2}" in out

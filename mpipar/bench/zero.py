@@ -1,11 +1,12 @@
-"""zero: per-replica model-state memory and step time, plain data parallelism vs ZeRO stage 1,
-side by side in one job.
+"""zero: per-replica model-state memory and step time, plain data parallelism vs ZeRO stages 1
+and 2, side by side in one job.
 
     mpirun -np N --bind-to none python -m mpipar.bench zero [--width 1024] [--depth 6] [--steps 10]
 
 Model state per replica, measured from the tensors each replica holds (parameters, gradients,
-optimizer state), against the formula for fp32 Adam with Psi parameters on N replicas: DP 16 Psi
-bytes, stage 1 8 Psi + 8 Psi / N. Step time: the median over steps of the slowest replica's
+optimizer state; each storage counted once, so views cost nothing and a copy counts), against the
+formula for fp32 Adam with Psi parameters on N replicas: DP 16 Psi bytes, stage 1 8 Psi + 8 Psi / N,
+stage 2 4 Psi + 12 Psi / N (at the step; a bucket more while backward reduces it). Step time: the median over steps of the slowest replica's
 forward+backward+reduction+step, ZeRO over DP. A synthetic MLP on synthetic inputs (the figures
 are about memory and time, not learning).
 """
@@ -32,8 +33,14 @@ def model(width: int, depth: int) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(width, 8))
 
 
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+def held_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a view adds nothing, a copy does)."""
+    storages = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel():
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
 
 
 def run(world, kind: str, args) -> tuple[int, float]:
@@ -44,7 +51,7 @@ def run(world, kind: str, args) -> tuple[int, float]:
         dp = DataParallel(net, world, op="sum")
         opt = torch.optim.Adam(params, lr=1e-4)
     else:
-        dp, opt = None, ShardedOptimizer(params, world, torch.optim.Adam, lr=1e-4)
+        dp, opt = None, ShardedOptimizer(params, world, torch.optim.Adam, stage=int(kind[-1]), lr=1e-4)
     g = torch.Generator().manual_seed(world.rank)
     x, y = torch.randn(args.batch, args.width, generator=g), torch.randn(args.batch, 8, generator=g)
     times = []
@@ -54,6 +61,8 @@ def run(world, kind: str, args) -> tuple[int, float]:
         opt.zero_grad(set_to_none=False)
         if dp is not None:
             dp.begin_step()
+        else:
+            opt.begin_step(1)
         (nn.functional.mse_loss(net(x), y) / world.size).backward()
         if dp is not None:
             dp.finish()
@@ -61,13 +70,12 @@ def run(world, kind: str, args) -> tuple[int, float]:
         dt = float(world.allgather_floats([time.perf_counter() - t0]).max())
         if i >= args.warmup:
             times.append(dt)
-    grads = [p.grad for p in params]
-    if kind == "dp":
-        state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim()]
-        held = tensor_bytes(params) + tensor_bytes(grads) + tensor_bytes(state)
+    state = [v for st in (opt.inner if kind != "dp" else opt).state.values() for v in st.values()
+             if isinstance(v, torch.Tensor) and v.dim()]
+    mine = [opt.flat, opt.grad, getattr(opt, "owned", None)] if kind != "dp" else []
+    held = held_bytes(params + [p.grad for p in params] + state + mine)
+    if dp is not None:
         dp.remove()
-    else:   # the flat parameter and gradient vectors replace the per-tensor copies
-        held = tensor_bytes([opt.flat, opt.grad]) + opt.state_bytes()
     return held, statistics.median(times)
 
 
@@ -88,8 +96,8 @@ def main(argv) -> int:
     n = world.size
     log(f"zero: MLP {args.depth}x{args.width} ({psi:,} parameters, fp32 Adam) on {n} replicas, batch {args.batch} "
         f"per replica, synthetic inputs; model state = parameters + gradients + optimizer state, per replica")
-    formula = {"dp": 16 * psi, "zero1": 8 * psi + 8 * psi / n}
-    results = {kind: run(world, kind, args) for kind in ("dp", "zero1")}
+    formula = {"dp": 16 * psi, "zero1": 8 * psi + 8 * psi / n, "zero2": 4 * psi + 12 * psi / n}
+    results = {kind: run(world, kind, args) for kind in ("dp", "zero1", "zero2")}
     log(f"{'mode':<6} {'held MiB':>9} {'formula MiB':>11} {'held/formula':>12} {'max over ranks MiB':>18} "
         f"{'step ms':>8} {'vs dp':>6}")
     for kind, (held, seconds) in results.items():

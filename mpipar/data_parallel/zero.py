@@ -1,23 +1,29 @@
-"""ZeRO stage 1 on our own reduce-scatter and all-gather: the optimizer state sharded over the
-data-parallel replicas.
+"""ZeRO stages 1 and 2 on our own reduce-scatter and all-gather: the optimizer state (and with
+stage 2 the gradients) sharded over the data-parallel replicas.
 
 Plain data parallelism keeps the whole optimizer state on every replica (fp32 Adam: 8 of its 16
 bytes per parameter). Here the replicas' parameters live in one flat vector; replica r owns
 segment r of it (`segment_of`, the ring's layout). A step reduce-scatters the flat gradient
 (each replica gets the sum over replicas of its segment), runs the optimizer on that segment
-alone -- its state is 1/N of the whole -- and all-gathers the updated parameters. Parameters
-and gradients stay whole (stage 1); per replica: 4 (params) + 4 (grads) + 8/N (Adam state)
-bytes per parameter.
+alone -- its state is 1/N of the whole -- and all-gathers the updated parameters. Stage 1:
+parameters and gradients stay whole (the gradients are views of one flat vector, which backward
+accumulates into); per replica 4 (params) + 4 (grads) + 8/N (Adam state) bytes per parameter.
+Stage 2: no whole gradient is kept. Backward hands each bucket of parameters (contiguous in the
+flat vector, the last layers first) to a reduce-scatter as soon as its gradients are final, and
+the replica keeps only the part of the sum inside its own segment: 4 + 12/N bytes per parameter
+at the step (a bucket's gradients while it is reduced on top). Buckets are reduced in one fixed
+order on every replica; a bucket whose gradients are not all there yet (a parameter unused on
+this replica) waits for the step, zeros standing in.
 
 Only elementwise optimizers are sharded (their step on a slice equals the slice of their step);
 others are refused with one line. Clipping by the global norm is exact in exact arithmetic:
 the squared norms of the owned segments are summed over the replicas (and over `norm_worlds`,
 e.g. the pipeline's other stages) before scaling.
 
-    opt = ShardedOptimizer(model.parameters(), topo.dp_world, torch.optim.Adam, lr=1e-3)
-    loss.backward()            # local gradients: replicas SUM them in step() (scale the loss)
-    opt.step(clip=1.0)         # reduce-scatter, clip, step the owned segment, all-gather
-    opt.zero_grad()
+    opt = ShardedOptimizer(model.parameters(), topo.dp_world, torch.optim.Adam, stage=2, lr=1e-3)
+    opt.zero_grad(); opt.begin_step(passes=1)   # stage 2: backward passes before the gradients are final
+    loss.backward()            # local gradients: replicas SUM them (scale the loss)
+    opt.step(clip=1.0)         # (reduce-scatter,) clip, step the owned segment, all-gather
 """
 from __future__ import annotations
 
@@ -27,7 +33,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .reduce import all_gather, reduce_scatter, segment_of
+from ..comm.shared import one_host
+from .reduce import all_gather, all_reduce, arena, reduce_scatter, segment_of
+from .shm import shared_reduce_scatter
+
+BUCKET_MB = 25   # stage 2: gradients reduced per bucket of about this many MiB
 
 ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad,
                torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
@@ -36,7 +46,8 @@ ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim
 class ShardedOptimizer:
     """`optimizer(shard, **kwargs)` stepping this replica's segment of the flat parameters."""
 
-    def __init__(self, params, dp_world, optimizer=torch.optim.Adam, norm_worlds=(), **kwargs):
+    def __init__(self, params, dp_world, optimizer=torch.optim.Adam, norm_worlds=(), stage: int = 1,
+                 bucket_mb: float = BUCKET_MB, **kwargs):
         if not (isinstance(optimizer, type) and issubclass(optimizer, ELEMENTWISE)):
             name = getattr(optimizer, "__name__", type(optimizer).__name__)
             raise ConfigError(f"ZeRO shards the optimizer state by segment, which needs an elementwise step; "
@@ -47,10 +58,12 @@ class ShardedOptimizer:
         if len(dtypes) != 1:
             raise ConfigError(f"ZeRO here keeps one flat vector: parameters must share a dtype, "
                               f"not {sorted(map(str, dtypes))}")
-        self.world, self.norm_worlds = dp_world, tuple(norm_worlds)
+        if stage not in (1, 2):
+            raise ConfigError(f"ZeRO stage {stage}: stages 1 (optimizer state) and 2 (+ gradients) exist so far")
+        self.world, self.norm_worlds, self.stage = dp_world, tuple(norm_worlds), stage
         total = sum(p.numel() for p in self.params)
         self.flat = torch.zeros(total, dtype=self.params[0].dtype)
-        self.grad = torch.zeros_like(self.flat)
+        self.grad = torch.zeros_like(self.flat) if stage == 1 else None
         offset = 0
         with torch.no_grad():
             for p in self.params:          # the parameters become views of the flat vector
@@ -62,20 +75,23 @@ class ShardedOptimizer:
         a, b = self.segment
         self.shard = nn.Parameter(self.flat[a:b])      # shares the flat vector's storage
         self.inner = optimizer([self.shard], **kwargs)
+        if stage == 2:
+            self._buckets(bucket_mb)
+        self.zero_grad()
 
     @classmethod
-    def like(cls, optimizer, params, topo) -> "ShardedOptimizer":
+    def like(cls, optimizer, params, topo, stage: int = 1) -> "ShardedOptimizer":
         """The sharded twin of a built torch optimizer (its class and hyperparameters, one
         param group) over `topo`'s dp replicas; clipping sums norms over the pipeline too."""
         if isinstance(optimizer, cls):
             return optimizer
         if not isinstance(optimizer, torch.optim.Optimizer) or len(optimizer.param_groups) != 1:
-            raise ConfigError(f"--zero 1 rebuilds the optimizer over a flat segment: it needs a torch optimizer "
+            raise ConfigError(f"--zero {stage} rebuilds the optimizer over a flat segment: it needs a torch optimizer "
                               f"with one param group, not {type(optimizer).__name__}")
         import inspect
         accepted = inspect.signature(type(optimizer)).parameters
         kwargs = {k: v for k, v in optimizer.param_groups[0].items() if k != "params" and k in accepted}
-        return cls(params, topo.dp_world, type(optimizer), norm_worlds=(topo.pp_world,), **kwargs)
+        return cls(params, topo.dp_world, type(optimizer), norm_worlds=(topo.pp_world,), stage=stage, **kwargs)
 
     # -- what a torch optimizer offers ----------------------------------------------------
     @property
@@ -83,14 +99,92 @@ class ShardedOptimizer:
         return self.inner.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Stage 1: each .grad becomes a zeroed view of the flat gradient (backward accumulates
+        into it in place; `set_to_none` is ignored). Stage 2: .grad None, the owned sum zeroed."""
+        if self.stage == 1:
+            self.grad.zero_()
+            offset = 0
+            for p in self.params:
+                p.grad = self.grad[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+        else:
+            for p in self.params:
+                p.grad = None
+            self.owned.zero_()
+            self.begin_step(self.passes)
+
+    # -- stage 2: buckets reduced during backward -------------------------------------------
+    def _buckets(self, bucket_mb: float) -> None:
+        """Buckets of consecutive parameters, the last ones first (backward's order)."""
+        a, b = self.segment
+        self.owned = torch.zeros(b - a, dtype=self.flat.dtype)    # this replica's summed gradient segment
+        limit, offsets, at = int(bucket_mb * 2 ** 20), [], 0
         for p in self.params:
-            p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
+            offsets.append(at)
+            at += p.numel()
+        self.offsets = offsets
+        self.buckets: list[list[int]] = []
+        size = 0
+        for i in reversed(range(len(self.params))):
+            nbytes = self.params[i].numel() * self.params[i].element_size()
+            if not self.buckets or (size + nbytes > limit and self.buckets[-1]):
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(i)
+            size += nbytes
+        self.bucket_of = {i: k for k, members in enumerate(self.buckets) for i in members}
+        self.shared = self.world.size > 1 and one_host(self.world)
+        self.passes = 1
+        self.hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+
+    def begin_step(self, passes: int = 1) -> None:
+        """Stage 2: each parameter's gradient is final after `passes` backward passes (micro-batches)."""
+        if self.stage != 2:
+            return
+        self.passes = max(1, int(passes))
+        self.seen = [0] * len(self.params)
+        self.waiting = [set(m) for m in self.buckets]
+        self.next_bucket = 0
+
+    def _hook(self, i: int):
+        def on_grad(p: torch.Tensor) -> None:
+            self.seen[i] += 1
+            if self.seen[i] == self.passes:
+                self.waiting[self.bucket_of[i]].discard(i)
+                while self.next_bucket < len(self.buckets) and not self.waiting[self.next_bucket]:
+                    self._reduce(self.next_bucket)
+        return on_grad
+
+    def _reduce(self, k: int) -> None:
+        """Sum bucket k over the replicas and keep the part inside this replica's segment."""
+        members = self.buckets[k]
+        lo = self.offsets[members[-1]]
+        hi = self.offsets[members[0]] + self.params[members[0]].numel()
+        scratch = torch.zeros(hi - lo, dtype=self.flat.dtype)
+        for i in members:
+            p = self.params[i]
+            if p.grad is not None:
+                scratch[self.offsets[i] - lo:self.offsets[i] - lo + p.numel()].copy_(p.grad.reshape(-1))
+                p.grad = None                     # its memory goes back now, not at the step
+        a, b = self.segment
+        x, y = max(a, lo), min(b, hi)
+        if self.world.size > 1 and self.shared:
+            bounds = [(min(max(s0, lo), hi) - lo, max(min(s1, hi), lo) - lo)
+                      for s0, s1 in (segment_of(self.flat.numel(), self.world.size, j) for j in range(self.world.size))]
+            shared_reduce_scatter(self.world, scratch, "sum", arena(self.world, 2 * scratch.numel() * scratch.element_size()),
+                                  bounds)
+        elif self.world.size > 1:                 # across hosts: the all-reduce, then our part of it
+            all_reduce(self.world, scratch, "sum")
+        if x < y:
+            self.owned[x - a:y - a].add_(scratch[x - lo:y - lo])
+        self.next_bucket = k + 1
 
     def describe(self) -> str:
         a, b = self.segment
-        return (f"ZeRO stage 1 over {self.world.size} replicas: {type(self.inner).__name__} steps {b - a:,} of "
-                f"{self.flat.numel():,} parameters here (its state 1/{self.world.size} of the whole); "
-                f"gradients reduce-scattered, parameters all-gathered")
+        kept = "whole" if self.stage == 1 else f"only this segment's ({len(self.buckets)} bucket(s) reduced in backward)"
+        return (f"ZeRO stage {self.stage} over {self.world.size} replicas: {type(self.inner).__name__} steps {b - a:,} "
+                f"of {self.flat.numel():,} parameters here (its state 1/{self.world.size} of the whole); gradients "
+                f"reduce-scattered, kept {kept}; parameters all-gathered")
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this replica holds (tensors only)."""
@@ -100,17 +194,23 @@ class ShardedOptimizer:
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, clip: float = 0.0) -> float:
-        """Reduce-scatter the gradients (sum over replicas), clip by the global norm if `clip`,
-        step the owned segment, all-gather the parameters. Returns the global gradient norm."""
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            if p.grad is None:
-                self.grad[offset:offset + n].zero_()
-            else:
-                self.grad[offset:offset + n].copy_(p.grad.reshape(-1))
-            offset += n
-        mine = reduce_scatter(self.world, self.grad) if self.world.size > 1 else self.grad
+        """Reduce-scatter the gradients (sum over replicas; stage 2: the buckets backward left),
+        clip by the global norm if `clip`, step the owned segment, all-gather the parameters
+        (afterwards .grad holds nothing meaningful until zero_grad). Returns the global norm."""
+        if self.stage == 2:
+            while self.next_bucket < len(self.buckets):     # buckets backward left incomplete, in order
+                self._reduce(self.next_bucket)
+            mine = self.owned
+        else:
+            offset = 0
+            for p in self.params:
+                n = p.numel()
+                if p.grad is None:
+                    self.grad[offset:offset + n].zero_()
+                elif p.grad.data_ptr() != self.grad[offset:offset + n].data_ptr():   # not our view
+                    self.grad[offset:offset + n].copy_(p.grad.reshape(-1))
+                offset += n
+            mine = reduce_scatter(self.world, self.grad) if self.world.size > 1 else self.grad
         squares = torch.tensor([float(mine.double().pow(2).sum())], dtype=torch.float64)
         for w in (self.world, *self.norm_worlds):
             if w.size > 1:

@@ -39,7 +39,7 @@ class DataParallelOptions:
     algorithm: str = "auto"       # auto | ring | halving | doubling | shm
     check_every: int = 0          # > 0: every N steps prove the replicas bit-identical (debug)
     grad_compress: str | None = None   # bf16 | fp16: gradients cross hosts as that type
-    zero: int = 0                 # 1: ZeRO stage 1 -- no all-reduce here; the optimizer must be a
+    zero: int = 0                 # 1, 2: ZeRO stage -- no all-reduce here; the optimizer must be a
                                   # data_parallel.zero.ShardedOptimizer (Trainer: ShardedOptimizer.like)
 
 
@@ -152,10 +152,10 @@ class Pipeline:
         o = data_parallel or DataParallelOptions()
         self.zero = o.zero if topo.grid.dp > 1 else 0
         if self.zero:
-            if o.zero != 1:
-                raise ConfigError(f"--zero {o.zero}: only stage 1 (optimizer state sharded) exists so far")
+            if o.zero not in (1, 2):
+                raise ConfigError(f"--zero {o.zero}: stages 1 (optimizer state sharded) and 2 (+ gradients) exist so far")
             if self.streaming or self.tp_group is not None or self.device.type != "cpu":
-                raise ConfigError(f"--zero 1 runs with synchronous schedules, tp=1 and CPU tensors so far, not "
+                raise ConfigError(f"--zero {o.zero} runs with synchronous schedules, tp=1 and CPU tensors so far, not "
                                   f"--schedule {schedule} with tp={topo.grid.tp} on {self.device}")
             from ..data_parallel.wrapper import broadcast_state
             broadcast_state(self.module, topo.dp_world)     # replicas start equal; the optimizer sums

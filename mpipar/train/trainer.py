@@ -77,6 +77,8 @@ class Trainer:
             raise RuntimeError(f"injected error at step {self.step_count} (--inject-error)")
         if self.optimizer and not self.pipe.streaming:
             self.optimizer.zero_grad(set_to_none=True)
+            if isinstance(self.optimizer, ShardedOptimizer):   # stage 2 reduces a gradient once final
+                self.optimizer.begin_step(len(xs))
         on_out = (lambda mb, out: tally.add(out, ys[mb])) if tally is not None else None
         if self.pipe.streaming:     # 2BW updates mid-list (OPT): arm the callbacks right before each update
             def update():

@@ -1,7 +1,8 @@
-"""ZeRO stage 1 (data_parallel/zero.py) against single-process training and against our
+"""ZeRO stages 1 and 2 (data_parallel/zero.py) against single-process training and against our
 DataParallel: an MLP trained 50 Adam (and AdamW, SGD) steps on 2, 3 and 4 replicas, with and
-without global-norm clipping, every parameter assert_close; each replica holds 1/N of Adam's
-state; a non-elementwise optimizer is refused."""
+without global-norm clipping, every parameter assert_close (stage 2 with buckets small enough
+that several are reduced during backward); each replica holds 1/N of Adam's state; a
+non-elementwise optimizer is refused."""
 import pytest
 import torch
 from torch import nn
@@ -52,11 +53,13 @@ def single(opt_cls, clip, **kw):
     return model
 
 
-def zero(world, opt_cls, clip, **kw):
+def zero(world, opt_cls, clip, stage=1, **kw):
     model = mlp()
-    opt = ShardedOptimizer(model.parameters(), world, opt_cls, **kw)
+    # stage 2: tiny buckets, so that several are reduced during backward
+    opt = ShardedOptimizer(model.parameters(), world, opt_cls, stage=stage, bucket_mb=2e-3, **kw)
     for x, y in batches():
         opt.zero_grad()
+        opt.begin_step(1)
         loss_of(model, *shard(world, x, y)).backward()
         opt.step(clip=clip)
     return model, opt
@@ -81,9 +84,12 @@ CASES = [(torch.optim.Adam, 0.0, dict(lr=1e-2)), (torch.optim.Adam, 0.05, dict(l
          (torch.optim.AdamW, 0.0, dict(lr=1e-2, weight_decay=0.1)), (torch.optim.SGD, 0.0, dict(lr=0.03, momentum=0.9))]
 
 
+@pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("opt_cls, clip, kw", CASES, ids=["adam", "adam-clipped", "adamw", "sgd-momentum"])
-def test_stage1_equals_single_process_and_data_parallel(world, opt_cls, clip, kw):
-    ours, opt = zero(world, opt_cls, clip, **kw)
+def test_stage_equals_single_process_and_data_parallel(world, opt_cls, clip, kw, stage):
+    ours, opt = zero(world, opt_cls, clip, stage, **kw)
+    if stage == 2:
+        assert len(opt.buckets) > 2 and all(p.grad is None for p in ours.parameters())   # nothing whole kept
     ref = single(opt_cls, clip, **kw)
     dp = data_parallel(world, opt_cls, clip, **kw)
     for (name, p), q, r in zip(ours.named_parameters(), ref.parameters(), dp.parameters()):
@@ -94,8 +100,9 @@ def test_stage1_equals_single_process_and_data_parallel(world, opt_cls, clip, kw
         assert max(float((p - q).abs().max()) for p, q in zip(ref.parameters(), free.parameters())) > 1e-3
 
 
-def test_each_replica_holds_its_share_of_adams_state(world):
-    model, opt = zero(world, torch.optim.Adam, 0.0, lr=1e-3)
+@pytest.mark.parametrize("stage", [1, 2])
+def test_each_replica_holds_its_share_of_adams_state(world, stage):
+    model, opt = zero(world, torch.optim.Adam, 0.0, stage, lr=1e-3)
     total = sum(p.numel() for p in model.parameters())
     a, b = opt.segment
     assert opt.state_bytes() == 8 * (b - a)                              # exp_avg + exp_avg_sq, fp32
