@@ -83,7 +83,10 @@ def optimizer_by_name(optimizer, names: list[str]) -> dict:
 def load_optimizer_by_name(optimizer, names: list[str], state: dict, groups: list[dict]) -> None:
     """Load state keyed by name into an optimizer over `names` (hyperparameters of group i
     come from saved group i; the parameter lists stay this optimizer's own)."""
-    own = optimizer.state_dict()["param_groups"]
+    own, at = [], 0                 # torch numbers parameters group after group (no state_dict():
+    for g in optimizer.param_groups:  # a sharded optimizer's would gather its state)
+        own.append({"params": list(range(at, at + len(g["params"])))})
+        at += len(g["params"])
     if len(own) != len(groups):
         from .store import CheckpointError
         raise CheckpointError(f"the optimizer has {len(own)} parameter group(s) but the checkpoint has "
@@ -102,10 +105,12 @@ def load_optimizer_by_name(optimizer, names: list[str], state: dict, groups: lis
 def snapshot(trainer, topo, copy: bool) -> dict:
     """What this rank writes; `copy` clones every tensor (for a background writer)."""
     out = {"rank": topo.world.rank, "coords": [topo.pp_rank, topo.dp_rank, topo.tp_rank], "rng": rng_state()}
+    # ZeRO's state_dict gathers the segments (collective over dp): every replica asks for it
+    optim = (optimizer_by_name(trainer.optimizer, param_names(trainer.module))
+             if trainer.optimizer and (topo.dp_rank == 0 or getattr(trainer.pipe, "zero", 0)) else None)
     if topo.dp_rank == 0:
         out["model"] = {k: v.detach() for k, v in trainer.module.state_dict().items()}
-        out["optim"] = (optimizer_by_name(trainer.optimizer, param_names(trainer.module))
-                        if trainer.optimizer else None)
+        out["optim"] = optim
         out["sched"] = trainer.scheduler.state_dict() if trainer.scheduler else None
     return cloned(out) if copy else out
 

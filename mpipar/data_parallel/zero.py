@@ -179,6 +179,43 @@ class ShardedOptimizer:
             self.owned[x - a:y - a].add_(scratch[x - lo:y - lo])
         self.next_bucket = k + 1
 
+    # -- checkpoints: the same layout as an unsharded optimizer's --------------------------------
+    def state_dict(self) -> dict:
+        """torch's optimizer state_dict for the whole parameter list, as if unsharded (collective
+        over the replicas: every segment's state is all-gathered). A checkpoint written from it
+        resumes on any number of replicas, with or without ZeRO."""
+        inner = self.inner.state_dict()
+        mine = inner["state"].get(0, {})
+        total, (a, b) = self.flat.numel(), self.segment
+        full = {}
+        for key in sorted(k for k, v in mine.items() if isinstance(v, torch.Tensor) and v.dim() == 1
+                          and v.numel() == b - a):
+            whole = torch.zeros(total, dtype=mine[key].dtype)
+            whole[a:b] = mine[key]
+            full[key] = all_gather(self.world, whole) if self.world.size > 1 else whole
+        state, at = {}, 0
+        for i, p in enumerate(self.params):
+            n = p.numel()
+            state[i] = {k: (full[k][at:at + n].view_as(p).clone() if k in full else
+                            (v.clone() if isinstance(v, torch.Tensor) else v)) for k, v in mine.items()}
+            at += n
+        group = {k: v for k, v in inner["param_groups"][0].items() if k != "params"}
+        return {"state": state if mine else {}, "param_groups": [{**group, "params": list(range(len(self.params)))}]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """The inverse of state_dict: this replica keeps its segment of each per-parameter state."""
+        a, b = self.segment
+        states = [sd["state"].get(i) for i in range(len(self.params))]
+        group = {k: v for k, v in sd["param_groups"][0].items() if k != "params"}
+        mine = {}
+        if all(st is not None for st in states) and states:
+            for key, v in states[0].items():
+                if isinstance(v, torch.Tensor) and v.shape == self.params[0].shape and v.dim() > 0:
+                    mine[key] = torch.cat([st[key].reshape(-1) for st in states])[a:b].clone()
+                else:
+                    mine[key] = v
+        self.inner.load_state_dict({"state": {0: mine} if mine else {}, "param_groups": [{**group, "params": [0]}]})
+
     def describe(self) -> str:
         a, b = self.segment
         kept = "whole" if self.stage == 1 else f"only this segment's ({len(self.buckets)} bucket(s) reduced in backward)"

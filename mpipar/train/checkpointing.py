@@ -20,7 +20,6 @@ from pathlib import Path
 from ..checkpoint import DEFAULT_KEEP, fault
 from ..checkpoint.checkpointer import Checkpointer
 from ..checkpoint.restart import layer_of
-from ..errors import ConfigError
 from ..rankmap import RankMap
 
 
@@ -46,9 +45,6 @@ def attach_checkpoint(trainer, rankmap, n_train: int, cfg: CheckpointConfig, run
     if not cfg.root and not spec:
         return None
     topo, world, c = trainer.topo, trainer.topo.world, trainer.config
-    if getattr(trainer.pipe, "zero", 0):
-        raise ConfigError("--zero 1 with --checkpoint-dir/--inject-fault: sharded optimizer state is not "
-                          "checkpointed yet; run without --zero or without checkpoints")
     plan = None
     if spec:
         faults = fault.resolve(spec, world.size, total_steps(n_train, c.batch_size, c.epochs, c.steps))
