@@ -35,11 +35,11 @@ def profile_layers(specs, sample: torch.Tensor, seed: int, repeats: int = 3,
                    which: range | None = None) -> list[LayerCost]:
     """The costs of layers `which` (default all) on `sample`, a micro-batch of the model's
     input: the layers before them only run forward, without autograd, to make their input.
-    One layer is built at a time."""
+    One layer is built at a time, on the sample's device (a GPU's kernels are timed to completion)."""
     which = range(len(specs)) if which is None else which
     costs, x = [], sample
     for i, spec in enumerate(specs[:which.stop]):
-        layer = build_layer(spec, i, seed)
+        layer = build_layer(spec, i, seed, sample.device)
         if i in which:
             costs.append(_measure(layer, spec.name, x, repeats))
         if i + 1 < which.stop:
@@ -57,9 +57,11 @@ def _measure(layer, name: str, x: torch.Tensor, repeats: int) -> LayerCost:
         try:
             with torch.autograd.graph.saved_tensors_hooks(
                     lambda t: (held.append(t.numel() * t.element_size()), t)[1], lambda t: t):
+                _sync(x)
                 t0 = time.perf_counter()
                 out = layer(inp)
                 out.float().sum().backward()
+                _sync(x)
                 dt = time.perf_counter() - t0
         except Exception as e:
             raise ConfigError(f"--balance time: profiling layer {name!r} on the activation "
@@ -69,6 +71,11 @@ def _measure(layer, name: str, x: torch.Tensor, repeats: int) -> LayerCost:
         saved = sum(held)
     param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     return LayerCost(name, best, saved, param_bytes)
+
+
+def _sync(x: torch.Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
 
 
 def cache_key(specs, sample: torch.Tensor) -> str:

@@ -36,7 +36,7 @@ def partition(world, specs, args, grid, train, log=None):
         return cut(specs, args.balance, n, world), None
     cut(specs, "layers", n)          # enough layers for the stages? (said before profiling)
     mb = max(1, min(args.batch_size, len(train)) // (grid.dp * args.microbatches))
-    costs = shared_costs(specs, train.x[:mb], world, args.seed, log)
+    costs = shared_costs(specs, train.x[:mb].to(getattr(args, "device_", "cpu")), world, args.seed, log)
     inflight = inflight_per_stage(args.schedule, grid.pp, args.microbatches, n // grid.pp)
     limit = args.stage_memory_mb * 2 ** 20 if args.stage_memory_mb else None
     stages = cut(specs, "time", n, costs=costs, memory=stage_memory(costs, inflight), limit=limit,
