@@ -69,10 +69,10 @@ def test_partitioned_graphsage_equals_single_process(tmp_path):
 
 
 def test_pipeline_gcn_cora_reaches_the_readme_accuracy(tmp_path):
-    """The README's "test accuracy ≈ 0.79" for pipeline-gcn-cora with its defaults (100 epochs,
+    """The README's "test accuracy ≈ 0.81" for pipeline-gcn-cora with its defaults (100 epochs,
     4 sub-graphs, 4 micro-batches; here 2 stages, 1F1B): the mean test accuracy of the last 10
-    epochs is within 0.03 of it (one epoch swings by a few points; dropout draws are unseeded)."""
+    epochs is within 0.02 of it (measured 0.803-0.817 over 8 runs; dropout draws are unseeded)."""
     summary = run_ok(tmp_path, 2, "pipeline-gcn-cora", "--schedule", "1f1b")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     mean = sum(r["test_accuracy"] for r in rows[-10:]) / 10
-    assert rows[-1]["epoch"] == 100 and "4 micro-batch(es)" in summary and abs(mean - 0.79) <= 0.03, (mean, summary)
+    assert rows[-1]["epoch"] == 100 and "4 micro-batch(es)" in summary and abs(mean - 0.81) <= 0.02, (mean, summary)

@@ -48,6 +48,16 @@ def anomaly_windows(data_dir=None, series: str = "ambient_temperature_system_fai
     return torch.from_numpy(arr)
 
 
+def clock_features(seconds) -> torch.Tensor:
+    """float32 [N, 4]: sin/cos of the time of day and of the day of the week of int64 `seconds`
+    (since 1970, NAB's naive local time, so the hours are the building's own)."""
+    t = torch.as_tensor(seconds, dtype=torch.int64)
+    day = (t % 86400).double() / 86400
+    week = ((t // 86400 + 3) % 7 + day) / 7          # 1970-01-01 was a Thursday: 0 = Monday 00:00
+    d, w = 2 * np.pi * day, 2 * np.pi * week
+    return torch.stack([d.sin(), d.cos(), w.sin(), w.cos()], 1).float()
+
+
 def windows(values, window: int, horizon: int = 1, train_fraction: float = 0.8) -> tuple[Split, Split]:
     """(train, test) forecasting windows: x float32 [N, window, 1], y float32 [N, 1] = value at t+horizon.
 
