@@ -88,7 +88,7 @@ class World:
         host copy unless MPI is CUDA-aware)."""
         wire = self.policy.to_wire(t)
         self.policy.ready_for_mpi(wire)
-        BOARD.wait(self.comm.Ibcast(mpi_buffer(wire), root=root), f"BCAST from", self.world_rank_of(root))
+        BOARD.wait(self.comm.Ibcast(mpi_buffer(wire), root=root), "BCAST from", self.world_rank_of(root))
         if wire is not t:
             t.copy_(wire)
         return t

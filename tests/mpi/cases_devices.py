@@ -3,7 +3,6 @@
 reused too early, would arrive as NaN or as another micro-batch's data), trained 1F1B and compared
 with single-process training; on 4 ranks as pp=2 x dp=2, so the gradient all-reduce and the
 initial broadcast run through the same policy."""
-import pytest
 import torch
 from torch import nn
 
