@@ -53,5 +53,6 @@ EXAMPLE = Example(
     optimizer=lambda params, args: torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True),
     defaults=dict(epochs=4, batch_size=64, lr=0.02, compare=True),
     add_args=add_args,
+    gpu=True,
     main=lambda args, world, log: run_tp_example(world, args, log, EXAMPLE, build, reference),
 )

@@ -99,6 +99,7 @@ EXAMPLE = Example(
     optimizer=lambda params, args: torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-6),
     defaults=dict(epochs=6, batch_size=64, lr=3e-3, compare=True),
     add_args=add_args,
+    gpu=True,
     main=lambda args, world, log: run_tp_example(world, args, log, EXAMPLE, build, reference,
                                                  after=lambda model, test: greedy_decode(model, test, args, log)),
 )

@@ -26,3 +26,4 @@ class Example:
     on_trainer: Callable | None = None  # (trainer, args): extra hooks once the trainer is built (every rank)
     after_fit: Callable | None = None   # (trainer, train, test, args, log) -> summary text or None (every rank)
     main: Callable | None = None   # custom flow (args, world) -> summary dict, for non-sequential plans
+    gpu: bool = False              # a custom flow that honours --device (args.device_); others run on CPU

@@ -129,11 +129,11 @@ def run_example(world, example, args) -> dict:
     hosts = world.hosts()
     share_cores(world, hosts, args.wait)
     from .comm import devices
-    if example.main is not None:
-        if args.device != "cpu":
-            raise ConfigError(f"--device {args.device}: {example.name} runs its own loop, on CPU only so far")
-        return example.main(args, world, log)
     args.device_ = devices.choose(args.device, world)   # before any data is read: a bad choice fails fast
+    if example.main is not None and args.device_.type != "cpu" and not example.gpu:
+        raise ConfigError(f"--device {args.device}: {example.name} runs its own loop, on CPU only so far")
+    if example.main is not None:
+        return example.main(args, world, log)
     grid = Grid.parse(args.grid, world.size)
     specs = example.layers(args)
     check_unique(specs)

@@ -37,7 +37,8 @@ def fit(model, topo, example, args, train, test, log, callbacks=(), out=None):
     from .model import LayerSpec
     from .pipeline.pipe import Pipeline
     from .train.trainer import TrainConfig, Trainer
-    pipe = Pipeline([LayerSpec("model", build=lambda: model)], topo, loss_fn=example.loss(), seed=args.seed)
+    pipe = Pipeline([LayerSpec("model", build=lambda: model)], topo, loss_fn=example.loss(), seed=args.seed,
+                    device=getattr(args, "device_", "cpu"))
     params = pipe.parameters()
     opt = example.optimizer(params, args)
     sched = example.lr_scheduler(opt, args) if getattr(example, "lr_scheduler", None) else None
