@@ -61,9 +61,10 @@ def test_staged_send_hands_mpi_the_payload_only_after_its_copy(fake):
         r = world.irecv(0, 100 + step, device="cuda:0")
         s = world.isend(x, 0, 100 + step)
         assert s.posted is False                            # copy still running: payload not with MPI
-        while not s.done():
+        while not s.post():                                 # polls the copy's event until it completes
             pass
         got = r.wait()
+        s.wait()                                            # (MPICH completes a send to self only once received)
         assert ops.is_device(got)                           # received onto the (fake) device
         torch.testing.assert_close(got, x, rtol=0, atol=0)
     assert world.policy.pool.made <= 3, world.policy.pool.made   # one send + one receive buffer, reused
