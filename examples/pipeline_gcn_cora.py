@@ -26,8 +26,6 @@ accuracy of the last 10 epochs: 0.817 on 4 ranks with 1f1b, 0.807 with gpipe, 0.
 differ by a point). Micro-batched runs without dropout equal single-process training
 (tests/test_cora_pipeline.py).
 """
-import math
-
 import torch
 from torch import nn
 
@@ -36,6 +34,7 @@ from mpipar.data.common import Split
 from mpipar.data.cora_parts import cora_parts
 from mpipar.example import Example
 from mpipar.model import LayerSpec
+from mpipar.train.lr import cosine, run_steps
 from mpipar.train.metrics import IGNORE
 
 
@@ -107,10 +106,7 @@ def layers(args):
 def cosine_lr(optimizer, args):
     """lr from --lr down to 5% of it along a half cosine over the run's steps: the last epochs
     settle instead of swinging by several points (at a constant 0.01 RMSprop jumped 0.73-0.80)."""
-    steps = -(-args.parts // args.batch_size)
-    total = max(1, args.epochs * (min(steps, args.steps) if args.steps else steps))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: 0.05 + 0.475 * (1 + math.cos(math.pi * min(k, total) / total)))
+    return cosine(optimizer, run_steps(args.parts, args))
 
 
 def data(args):

@@ -23,7 +23,7 @@ from mpipar.data.numbers import IGNORE, PAD, BOS, EOS, SRC_VOCAB, TGT_VOCAB, len
 from mpipar.example import Example
 from mpipar.model import LayerSpec
 from mpipar.train.amp import MODES, Autocast, PipelineGradScaler
-from mpipar.train.noam import noam
+from mpipar.train.lr import noam
 
 
 # -- the layers ---------------------------------------------------------------------------------

@@ -46,19 +46,11 @@ from mpipar.train.batches import sized_batches
 FEATURES = 6  # per step: standardised reading, its change from the previous step, 4 clock features
 
 
-def zero_head(h):
-    """Head that first predicts no change (= the persistence baseline); its gradient is not zero."""
-    head = LastStep(h)
-    nn.init.zeros_(head.fc.weight)
-    nn.init.zeros_(head.fc.bias)
-    return head
-
-
 def layers(args):
     h = args.hidden
     return ([LayerSpec(f"lstm{i + 1}", lambda a=(FEATURES if i == 0 else h): LSTMLayer(a, h))
              for i in range(args.depth)]
-            + [LayerSpec("head", lambda: zero_head(h))])
+            + [LayerSpec("head", lambda: LastStep(h, zero=True))])
 
 
 def as_changes(train: Split, test: Split, timestamps) -> tuple[Split, Split]:

@@ -15,11 +15,16 @@ class LSTMLayer(nn.Module):
 
 
 class LastStep(nn.Module):
-    """Forecast head: a Linear on the last time step of a sequence."""
+    """Forecast head: a Linear on the last time step of a sequence. `zero`: weights and bias start
+    at zero, so a model forecasting the change from the last reading starts at persistence (its
+    gradient is not zero)."""
 
-    def __init__(self, c_in: int, c_out: int = 1):
+    def __init__(self, c_in: int, c_out: int = 1, zero: bool = False):
         super().__init__()
         self.fc = nn.Linear(c_in, c_out)
+        if zero:
+            nn.init.zeros_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
 
     def forward(self, x):
         return self.fc(x[:, -1])

@@ -11,7 +11,7 @@ from mpipar.data.numbers import (BOS, EOS, IGNORE, PAD, SRC_VOCAB, TGT_VOCAB, en
 from mpipar.model import build_full
 from mpipar.run import parse
 from mpipar.train.amp import Autocast
-from mpipar.train.noam import noam, noam_factor
+from mpipar.train.lr import noam, noam_factor
 from mpipar.session import reference_model
 from mpirun import mpirun
 

@@ -36,6 +36,7 @@ class BufferPolicy:
 
     def __init__(self, cuda_aware: bool, ops=None):
         self.cuda_aware = bool(cuda_aware)
+        self.stand_in = ops is not None   # a test's fake device layer: CPU tensors may count as device ones
         self._ops, self._pool = ops, None
 
     @property
@@ -57,13 +58,14 @@ class BufferPolicy:
         """Does this tensor go through a pinned host copy (a device tensor, MPI not CUDA-aware)?"""
         if self.cuda_aware:
             return False
-        return not t.is_cpu or (self._ops is not None and self._ops.is_device(t))
+        return not t.is_cpu or (self.stand_in and self._ops.is_device(t))
 
     def staged_recv(self, device) -> bool:
         if self.cuda_aware:
             return False
-        return (device != "cpu" and device != _CPU and torch.device(device).type != "cpu") or (
-            self._ops is not None and self._ops.is_device_name(device))
+        if self.stand_in and self._ops.is_device_name(device):
+            return True
+        return device != "cpu" and torch.device(device).type != "cpu"   # (a str "cpu": no torch.device made)
 
     def describe(self) -> str:
         if not torch.cuda.is_available():

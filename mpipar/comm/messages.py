@@ -253,7 +253,7 @@ class StagedSend(SendHandle):
 
 def isend(world, tensor: torch.Tensor, dst: int, tag: int) -> SendHandle:
     """Start sending `tensor` to `dst`; any dtype in header.DTYPES, any shape, contiguous or not."""
-    if not tensor.is_cpu or world.policy._ops is not None:
+    if not tensor.is_cpu or world.policy.stand_in:
         if world.policy.staged_send(tensor):
             return StagedSend(world, tensor.detach(), dst, tag)
         world.policy.ready_for_mpi(tensor)

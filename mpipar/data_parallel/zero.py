@@ -64,13 +64,13 @@ class ShardedOptimizer:
         total = sum(p.numel() for p in self.params)
         self.flat = torch.zeros(total, dtype=self.params[0].dtype)
         self.grad = torch.zeros_like(self.flat) if stage == 1 else None
-        offset = 0
+        self.offsets = [0]                 # where each parameter starts in the flat vector
+        for p in self.params[:-1]:
+            self.offsets.append(self.offsets[-1] + p.numel())
         with torch.no_grad():
-            for p in self.params:          # the parameters become views of the flat vector
-                n = p.numel()
-                self.flat[offset:offset + n].copy_(p.detach().reshape(-1))
-                p.data = self.flat[offset:offset + n].view_as(p)
-                offset += n
+            for p, at in zip(self.params, self.offsets):   # the parameters become views of the flat vector
+                self.flat[at:at + p.numel()].copy_(p.detach().reshape(-1))
+                p.data = self.flat[at:at + p.numel()].view_as(p)
         self.segment = segment_of(total, dp_world.size, dp_world.rank)
         a, b = self.segment
         self.shard = nn.Parameter(self.flat[a:b])      # shares the flat vector's storage
@@ -103,10 +103,8 @@ class ShardedOptimizer:
         into it in place; `set_to_none` is ignored). Stage 2: .grad None, the owned sum zeroed."""
         if self.stage == 1:
             self.grad.zero_()
-            offset = 0
-            for p in self.params:
-                p.grad = self.grad[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
+            for p, at in zip(self.params, self.offsets):
+                p.grad = self.grad[at:at + p.numel()].view_as(p)
         else:
             for p in self.params:
                 p.grad = None
@@ -118,11 +116,7 @@ class ShardedOptimizer:
         """Buckets of consecutive parameters, the last ones first (backward's order)."""
         a, b = self.segment
         self.owned = torch.zeros(b - a, dtype=self.flat.dtype)    # this replica's summed gradient segment
-        limit, offsets, at = int(bucket_mb * 2 ** 20), [], 0
-        for p in self.params:
-            offsets.append(at)
-            at += p.numel()
-        self.offsets = offsets
+        limit = int(bucket_mb * 2 ** 20)
         self.buckets: list[list[int]] = []
         size = 0
         for i in reversed(range(len(self.params))):
@@ -133,6 +127,13 @@ class ShardedOptimizer:
             self.buckets[-1].append(i)
             size += nbytes
         self.bucket_of = {i: k for k, members in enumerate(self.buckets) for i in members}
+        # each bucket's range [lo, hi) of the flat vector, and every replica's segment within it
+        segments = [segment_of(self.flat.numel(), self.world.size, j) for j in range(self.world.size)]
+        self.spans = []
+        for members in self.buckets:
+            lo = self.offsets[members[-1]]
+            hi = self.offsets[members[0]] + self.params[members[0]].numel()
+            self.spans.append((lo, hi, [(min(max(s0, lo), hi) - lo, max(min(s1, hi), lo) - lo) for s0, s1 in segments]))
         self.shared = self.world.size > 1 and one_host(self.world)
         self.passes = 1
         self.hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
@@ -157,11 +158,9 @@ class ShardedOptimizer:
 
     def _reduce(self, k: int) -> None:
         """Sum bucket k over the replicas and keep the part inside this replica's segment."""
-        members = self.buckets[k]
-        lo = self.offsets[members[-1]]
-        hi = self.offsets[members[0]] + self.params[members[0]].numel()
+        lo, hi, bounds = self.spans[k]
         scratch = torch.zeros(hi - lo, dtype=self.flat.dtype)
-        for i in members:
+        for i in self.buckets[k]:
             p = self.params[i]
             if p.grad is not None:
                 scratch[self.offsets[i] - lo:self.offsets[i] - lo + p.numel()].copy_(p.grad.reshape(-1))
@@ -169,8 +168,6 @@ class ShardedOptimizer:
         a, b = self.segment
         x, y = max(a, lo), min(b, hi)
         if self.world.size > 1 and self.shared:
-            bounds = [(min(max(s0, lo), hi) - lo, max(min(s1, hi), lo) - lo)
-                      for s0, s1 in (segment_of(self.flat.numel(), self.world.size, j) for j in range(self.world.size))]
             shared_reduce_scatter(self.world, scratch, "sum", arena(self.world, 2 * scratch.numel() * scratch.element_size()),
                                   bounds)
         elif self.world.size > 1:                 # across hosts: the all-reduce, then our part of it
@@ -193,12 +190,10 @@ class ShardedOptimizer:
             whole = torch.zeros(total, dtype=mine[key].dtype)
             whole[a:b] = mine[key]
             full[key] = all_gather(self.world, whole) if self.world.size > 1 else whole
-        state, at = {}, 0
-        for i, p in enumerate(self.params):
-            n = p.numel()
-            state[i] = {k: (full[k][at:at + n].view_as(p).clone() if k in full else
+        state = {}
+        for i, (p, at) in enumerate(zip(self.params, self.offsets)):
+            state[i] = {k: (full[k][at:at + p.numel()].view_as(p).clone() if k in full else
                             (v.clone() if isinstance(v, torch.Tensor) else v)) for k, v in mine.items()}
-            at += n
         group = {k: v for k, v in inner["param_groups"][0].items() if k != "params"}
         return {"state": state if mine else {}, "param_groups": [{**group, "params": list(range(len(self.params)))}]}
 
@@ -239,14 +234,12 @@ class ShardedOptimizer:
                 self._reduce(self.next_bucket)
             mine = self.owned
         else:
-            offset = 0
-            for p in self.params:
-                n = p.numel()
+            for p, at in zip(self.params, self.offsets):
+                dst = self.grad[at:at + p.numel()]
                 if p.grad is None:
-                    self.grad[offset:offset + n].zero_()
-                elif p.grad.data_ptr() != self.grad[offset:offset + n].data_ptr():   # not our view
-                    self.grad[offset:offset + n].copy_(p.grad.reshape(-1))
-                offset += n
+                    dst.zero_()
+                elif p.grad.data_ptr() != dst.data_ptr():   # not our view
+                    dst.copy_(p.grad.reshape(-1))
             mine = reduce_scatter(self.world, self.grad) if self.world.size > 1 else self.grad
         squares = torch.tensor([float(mine.double().pow(2).sum())], dtype=torch.float64)
         for w in (self.world, *self.norm_worlds):
