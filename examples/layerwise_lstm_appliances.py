@@ -51,7 +51,7 @@ def data(args):
 
 def cosine_lr(optimizer, args):
     """lr from --lr down to 5% of it along a half cosine over every step of the run."""
-    return cosine(optimizer, run_steps(len(data(args)[0]), args))
+    return cosine(optimizer, run_steps(len(data(args)[0]), args.batch_size, args.epochs, args.steps))
 
 
 def report(last, train, test, args):

@@ -106,7 +106,7 @@ def layers(args):
 def cosine_lr(optimizer, args):
     """lr from --lr down to 5% of it along a half cosine over the run's steps: the last epochs
     settle instead of swinging by several points (at a constant 0.01 RMSprop jumped 0.73-0.80)."""
-    return cosine(optimizer, run_steps(args.parts, args))
+    return cosine(optimizer, run_steps(args.parts, args.batch_size, args.epochs, args.steps))
 
 
 def data(args):

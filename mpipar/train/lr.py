@@ -30,7 +30,7 @@ def cosine(optimizer, total_steps: int, floor: float = 0.05) -> LambdaLR:
     return LambdaLR(optimizer, lambda k: floor + (1 - floor) / 2 * (1 + math.cos(math.pi * min(k, total) / total)))
 
 
-def run_steps(n_train: int, args) -> int:
-    """Optimizer steps in a run of `args` (epochs, batch_size, steps) over `n_train` samples."""
-    per_epoch = -(-n_train // args.batch_size)
-    return args.epochs * (min(per_epoch, args.steps) if args.steps else per_epoch)
+def run_steps(n_train: int, batch_size: int, epochs: int, steps: int = 0) -> int:
+    """Optimizer steps in a run of `epochs` over `n_train` samples (`steps` > 0: at most that many per epoch)."""
+    per_epoch = -(-n_train // batch_size)
+    return epochs * (min(per_epoch, steps) if steps else per_epoch)
