@@ -74,10 +74,11 @@ def add_dp_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-compress", default=None, choices=["none", "bf16", "fp16"],
                    help="data parallel: float32 gradients cross hosts as this 16-bit type, summed in "
                         "float32 (default none; within a host nothing is cast)")
-    p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2],
+    p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3],
                    help="data parallel: 1 = ZeRO stage 1, the optimizer state sharded over the replicas "
                         "(gradients reduce-scattered, parameters all-gathered); 2 = also the gradients "
-                        "(reduced per bucket during backward, each replica keeping its part); 0 = replicated (default)")
+                        "(reduced per bucket during backward, each replica keeping its part); 3 = also the parameters "
+                        "(each layer all-gathered for its forward and its backward, freed after); 0 = replicated (default)")
     p.add_argument("--dp-check-every", type=int, default=0,
                    help="data parallel: every N steps check replicas are bit-identical (0: never)")
 

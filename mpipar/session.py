@@ -63,7 +63,7 @@ def build_trainer(topo, rankmap, example, specs, args, log=print):
     stepped = optimizer       # what an lr scheduler adjusts (under --zero 1: the shard's optimizer)
     if pipe.zero and optimizer is not None:
         from .data_parallel.zero import ShardedOptimizer
-        optimizer = ShardedOptimizer.like(optimizer, params, topo, pipe.zero)
+        optimizer = ShardedOptimizer.like(optimizer, params, topo, pipe.zero, units=pipe.units())
         stepped = optimizer.inner
     scheduler = example.lr_scheduler(stepped, args) if optimizer and example.lr_scheduler else None
     return Trainer(pipe, optimizer, train_config(example, args), scheduler, log)

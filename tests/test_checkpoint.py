@@ -330,10 +330,11 @@ def test_resume_with_tensor_parallel_shards_on_8_ranks(tmp_path):
 def test_zero_stage2_resumes_bit_identical_and_on_another_dp_size(tmp_path):
     """--zero 2 on dp=2: the checkpoint holds the optimizer state as an unsharded run would
     (gathered from the segments), so stopping after 2 epochs and resuming to 3 gives the very
-    parameters of 3 uninterrupted epochs, and resuming on dp=3 continues (close: 3 replicas sum
-    the batch in another order)."""
+    parameters of 3 uninterrupted epochs, and resuming on dp=3 under --zero 3 (the parameters
+    sharded too) continues (close: 3 replicas sum the batch in another order)."""
     from mpirun import mpirun
-    run = ["-m", "mpipar.run", "mlp", "--zero", "2", "--steps", "8", "--batch-size", "48"]
+    base = ["-m", "mpipar.run", "mlp", "--steps", "8", "--batch-size", "48"]
+    run = [*base, "--zero", "2"]
     ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "5"]
     jobs = [(2, [*run, "--grid", "dp=2", "--epochs", "3", "--out", str(tmp_path / "a"), "--save-params", str(tmp_path / "pa")]),
             (2, [*run, "--grid", "dp=2", *ck, "--epochs", "2", "--out", str(tmp_path / "b")])]
@@ -342,8 +343,8 @@ def test_zero_stage2_resumes_bit_identical_and_on_another_dp_size(tmp_path):
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     import shutil
     shutil.copytree(tmp_path / "ck", tmp_path / "ck3")
-    for np_, grid, folder, out in ((2, "dp=2", "ck", "pc"), (3, "dp=3", "ck3", "pd")):
-        p = mpirun(np_, *run, "--grid", grid, "--checkpoint-dir", str(tmp_path / folder), "--epochs", "3",
+    for np_, grid, folder, out, stage in ((2, "dp=2", "ck", "pc", "2"), (3, "dp=3", "ck3", "pd", "3")):
+        p = mpirun(np_, *base, "--zero", stage, "--grid", grid, "--checkpoint-dir", str(tmp_path / folder), "--epochs", "3",
                    "--out", str(tmp_path / out), "--save-params", str(tmp_path / out), timeout=180)
         assert p.returncode == 0 and "resumed from" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     a = torch.load(tmp_path / "pa" / "stage0.pt", weights_only=True)

@@ -47,11 +47,13 @@ def test_pipeline_x_data_x_tensor_parallel_on_8_ranks(tmp_path):
 PP2 = ["--balance", "4,4", "--microbatches", "2", "--schedule", "1f1b"]
 
 
-@pytest.mark.parametrize("grid, extra, stage", [("dp=3", [], 1), ("pp=2,dp=2", PP2, 1), ("pp=2,dp=2", PP2, 2)],
-                         ids=["dp3", "pp2xdp2", "stage2-pp2xdp2"])
+@pytest.mark.parametrize("grid, extra, stage", [("dp=3", [], 1), ("pp=2,dp=2", PP2, 1), ("pp=2,dp=2", PP2, 2),
+                                                ("pp=2,dp=2", PP2, 3)],
+                         ids=["dp3", "pp2xdp2", "stage2-pp2xdp2", "stage3-pp2xdp2"])
 def test_zero_equals_single_process(tmp_path, grid, extra, stage):
-    """--zero 1|2 through the Trainer: Adam's state (stage 2: and the gradients, reduced per
-    bucket in backward once both micro-batches have accumulated) sharded over the replicas,
+    """--zero 1|2|3 through the Trainer: Adam's state (stage 2: and the gradients, reduced per
+    bucket in backward once both micro-batches have accumulated; stage 3: and the parameters,
+    each layer gathered for each micro-batch's forward and backward) sharded over the replicas,
     parameters all-gathered, clipping by the global norm over stages and shards; 30 Adam steps
     (and an uneven last batch on 3 replicas) equal single-process training."""
     np_ = 3 if grid == "dp=3" else 4

@@ -1,6 +1,6 @@
 """Killed ranks, end to end: the supervisor relaunches the job after a rank SIGKILLs itself at
 a random (seeded) step, also in the middle of a checkpoint write, and the final parameters are
-bit-equal to the fault-free run; an error a rank reports is not retried; with ULFM, a dead rank
+bit-equal to the fault-free run (also under ZeRO stage 3); an error a rank reports is not retried; with ULFM, a dead rank
 is survived without any relaunch. First, in one process: the fault flags and the supervisor's
 decisions and commands."""
 import os
@@ -68,6 +68,25 @@ def test_killed_rank_relaunch_is_bit_equal(tmp_path, fault_free, fault_flags):
     assert sorted(got) == sorted(fault_free)
     for k in got:
         assert torch.equal(got[k], fault_free[k]), k
+
+
+ZERO3 = ["--zero", "3", "--grid", "pp=2,dp=2", "--balance", "4,4", "--microbatches", "2"]
+
+
+def test_zero3_killed_rank_resumes_bit_equal(tmp_path):
+    """--zero 3 (parameters, gradients and Adam's state sharded over the replicas, pp=2 x dp=2):
+    a rank killed at a random step; the relaunch resumes from the checkpoint (parameters gathered
+    on save, each replica keeping its segments on load) to the fault-free run's parameters."""
+    p = mpirun(4, "-m", "mpipar.run", *ARGV, *ZERO3, "--checkpoint-dir", str(tmp_path / "free" / "ckpt"),
+               "--out", str(tmp_path / "free" / "out"), "--save-params", str(tmp_path / "free" / "params"), timeout=180)
+    assert p.returncode == 0 and "ZeRO stage 3 over 2 replicas" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    rc, out, err = supervised(tmp_path, *ZERO3, "--inject-fault", "random=13")
+    assert rc == 0, out[-3000:] + err[-3000:]
+    assert "injected fault 0: SIGKILL" in err and "checkpoint: resumed from step-" in out, out[-3000:] + err[-2000:]
+    want, got = params(tmp_path / "free" / "params"), params(tmp_path / "params")
+    assert sorted(got) == sorted(want)
+    for k in got:
+        assert torch.equal(got[k], want[k]), k
 
 
 def test_a_reported_error_is_not_relaunched(tmp_path):

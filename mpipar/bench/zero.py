@@ -1,18 +1,23 @@
-"""zero: per-replica model-state memory and step time, plain data parallelism vs ZeRO stages 1
-and 2, side by side in one job.
+"""zero: per-replica model-state memory and step time, plain data parallelism vs ZeRO stages 1,
+2 and 3, side by side in one job.
 
     mpirun -np N --bind-to none python -m mpipar.bench zero [--width 1024] [--depth 6] [--steps 10]
+    mpirun -np N --bind-to none python -m mpipar.bench zero --modes zero3     # one mode: its peak RSS
 
 Model state per replica, measured from the tensors each replica holds (parameters, gradients,
 optimizer state; each storage counted once, so views cost nothing and a copy counts), against the
 formula for fp32 Adam with Psi parameters on N replicas: DP 16 Psi bytes, stage 1 8 Psi + 8 Psi / N,
-stage 2 4 Psi + 12 Psi / N (at the step; a bucket more while backward reduces it). Step time: the median over steps of the slowest replica's
+stage 2 4 Psi + 12 Psi / N (at the step; a bucket more while backward reduces it), stage 3
+16 Psi / N (between uses; one layer's parameters and gradients more while it runs). Step time: the median over steps of the slowest replica's
 forward+backward+reduction+step, ZeRO over DP. A synthetic MLP on synthetic inputs (the figures
-are about memory and time, not learning).
+are about memory and time, not learning). Peak RSS is the process's high-water mark (largest over
+the replicas), so it describes a mode only when that mode runs alone (`--modes`); with several
+modes the column is left out.
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -51,7 +56,7 @@ def run(world, kind: str, args) -> tuple[int, float]:
         dp = DataParallel(net, world, op="sum")
         opt = torch.optim.Adam(params, lr=1e-4)
     else:
-        dp, opt = None, ShardedOptimizer(params, world, torch.optim.Adam, stage=int(kind[-1]), lr=1e-4)
+        dp, opt = None, ShardedOptimizer(params, world, torch.optim.Adam, stage=int(kind[-1]), lr=1e-4, units=list(net))
     g = torch.Generator().manual_seed(world.rank)
     x, y = torch.randn(args.batch, args.width, generator=g), torch.randn(args.batch, 8, generator=g)
     times = []
@@ -73,6 +78,8 @@ def run(world, kind: str, args) -> tuple[int, float]:
     state = [v for st in (opt.inner if kind != "dp" else opt).state.values() for v in st.values()
              if isinstance(v, torch.Tensor) and v.dim()]
     mine = [opt.flat, opt.grad, getattr(opt, "owned", None)] if kind != "dp" else []
+    if kind == "zero3":       # the segments it keeps, and the layers' whole vectors (freed between uses)
+        mine += [opt.sharded.data, opt.sharded.grad, *opt.sharded.full]
     held = held_bytes(params + [p.grad for p in params] + state + mine)
     if dp is not None:
         dp.remove()
@@ -87,7 +94,12 @@ def main(argv) -> int:
     p.add_argument("--batch", type=int, default=32, help="samples per replica per step")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--modes", default="dp,zero1,zero2,zero3", help="which of dp, zero1, zero2, zero3 (comma-separated)")
     args = p.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - {"dp", "zero1", "zero2", "zero3"})
+    if unknown or not modes:
+        p.error(f"--modes: {', '.join(unknown) or 'none given'}; choose from dp, zero1, zero2, zero3")
     world = World()
     failure.install(world.host)
     share_cores(world, world.hosts(), "auto")
@@ -96,12 +108,15 @@ def main(argv) -> int:
     n = world.size
     log(f"zero: MLP {args.depth}x{args.width} ({psi:,} parameters, fp32 Adam) on {n} replicas, batch {args.batch} "
         f"per replica, synthetic inputs; model state = parameters + gradients + optimizer state, per replica")
-    formula = {"dp": 16 * psi, "zero1": 8 * psi + 8 * psi / n, "zero2": 4 * psi + 12 * psi / n}
-    results = {kind: run(world, kind, args) for kind in ("dp", "zero1", "zero2")}
+    formula = {"dp": 16 * psi, "zero1": 8 * psi + 8 * psi / n, "zero2": 4 * psi + 12 * psi / n, "zero3": 16 * psi / n}
+    results = {kind: run(world, kind, args) for kind in modes}
+    peak = float(world.allgather_floats([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]).max())
+    base = results.get("dp", (0, 0.0))[1]
     log(f"{'mode':<6} {'held MiB':>9} {'formula MiB':>11} {'held/formula':>12} {'max over ranks MiB':>18} "
-        f"{'step ms':>8} {'vs dp':>6}")
+        f"{'step ms':>8} {'vs dp':>6}" + (f" {'peak RSS MiB':>12}" if len(modes) == 1 else ""))
     for kind, (held, seconds) in results.items():
         top = float(world.allgather_floats([held]).max())
         log(f"{kind:<6} {held / 2**20:>9.2f} {formula[kind] / 2**20:>11.2f} {held / formula[kind]:>12.3f} "
-            f"{top / 2**20:>18.2f} {seconds * 1e3:>8.1f} {seconds / results['dp'][1]:>5.2f}x")
+            f"{top / 2**20:>18.2f} {seconds * 1e3:>8.1f} " + (f"{seconds / base:>5.2f}x" if base else f"{'-':>6}")
+            + (f" {peak:>12.1f}" if len(modes) == 1 else ""))
     return 0

@@ -108,8 +108,12 @@ def snapshot(trainer, topo, copy: bool) -> dict:
     # ZeRO's state_dict gathers the segments (collective over dp): every replica asks for it
     optim = (optimizer_by_name(trainer.optimizer, param_names(trainer.module))
              if trainer.optimizer and (topo.dp_rank == 0 or getattr(trainer.pipe, "zero", 0)) else None)
+    stage3 = getattr(trainer.optimizer, "stage", 0) == 3      # parameters sharded: gathered (collective), copied
+    with trainer.gathered():
+        model = ({k: (v.detach().clone() if stage3 else v.detach()) for k, v in trainer.module.state_dict().items()}
+                 if topo.dp_rank == 0 else None)
     if topo.dp_rank == 0:
-        out["model"] = {k: v.detach() for k, v in trainer.module.state_dict().items()}
+        out["model"] = model
         out["optim"] = optim
         out["sched"] = trainer.scheduler.state_dict() if trainer.scheduler else None
     return cloned(out) if copy else out
@@ -117,7 +121,8 @@ def snapshot(trainer, topo, copy: bool) -> dict:
 
 def apply(trainer, state: dict) -> None:
     """Load an assembled state (see reshard.assemble) into the trainer's stage, in place."""
-    trainer.module.load_state_dict(state["model"])
+    with trainer.gathered(write_back=True):    # ZeRO stage 3: each replica keeps its segments of it
+        trainer.module.load_state_dict(state["model"])
     if trainer.optimizer is not None:
         load_optimizer_by_name(trainer.optimizer, param_names(trainer.module), state["optim_state"],
                                state["groups"])

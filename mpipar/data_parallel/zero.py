@@ -1,5 +1,6 @@
-"""ZeRO stages 1 and 2 on our own reduce-scatter and all-gather: the optimizer state (and with
-stage 2 the gradients) sharded over the data-parallel replicas.
+"""ZeRO stages 1, 2 and 3 on our own reduce-scatter and all-gather: the optimizer state (with
+stage 2 the gradients too, with stage 3 the parameters as well: zero3.py) sharded over the
+data-parallel replicas.
 
 Plain data parallelism keeps the whole optimizer state on every replica (fp32 Adam: 8 of its 16
 bytes per parameter). Here the replicas' parameters live in one flat vector; replica r owns
@@ -21,6 +22,7 @@ the squared norms of the owned segments are summed over the replicas (and over `
 e.g. the pipeline's other stages) before scaling.
 
     opt = ShardedOptimizer(model.parameters(), topo.dp_world, torch.optim.Adam, stage=2, lr=1e-3)
+    # stage 3: ShardedOptimizer(..., stage=3, units=list(model))  -- gathered one unit at a time
     opt.zero_grad(); opt.begin_step(passes=1)   # stage 2: backward passes before the gradients are final
     loss.backward()            # local gradients: replicas SUM them (scale the loss)
     opt.step(clip=1.0)         # (reduce-scatter,) clip, step the owned segment, all-gather
@@ -28,6 +30,7 @@ e.g. the pipeline's other stages) before scaling.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -36,6 +39,7 @@ from ..errors import ConfigError
 from ..comm.shared import one_host
 from .reduce import all_gather, all_reduce, arena, reduce_scatter, segment_of
 from .shm import shared_reduce_scatter
+from .zero3 import ShardedParameters
 
 BUCKET_MB = 25   # stage 2: gradients reduced per bucket of about this many MiB
 
@@ -47,7 +51,7 @@ class ShardedOptimizer:
     """`optimizer(shard, **kwargs)` stepping this replica's segment of the flat parameters."""
 
     def __init__(self, params, dp_world, optimizer=torch.optim.Adam, norm_worlds=(), stage: int = 1,
-                 bucket_mb: float = BUCKET_MB, **kwargs):
+                 bucket_mb: float = BUCKET_MB, units=None, **kwargs):
         if not (isinstance(optimizer, type) and issubclass(optimizer, ELEMENTWISE)):
             name = getattr(optimizer, "__name__", type(optimizer).__name__)
             raise ConfigError(f"ZeRO shards the optimizer state by segment, which needs an elementwise step; "
@@ -58,9 +62,19 @@ class ShardedOptimizer:
         if len(dtypes) != 1:
             raise ConfigError(f"ZeRO here keeps one flat vector: parameters must share a dtype, "
                               f"not {sorted(map(str, dtypes))}")
-        if stage not in (1, 2):
-            raise ConfigError(f"ZeRO stage {stage}: stages 1 (optimizer state) and 2 (+ gradients) exist so far")
+        if stage not in (1, 2, 3):
+            raise ConfigError(f"ZeRO stage {stage}: stages 1 (optimizer state), 2 (+ gradients) and 3 (+ parameters)")
+        if stage == 3 and units is None:
+            raise ConfigError("ZeRO stage 3 gathers parameters one unit at a time: pass units= (e.g. the model's layers)")
         self.world, self.norm_worlds, self.stage = dp_world, tuple(norm_worlds), stage
+        self.sharded = None
+        if stage == 3:                         # the parameters themselves sharded (zero3.py)
+            self.sharded = ShardedParameters(self.params, units, dp_world)
+            self.flat = self.grad = None
+            self.shard = nn.Parameter(self.sharded.data)
+            self.inner = optimizer([self.shard], **kwargs)
+            self.zero_grad()
+            return
         total = sum(p.numel() for p in self.params)
         self.flat = torch.zeros(total, dtype=self.params[0].dtype)
         self.grad = torch.zeros_like(self.flat) if stage == 1 else None
@@ -80,9 +94,10 @@ class ShardedOptimizer:
         self.zero_grad()
 
     @classmethod
-    def like(cls, optimizer, params, topo, stage: int = 1) -> "ShardedOptimizer":
+    def like(cls, optimizer, params, topo, stage: int = 1, units=None) -> "ShardedOptimizer":
         """The sharded twin of a built torch optimizer (its class and hyperparameters, one
-        param group) over `topo`'s dp replicas; clipping sums norms over the pipeline too."""
+        param group) over `topo`'s dp replicas; clipping sums norms over the pipeline too.
+        Stage 3 gathers the parameters of one of `units` (modules) at a time."""
         if isinstance(optimizer, cls):
             return optimizer
         if not isinstance(optimizer, torch.optim.Optimizer) or len(optimizer.param_groups) != 1:
@@ -91,7 +106,8 @@ class ShardedOptimizer:
         import inspect
         accepted = inspect.signature(type(optimizer)).parameters
         kwargs = {k: v for k, v in optimizer.param_groups[0].items() if k != "params" and k in accepted}
-        return cls(params, topo.dp_world, type(optimizer), norm_worlds=(topo.pp_world,), stage=stage, **kwargs)
+        return cls(params, topo.dp_world, type(optimizer), norm_worlds=(topo.pp_world,), stage=stage, units=units,
+                   **kwargs)
 
     # -- what a torch optimizer offers ----------------------------------------------------
     @property
@@ -108,8 +124,8 @@ class ShardedOptimizer:
         else:
             for p in self.params:
                 p.grad = None
-            self.owned.zero_()
-            self.begin_step(self.passes)
+            (self.owned if self.stage == 2 else self.sharded.grad).zero_()
+            self.begin_step(self.passes if self.stage == 2 else self.sharded.passes)
 
     # -- stage 2: buckets reduced during backward -------------------------------------------
     def _buckets(self, bucket_mb: float) -> None:
@@ -139,7 +155,9 @@ class ShardedOptimizer:
         self.hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
 
     def begin_step(self, passes: int = 1) -> None:
-        """Stage 2: each parameter's gradient is final after `passes` backward passes (micro-batches)."""
+        """Stages 2, 3: each parameter's gradient is final after `passes` backward passes (micro-batches)."""
+        if self.stage == 3:
+            self.sharded.begin_step(passes)
         if self.stage != 2:
             return
         self.passes = max(1, int(passes))
@@ -177,41 +195,63 @@ class ShardedOptimizer:
         self.next_bucket = k + 1
 
     # -- checkpoints: the same layout as an unsharded optimizer's --------------------------------
+    def _whole(self, mine: torch.Tensor) -> list[torch.Tensor]:
+        """Per parameter, the whole of a per-element quantity of which this replica holds
+        `mine` (laid out like its shard); collective over the replicas."""
+        if self.sharded is not None:
+            return self.sharded.whole(mine)
+        whole = torch.zeros(self.flat.numel(), dtype=mine.dtype)
+        whole[self.segment[0]:self.segment[1]] = mine
+        if self.world.size > 1:
+            all_gather(self.world, whole)
+        return [whole[at:at + p.numel()].view_as(p) for p, at in zip(self.params, self.offsets)]
+
+    def _mine(self, per_param: list[torch.Tensor]) -> torch.Tensor:
+        """The inverse of _whole: this replica's shard of per-parameter tensors."""
+        if self.sharded is not None:
+            return self.sharded.mine(per_param)
+        return torch.cat([t.reshape(-1) for t in per_param])[self.segment[0]:self.segment[1]]
+
     def state_dict(self) -> dict:
         """torch's optimizer state_dict for the whole parameter list, as if unsharded (collective
         over the replicas: every segment's state is all-gathered). A checkpoint written from it
         resumes on any number of replicas, with or without ZeRO."""
         inner = self.inner.state_dict()
         mine = inner["state"].get(0, {})
-        total, (a, b) = self.flat.numel(), self.segment
-        full = {}
-        for key in sorted(k for k, v in mine.items() if isinstance(v, torch.Tensor) and v.dim() == 1
-                          and v.numel() == b - a):
-            whole = torch.zeros(total, dtype=mine[key].dtype)
-            whole[a:b] = mine[key]
-            full[key] = all_gather(self.world, whole) if self.world.size > 1 else whole
+        n = self.shard.numel()
+        full = {key: self._whole(mine[key]) for key in sorted(k for k, v in mine.items()
+                                                             if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == n)}
         state = {}
-        for i, (p, at) in enumerate(zip(self.params, self.offsets)):
-            state[i] = {k: (full[k][at:at + p.numel()].view_as(p).clone() if k in full else
+        for i in range(len(self.params)):
+            state[i] = {k: (full[k][i].clone() if k in full else
                             (v.clone() if isinstance(v, torch.Tensor) else v)) for k, v in mine.items()}
         group = {k: v for k, v in inner["param_groups"][0].items() if k != "params"}
         return {"state": state if mine else {}, "param_groups": [{**group, "params": list(range(len(self.params)))}]}
 
     def load_state_dict(self, sd: dict) -> None:
         """The inverse of state_dict: this replica keeps its segment of each per-parameter state."""
-        a, b = self.segment
         states = [sd["state"].get(i) for i in range(len(self.params))]
         group = {k: v for k, v in sd["param_groups"][0].items() if k != "params"}
         mine = {}
         if all(st is not None for st in states) and states:
             for key, v in states[0].items():
                 if isinstance(v, torch.Tensor) and v.shape == self.params[0].shape and v.dim() > 0:
-                    mine[key] = torch.cat([st[key].reshape(-1) for st in states])[a:b].clone()
+                    mine[key] = self._mine([st[key] for st in states]).clone()
                 else:
                     mine[key] = v
         self.inner.load_state_dict({"state": {0: mine} if mine else {}, "param_groups": [{**group, "params": [0]}]})
 
+    def gathered(self, write_back: bool = False):
+        """A context in which every parameter is whole (stage 3 gathers them: collective;
+        `write_back` keeps what was written into them); stages 1, 2: always whole."""
+        return self.sharded.gathered(write_back) if self.sharded is not None else nullcontext()
+
     def describe(self) -> str:
+        if self.sharded is not None:
+            return (f"ZeRO stage 3 over {self.world.size} replicas: {type(self.inner).__name__} steps {self.shard.numel():,} "
+                    f"of {sum(p.numel() for p in self.params):,} parameters here, which are all this replica keeps "
+                    f"between uses; each of {len(self.sharded.members)} unit(s) all-gathered before its forward and "
+                    f"its backward and freed after; gradients reduce-scattered per unit")
         a, b = self.segment
         kept = "whole" if self.stage == 1 else f"only this segment's ({len(self.buckets)} bucket(s) reduced in backward)"
         return (f"ZeRO stage {self.stage} over {self.world.size} replicas: {type(self.inner).__name__} steps {b - a:,} "
@@ -229,7 +269,9 @@ class ShardedOptimizer:
         """Reduce-scatter the gradients (sum over replicas; stage 2: the buckets backward left),
         clip by the global norm if `clip`, step the owned segment, all-gather the parameters
         (afterwards .grad holds nothing meaningful until zero_grad). Returns the global norm."""
-        if self.stage == 2:
+        if self.stage == 3:
+            mine = self.sharded.finish()
+        elif self.stage == 2:
             while self.next_bucket < len(self.buckets):     # buckets backward left incomplete, in order
                 self._reduce(self.next_bucket)
             mine = self.owned
@@ -251,6 +293,6 @@ class ShardedOptimizer:
         self.shard.grad = mine
         self.inner.step()
         self.shard.grad = None
-        if self.world.size > 1:
+        if self.world.size > 1 and self.stage != 3:      # stage 3 gathers a unit when it is used
             all_gather(self.world, self.flat)
         return norm

@@ -39,7 +39,7 @@ class DataParallelOptions:
     algorithm: str = "auto"       # auto | ring | halving | doubling | shm
     check_every: int = 0          # > 0: every N steps prove the replicas bit-identical (debug)
     grad_compress: str | None = None   # bf16 | fp16: gradients cross hosts as that type
-    zero: int = 0                 # 1, 2: ZeRO stage -- no all-reduce here; the optimizer must be a
+    zero: int = 0                 # 1, 2, 3: ZeRO stage -- no all-reduce here; the optimizer must be a
                                   # data_parallel.zero.ShardedOptimizer (Trainer: ShardedOptimizer.like)
 
 
@@ -152,11 +152,15 @@ class Pipeline:
         o = data_parallel or DataParallelOptions()
         self.zero = o.zero if topo.grid.dp > 1 else 0
         if self.zero:
-            if o.zero not in (1, 2):
-                raise ConfigError(f"--zero {o.zero}: stages 1 (optimizer state sharded) and 2 (+ gradients) exist so far")
+            if o.zero not in (1, 2, 3):
+                raise ConfigError(f"--zero {o.zero}: stages 1 (optimizer state sharded), 2 (+ gradients) and "
+                                  f"3 (+ parameters) exist")
             if self.streaming or self.tp_group is not None or self.device.type != "cpu":
                 raise ConfigError(f"--zero {o.zero} runs with synchronous schedules, tp=1 and CPU tensors so far, not "
                                   f"--schedule {schedule} with tp={topo.grid.tp} on {self.device}")
+            if o.zero == 3 and self.schedule.name == "zb":
+                raise ConfigError("--zero 3 gathers a layer's weights once for its whole backward; --schedule zb "
+                                  "splits a backward in two: use 1f1b, eager-1f1b, gpipe or interleaved")
             from ..data_parallel.wrapper import broadcast_state
             broadcast_state(self.module, topo.dp_world)     # replicas start equal; the optimizer sums
         elif topo.grid.dp > 1:
@@ -189,6 +193,10 @@ class Pipeline:
     def parameters(self) -> list[nn.Parameter]:
         """This rank's trainable parameters (hand them to your optimizer)."""
         return [q for q in self.module.parameters() if q.requires_grad]
+
+    def units(self) -> list[nn.Module]:
+        """This rank's layers, in forward order: what ZeRO stage 3 gathers one at a time."""
+        return [layer for st in self.stages for _, layer in st.layers]
 
     def parameter_order(self) -> list[int]:
         """For each of parameters(), its place in the whole model's parameters() order (layer

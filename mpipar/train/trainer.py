@@ -10,6 +10,7 @@ checkpoints without writing the loop:
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,8 +187,15 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """This stage's parameters as the single-process model names them (tp > 1: gathered,
-        a collective over tp)."""
-        return self.pipe.state_dict()
+        a collective over tp; ZeRO stage 3: gathered over dp, so every replica calls it)."""
+        with self.gathered():
+            return {k: v.clone() for k, v in self.pipe.state_dict().items()}
+
+    def gathered(self, write_back: bool = False):
+        """A context in which every parameter of this rank is whole: ZeRO stage 3 gathers them
+        (collective over dp; `write_back`: what is written into them is kept), else nothing to do."""
+        opt = self.optimizer
+        return opt.gathered(write_back) if isinstance(opt, ShardedOptimizer) else nullcontext()
 
     def full_param_count(self) -> int:
         """Parameters this rank would hold without tensor parallelism (shards counted whole)."""

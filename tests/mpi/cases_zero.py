@@ -1,7 +1,8 @@
-"""ZeRO stages 1 and 2 (data_parallel/zero.py) against single-process training and against our
+"""ZeRO stages 1, 2 and 3 (data_parallel/zero.py, zero3.py) against single-process training and against our
 DataParallel: an MLP trained 50 Adam (and AdamW, SGD) steps on 2, 3 and 4 replicas, with and
 without global-norm clipping, every parameter assert_close (stage 2 with buckets small enough
-that several are reduced during backward); each replica holds 1/N of Adam's state; a
+that several are reduced during backward; stage 3 gathering each Linear on its own, with
+two micro-batches per step, whose second forward finds the units freed again); each replica holds 1/N of Adam's state; a
 non-elementwise optimizer is refused."""
 import pytest
 import torch
@@ -56,11 +57,14 @@ def single(opt_cls, clip, **kw):
 def zero(world, opt_cls, clip, stage=1, **kw):
     model = mlp()
     # stage 2: tiny buckets, so that several are reduced during backward
-    opt = ShardedOptimizer(model.parameters(), world, opt_cls, stage=stage, bucket_mb=2e-3, **kw)
+    opt = ShardedOptimizer(model.parameters(), world, opt_cls, stage=stage, bucket_mb=2e-3, units=list(model), **kw)
+    passes = 2 if stage == 3 else 1
     for x, y in batches():
         opt.zero_grad()
-        opt.begin_step(1)
-        loss_of(model, *shard(world, x, y)).backward()
+        opt.begin_step(passes)
+        x, y = shard(world, x, y)
+        for xs, ys in zip(x.chunk(passes), y.chunk(passes)):
+            loss_of(model, xs, ys).backward()
         opt.step(clip=clip)
     return model, opt
 
@@ -84,30 +88,34 @@ CASES = [(torch.optim.Adam, 0.0, dict(lr=1e-2)), (torch.optim.Adam, 0.05, dict(l
          (torch.optim.AdamW, 0.0, dict(lr=1e-2, weight_decay=0.1)), (torch.optim.SGD, 0.0, dict(lr=0.03, momentum=0.9))]
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("opt_cls, clip, kw", CASES, ids=["adam", "adam-clipped", "adamw", "sgd-momentum"])
 def test_stage_equals_single_process_and_data_parallel(world, opt_cls, clip, kw, stage):
     ours, opt = zero(world, opt_cls, clip, stage, **kw)
     if stage == 2:
         assert len(opt.buckets) > 2 and all(p.grad is None for p in ours.parameters())   # nothing whole kept
+    if stage == 3:   # between steps a replica keeps its segments only: the parameters read as zeros
+        assert all(p.grad is None and p.untyped_storage().nbytes() <= 4 for p in ours.parameters())
+        assert len(opt.sharded.members) == 3 and not any(opt.sharded.is_gathered)
     ref = single(opt_cls, clip, **kw)
     dp = data_parallel(world, opt_cls, clip, **kw)
-    for (name, p), q, r in zip(ours.named_parameters(), ref.parameters(), dp.parameters()):
-        torch.testing.assert_close(p, q, msg=lambda m: f"{name} vs single process: {m}")
-        torch.testing.assert_close(p, r, msg=lambda m: f"{name} vs DataParallel: {m}")
+    with opt.gathered():           # stage 3: every unit whole for the comparison (collective)
+        for (name, p), q, r in zip(ours.named_parameters(), ref.parameters(), dp.parameters()):
+            torch.testing.assert_close(p, q, msg=lambda m: f"{name} vs single process: {m}")
+            torch.testing.assert_close(p, r, msg=lambda m: f"{name} vs DataParallel: {m}")
     if clip:   # the clip acted: without it the weights differ
         free = single(opt_cls, 0.0, **kw)
         assert max(float((p - q).abs().max()) for p, q in zip(ref.parameters(), free.parameters())) > 1e-3
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_each_replica_holds_its_share_of_adams_state(world, stage):
     model, opt = zero(world, torch.optim.Adam, 0.0, stage, lr=1e-3)
     total = sum(p.numel() for p in model.parameters())
-    a, b = opt.segment
-    assert opt.state_bytes() == 8 * (b - a)                              # exp_avg + exp_avg_sq, fp32
+    mine = opt.shard.numel()
+    assert opt.state_bytes() == 8 * mine                                 # exp_avg + exp_avg_sq, fp32
     assert abs(opt.state_bytes() - 8 * total / world.size) <= 0.1 * 8 * total / world.size
-    held = world.allgather_floats([b - a])[:, 0]
+    held = world.allgather_floats([mine])[:, 0]
     assert held.sum() == total                                           # the segments cover the model once
 
 

@@ -1,0 +1,229 @@
+"""ZeRO stage 3: the parameters sharded too, gathered whole one unit (layer) at a time.
+
+Each unit's parameters live as one flat vector; replica r owns segment r of it (`segment_of`)
+and keeps only that between uses -- its share of the model, 1/N. Just before a unit's forward
+its vector is all-gathered (the parameters become views of it again); right after the forward
+it is freed. Its backward needs the weights again: a hook on the unit's output fires when the
+gradient reaches it, before the unit's own backward runs, and gathers the vector once more;
+when every parameter of the unit has received its gradient (post-accumulate hooks) the vector
+is freed again, and on the step's last backward pass the unit's gradients are reduce-scattered
+(each replica keeps the sum of its own segment) and dropped.
+
+Freeing shrinks the vector's storage to nothing instead of dropping it: the tensors autograd
+saved in the forward (a weight, its transpose) are views of that storage and see the data again
+once it is gathered back for the backward. Between uses each parameter's `.data` is a
+zero-stride stand-in of its own shape (reads give zeros, never freed memory); `gathered()`
+makes the whole model readable and writable, e.g. for checkpoints.
+
+Units are reduced in one fixed order (the last first) on every replica, like stage 2's
+buckets, and the gathers follow the forward and backward order, which every replica shares:
+the collectives match without a handshake. Schedules that split a backward into input and
+weight passes (zero-bubble) are not supported: a unit's backward there has two halves.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from ..errors import ConfigError
+from .reduce import all_gather, reduce_scatter, segment_of
+
+
+class ShardedParameters:
+    """`params` (their order: the optimizer's) grouped by the module of `units` that holds
+    them; this replica's segments of every unit's flat vector in `data` (what the optimizer
+    steps) and the summed gradient of those segments in `grad`."""
+
+    def __init__(self, params: list[torch.Tensor], units, world):
+        self.world, self.params = world, params
+        index = {id(p): i for i, p in enumerate(params)}
+        self.unit_of: dict[int, int] = {}
+        self.members: list[list[int]] = []           # per unit: indices into params, in module order
+        self.modules = []
+        for m in units:
+            mine = []
+            for p in m.parameters():
+                i = index.get(id(p))
+                if i is None:
+                    continue
+                if i in self.unit_of:
+                    raise ConfigError(f"ZeRO stage 3 gathers parameters per unit: a parameter of shape "
+                                      f"{tuple(p.shape)} is shared by two units (tie it inside one)")
+                self.unit_of[i] = len(self.members)
+                mine.append(i)
+            if mine:
+                self.members.append(mine)
+                self.modules.append(m)
+        if len(self.unit_of) != len(params):
+            raise ConfigError(f"ZeRO stage 3 gathers parameters per unit (layer): {len(params) - len(self.unit_of)} "
+                              f"parameter(s) belong to none of the {len(self.members)} unit(s)")
+        dtype = params[0].dtype
+        self.offset = [0] * len(params)              # where each parameter starts in its unit's vector
+        self.sizes, self.segments, self.at = [], [], []
+        owned = 0
+        for mine in self.members:
+            size = 0
+            for i in mine:
+                self.offset[i] = size
+                size += params[i].numel()
+            self.sizes.append(size)
+            self.segments.append(segment_of(size, world.size, world.rank))
+            self.at.append(owned)                    # where this unit's segment starts in `data`
+            owned += self.segments[-1][1] - self.segments[-1][0]
+        self.data = torch.zeros(owned, dtype=dtype)
+        self.grad = torch.zeros(owned, dtype=dtype)
+        self.full = [torch.zeros(n, dtype=dtype) for n in self.sizes]
+        self.stand_in = [torch.zeros(1, dtype=dtype).expand(p.shape) for p in params]
+        self.is_gathered = [True] * len(self.members)
+        with torch.no_grad():
+            for u, mine in enumerate(self.members):
+                for i in mine:
+                    p = params[i]
+                    self.full[u][self.offset[i]:self.offset[i] + p.numel()].copy_(p.detach().reshape(-1))
+                    p.data = self._view(i)
+                self._own(u).copy_(self._segment(u))
+                self.free(u)
+        self.passes = 1
+        self.hooks = []
+        for u, m in enumerate(self.modules):
+            self.hooks.append(m.register_forward_pre_hook(self._before_forward(u)))
+            self.hooks.append(m.register_forward_hook(self._after_forward(u)))
+        for i, p in enumerate(params):
+            self.hooks.append(p.register_post_accumulate_grad_hook(self._on_grad(i)))
+        self.begin_step(1)
+
+    # -- layout ---------------------------------------------------------------------------------
+    def _view(self, i: int) -> torch.Tensor:
+        p, u = self.params[i], self.unit_of[i]
+        return self.full[u][self.offset[i]:self.offset[i] + p.numel()].view(p.shape)
+
+    def _segment(self, u: int) -> torch.Tensor:
+        a, b = self.segments[u]
+        return self.full[u][a:b]
+
+    def _own(self, u: int, of: torch.Tensor | None = None) -> torch.Tensor:
+        a, b = self.segments[u]
+        return (self.data if of is None else of)[self.at[u]:self.at[u] + b - a]
+
+    # -- gather and free ------------------------------------------------------------------------
+    @torch.no_grad()
+    def gather(self, u: int) -> None:
+        """Unit u's parameters whole on this replica (collective over the replicas)."""
+        if self.is_gathered[u]:
+            return
+        full = self.full[u]
+        full.untyped_storage().resize_(full.numel() * full.element_size())
+        self._segment(u).copy_(self._own(u))
+        if self.world.size > 1:
+            all_gather(self.world, full)
+        for i in self.members[u]:
+            self.params[i].data = self._view(i)
+        self.is_gathered[u] = True
+
+    def free(self, u: int) -> None:
+        if not self.is_gathered[u]:
+            return
+        for i in self.members[u]:
+            self.params[i].data = self.stand_in[i]
+        self.full[u].untyped_storage().resize_(0)
+        self.is_gathered[u] = False
+
+    @contextmanager
+    def gathered(self, write_back: bool = False):
+        """Every unit whole for the duration (collective); `write_back`: what was written into
+        the parameters becomes this replica's segments (e.g. after loading a checkpoint)."""
+        for u in range(len(self.members)):
+            self.gather(u)
+        try:
+            yield
+        finally:
+            for u in range(len(self.members)):
+                if write_back:
+                    self._own(u).copy_(self._segment(u))
+                self.free(u)
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _before_forward(self, u: int):
+        def hook(module, args):
+            self.gather(u)
+        return hook
+
+    def _after_forward(self, u: int):
+        def hook(module, args, out):
+            if torch.is_grad_enabled():   # the unit's backward will need its weights: gather them then
+                for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                    if isinstance(t, torch.Tensor) and t.requires_grad:
+                        t.register_hook(lambda grad: self.gather(u))
+            self.free(u)
+        return hook
+
+    def begin_step(self, passes: int = 1) -> None:
+        """Each parameter's gradient is final after `passes` backward passes (micro-batches)."""
+        self.passes = max(1, int(passes))
+        self.seen = [0] * len(self.params)
+        self.arrived = [0] * len(self.members)
+        self.waiting = [set(self.members[u]) for u in reversed(range(len(self.members)))]
+        self.next = 0                                 # position in the reduce order (last unit first)
+
+    def _on_grad(self, i: int):
+        def hook(p: torch.Tensor) -> None:
+            u = self.unit_of[i]
+            self.arrived[u] += 1
+            if self.arrived[u] % len(self.members[u]) == 0:   # the unit's backward is done for this pass
+                self.free(u)
+            self.seen[i] += 1
+            if self.seen[i] == self.passes:
+                self.waiting[len(self.members) - 1 - u].discard(i)
+                while self.next < len(self.members) and not self.waiting[self.next]:
+                    self._reduce(len(self.members) - 1 - self.next)
+        return hook
+
+    @torch.no_grad()
+    def _reduce(self, u: int) -> None:
+        """Sum unit u's gradients over the replicas; keep this replica's segment of the sum."""
+        scratch = torch.zeros(self.sizes[u], dtype=self.data.dtype)
+        for i in self.members[u]:
+            p = self.params[i]
+            if p.grad is not None:
+                scratch[self.offset[i]:self.offset[i] + p.numel()].copy_(p.grad.reshape(-1))
+                p.grad = None
+        mine = reduce_scatter(self.world, scratch) if self.world.size > 1 else scratch
+        self._own(u, self.grad).add_(mine)
+        self.next += 1
+
+    def finish(self) -> torch.Tensor:
+        """The step's remaining reductions (units whose gradients were not all final, in order)
+        and every unit freed; returns this replica's summed gradient segments."""
+        while self.next < len(self.members):
+            self._reduce(len(self.members) - 1 - self.next)
+        for u in range(len(self.members)):
+            self.free(u)
+        return self.grad
+
+    # -- whole vectors <-> this replica's segments (optimizer state in checkpoints) ---------------
+    def whole(self, mine: torch.Tensor) -> list[torch.Tensor]:
+        """Per parameter, the whole of a per-element quantity of which this replica holds
+        `mine` (laid out like `data`); collective."""
+        out = [None] * len(self.params)
+        for u, members in enumerate(self.members):
+            full = torch.zeros(self.sizes[u], dtype=mine.dtype)
+            a, b = self.segments[u]
+            full[a:b] = self._own(u, mine)
+            if self.world.size > 1:
+                all_gather(self.world, full)
+            for i in members:
+                out[i] = full[self.offset[i]:self.offset[i] + self.params[i].numel()].view(self.params[i].shape)
+        return out
+
+    def mine(self, per_param: list[torch.Tensor]) -> torch.Tensor:
+        """The inverse of `whole`: this replica's segments of per-parameter tensors."""
+        parts = []
+        for u, members in enumerate(self.members):
+            a, b = self.segments[u]
+            parts.append(torch.cat([per_param[i].reshape(-1) for i in members])[a:b])
+        return torch.cat(parts)
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
