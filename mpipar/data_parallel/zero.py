@@ -265,24 +265,39 @@ class ShardedOptimizer:
 
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, clip: float = 0.0) -> float:
-        """Reduce-scatter the gradients (sum over replicas; stage 2: the buckets backward left),
-        clip by the global norm if `clip`, step the owned segment, all-gather the parameters
-        (afterwards .grad holds nothing meaningful until zero_grad). Returns the global norm."""
+    def gradients(self) -> list[torch.Tensor]:
+        """The gradient this replica holds for the step, once the reductions backward left are
+        done: stages 2, 3 its segment of the sum over the replicas; stage 1 its own whole
+        gradient (summed at the step). What a loss scaler unscales and checks for inf."""
         if self.stage == 3:
-            mine = self.sharded.finish()
-        elif self.stage == 2:
+            return [self.sharded.finish()]
+        if self.stage == 2:
             while self.next_bucket < len(self.buckets):     # buckets backward left incomplete, in order
                 self._reduce(self.next_bucket)
-            mine = self.owned
-        else:
-            for p, at in zip(self.params, self.offsets):
-                dst = self.grad[at:at + p.numel()]
-                if p.grad is None:
-                    dst.zero_()
-                elif p.grad.data_ptr() != dst.data_ptr():   # not our view
-                    dst.copy_(p.grad.reshape(-1))
-            mine = reduce_scatter(self.world, self.grad) if self.world.size > 1 else self.grad
+            return [self.owned]
+        for p, at in zip(self.params, self.offsets):
+            dst = self.grad[at:at + p.numel()]
+            if p.grad is None:
+                dst.zero_()
+            elif p.grad.data_ptr() != dst.data_ptr():   # not our view
+                dst.copy_(p.grad.reshape(-1))
+        return [self.grad]
+
+    def skip_step(self) -> None:
+        """The next step() changes nothing (a loss scaler found inf on some rank: every rank skips)."""
+        self.skipping = True
+
+    @torch.no_grad()
+    def step(self, clip: float = 0.0) -> float:
+        """Reduce-scatter the gradients (sum over replicas; stages 2, 3: the buckets backward
+        left), clip by the global norm if `clip`, step the owned segment, all-gather the
+        parameters (stage 3: gathered when used). Afterwards .grad holds nothing meaningful
+        until zero_grad. Returns the global norm (nan when skipped: skip_step)."""
+        grad = self.gradients()[0]
+        if getattr(self, "skipping", False):
+            self.skipping = False
+            return float("nan")
+        mine = reduce_scatter(self.world, grad) if self.stage == 1 and self.world.size > 1 else grad
         squares = torch.tensor([float(mine.double().pow(2).sum())], dtype=torch.float64)
         for w in (self.world, *self.norm_worlds):
             if w.size > 1:

@@ -82,7 +82,12 @@ class PipelineGradScaler(Callback):
         return self
 
     def after_backward(self, trainer) -> None:
-        self.unscale_(trainer.params)
+        opt = trainer.optimizer
+        if hasattr(opt, "skip_step"):     # ZeRO: the gradient this replica holds (stages 2, 3: reduced already)
+            if self.unscale_grads(opt.gradients()):
+                opt.skip_step()
+        else:
+            self.unscale_(trainer.params)
 
     @staticmethod
     def of(trainer) -> "PipelineGradScaler | None":
@@ -91,8 +96,19 @@ class PipelineGradScaler(Callback):
 
     @torch.no_grad()
     def unscale_(self, params) -> bool:
-        """Divide grads by the scale; returns whether the step is skipped (on every rank alike)."""
-        grads = [p.grad for p in params if p.grad is not None]
+        """Divide the params' grads by the scale; on inf anywhere (any rank) drop them all (the
+        optimizer then skips every parameter, clipping sees nothing). Returns whether the step
+        is skipped (on every rank alike)."""
+        found_inf = self.unscale_grads([p.grad for p in params if p.grad is not None])
+        if found_inf:
+            for p in params:
+                p.grad = None
+        return found_inf
+
+    @torch.no_grad()
+    def unscale_grads(self, grads) -> bool:
+        """Divide `grads` by the scale in place and agree over the world whether any rank saw
+        inf/NaN (then the scale backs off and the caller drops the step)."""
         inv = 1.0 / self.scale
         bad = 0.0
         for g in grads:
@@ -102,8 +118,6 @@ class PipelineGradScaler(Callback):
         agreed = self.world.allreduce_native(torch.tensor([bad], dtype=torch.float64), op="max")
         found_inf = bool(agreed[0] > 0)
         if found_inf:
-            for p in params:
-                p.grad = None
             self.scale *= self.backoff
             self.clean_steps = 0
             self.skipped += 1

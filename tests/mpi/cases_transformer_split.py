@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from mpipar.callbacks import AfterBackward
@@ -115,3 +116,29 @@ def test_greedy_decoding_agrees_on_every_rank(world, mpi_tmp_path):
     preds = ts.greedy_decode(plain.trainer, plain.test.x[:50], plain.test.meta["src_len"], batch_size=20)
     same_everywhere(world, float((preds * torch.arange(1, preds.numel() + 1).view_as(preds)).sum()),
                     "greedy predictions")
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_the_scaler_under_zero_unscales_the_reduced_gradients_and_skips_together(world, mpi_tmp_path, stage):
+    """dp=2 with --zero 2|3: the gradients are reduced in backward, so the scaler unscales the
+    segment each replica holds (a power-of-two scale: exactly unscaled training) and an inf on
+    one replica's segment skips the step on both."""
+    zero = ["--grid", "dp=2", "--zero", stage]
+    plain = trainer_for(world, mpi_tmp_path, "--amp", "off", *zero)
+    train(plain, 4)
+    scaled = trainer_for(world, mpi_tmp_path, "--amp", "off", *zero)
+    scaler = ts.PipelineGradScaler(world, init_scale=2.0**12).attach(scaled.trainer)
+    train(scaled, 4)
+    want, got = params(plain), params(scaled)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+
+    def poison(trainer):
+        if world.rank == 1:
+            trainer.optimizer.gradients()[0][0] = float("inf")
+
+    scaled.trainer.callbacks.insert(0, AfterBackward(poison))
+    train(scaled, 1, first=4)
+    for k, v in params(scaled).items():
+        assert torch.equal(v, got[k]), f"{k} changed in a skipped step"
+    assert scaler.skipped == 1 and scaler.scale == 2.0**11, (scaler.skipped, scaler.scale)
