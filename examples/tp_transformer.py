@@ -11,17 +11,14 @@ that happens to be ~0 into up to lr*|dg|/eps, so eps is 1e-6 (not 1e-8), and the
 biases: the key bias's gradient is exactly zero, pure rounding noise, at every step.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mpipar.data.numbers import BOS, IGNORE, SRC_VOCAB, TGT_VOCAB, lengths, numbers_to_words
+from mpipar.data.numbers import BOS, LM_VOCAB as VOCAB, TGT_VOCAB, lengths, numbers_lm
 from mpipar.example import Example
+from mpipar.layers import WordCrossEntropy
 from mpipar.tensor import ReferenceTransformerLM, TPTransformerLM
 from mpipar.tp_session import add_parity_args
 from mpipar.tp_session import run_tp_example
-
-SRC_OFFSET = len(TGT_VOCAB)                  # digits share one vocabulary with the words
-VOCAB = -(-(len(TGT_VOCAB) + len(SRC_VOCAB)) // 8) * 8   # padded: divisible by tp = 1, 2, 4, 8
 
 
 class WordLogits(nn.Module):
@@ -48,22 +45,6 @@ def build(args, group):
 def reference(args):
     s, dims = sizes(args)
     return WordLogits(ReferenceTransformerLM(*dims, bias=False), s)
-
-
-def data(args):
-    train, test = numbers_to_words(args.max_number)
-    s = train.meta["src_len"]
-    for split in (train, test):
-        split.x = split.x.clone()
-        split.x[:, :s] += SRC_OFFSET
-    return train, test
-
-
-class WordCrossEntropy(nn.Module):
-    """Mean token cross-entropy over the word positions (-100 padding skipped)."""
-
-    def forward(self, logits, y):
-        return F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE)
 
 
 @torch.no_grad()
@@ -94,7 +75,7 @@ def add_args(p):
 EXAMPLE = Example(
     name="tp-transformer",
     summary="tensor-parallel Transformer LM (heads and MLP split over the ranks) on numbers-to-words, Adam",
-    data=data,
+    data=lambda args: numbers_lm(args.max_number),
     loss=WordCrossEntropy,
     optimizer=lambda params, args: torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-6),
     defaults=dict(epochs=6, batch_size=64, lr=3e-3, compare=True),

@@ -21,6 +21,7 @@ from torch import nn
 
 from mpipar.data.numbers import IGNORE, PAD, BOS, EOS, SRC_VOCAB, TGT_VOCAB, lengths, numbers_to_words
 from mpipar.example import Example
+from mpipar.layers import SentenceCrossEntropy
 from mpipar.model import LayerSpec
 from mpipar.train.amp import MODES, Autocast, PipelineGradScaler
 from mpipar.train.lr import noam
@@ -135,15 +136,6 @@ class Head(nn.Module):
 
     def forward(self, h):
         return self.proj(self.norm(h[:, self.s_len:, :self.d]))
-
-
-class SentenceCrossEntropy(nn.Module):
-    """Mean over sentences of each sentence's mean token cross-entropy (-100 padding skipped).
-    A mean over samples, so micro-batches weighted by sample count add up to the whole batch."""
-
-    def forward(self, logits, y):
-        tok = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE, reduction="none")
-        return (tok.sum(1) / (y != IGNORE).sum(1).clamp_min(1)).mean()
 
 
 def layers(args):

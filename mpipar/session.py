@@ -69,6 +69,28 @@ def build_trainer(topo, rankmap, example, specs, args, log=print):
     return Trainer(pipe, optimizer, train_config(example, args), scheduler, log)
 
 
+def log_model_state(trainer, world, log) -> None:
+    """Per rank: the model state it held at the end (parameters + gradients + optimizer state,
+    measured from its tensors) and, for fp32 Adam, what the ZeRO paper's formula says for its
+    stage (collective: every rank calls it)."""
+    from .data_parallel.zero import ShardedOptimizer, formula_bytes, model_state_bytes
+    opt = trainer.optimizer
+    inner = opt.inner if isinstance(opt, ShardedOptimizer) else opt
+    params = list(trainer.module.parameters())
+    psi = sum(p.numel() for p in params if p.requires_grad)
+    adam = (type(inner) in (torch.optim.Adam, torch.optim.AdamW) and all(p.dtype == torch.float32 for p in params)
+            and not getattr(inner, "defaults", {}).get("amsgrad"))
+    stage = getattr(trainer.pipe, "zero", 0)
+    held = model_state_bytes(params, opt)
+    got = world.allgather_floats([held, formula_bytes(stage, psi, trainer.topo.dp_world.size) if adam else 0.0])
+    text = f"model state per rank (parameters + gradients + optimizer state): {got[:, 0].max() / 2**20:.2f} MiB at most"
+    if adam and got[:, 1].min() > 0:
+        ratio = got[:, 0] / got[:, 1]
+        text += (f"; {'ZeRO stage ' + str(stage) if stage else 'replicated'} formula for fp32 Adam: "
+                 f"{got[:, 1].max() / 2**20:.2f} MiB, measured/formula {ratio.min():.3f}..{ratio.max():.3f}")
+    log(text)
+
+
 def compare(example, specs, train, test, args, rows, grid, log) -> None:
     """Train the same model single-process (rank 0) and overlay the learning curves. PipeDream-2BW
     (one-step-delayed weights) is compared with its own delayed-weight reference, which it
@@ -195,6 +217,7 @@ def run_example(world, example, args) -> dict:
         compare(example, specs, train, test, args, rows, grid, log)
     world.barrier()
     extra = example.after_fit(trainer, train, test, args, log) if example.after_fit else None
+    log_model_state(trainer, world, log)
     last = rows[-1] if rows else {}
     metric = next((k for k in last if k.startswith("test_") and k != "test_loss"), None)
     summary = {"example": example.name, "ranks": world.size, "epochs": len(rows), "seconds": elapsed,

@@ -44,3 +44,25 @@ def test_accuracy_ignores_unlabelled_targets():
     t.add(logits, torch.tensor([0, 0, IGNORE, 1]))
     r = summarize(t.vector(), "classification", "train")
     assert r["train_accuracy"] == pytest.approx(2 / 3) and "train_rmse" not in r
+
+
+def test_a_per_sample_loss_is_averaged_over_samples_whatever_the_split():
+    """SentenceCrossEntropy is a mean of per-sentence means: the epoch mean of a batch tallied in
+    two uneven shards equals the whole batch's (a token-weighted tally would not: the shards hold
+    different numbers of tokens), while accuracy still counts tokens."""
+    from mpipar.layers import SentenceCrossEntropy
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4, 6, generator=g)
+    y = torch.randint(0, 6, (5, 4), generator=g)
+    y[0, 1:] = IGNORE                                       # sentences of 1 to 4 tokens
+    y[1, 2:] = IGNORE
+    whole, parts = Tally(SentenceCrossEntropy(), "classification"), Tally(SentenceCrossEntropy(), "classification")
+    whole.add(logits, y)
+    parts.add(logits[:2], y[:2])
+    parts.add(logits[2:], y[2:])
+    a, b = summarize(whole.vector(), "classification", "train"), summarize(parts.vector(), "classification", "train")
+    assert a["train_loss"] == pytest.approx(float(SentenceCrossEntropy()(logits, y)), rel=1e-6)
+    assert b == pytest.approx(a, rel=1e-6)
+    token = Tally(nn.CrossEntropyLoss(), "classification")   # a token mean stays token-weighted
+    token.add(logits[:2].reshape(-1, 6), y[:2].reshape(-1))
+    assert token.vector()[2] == token.vector()[3] == float((y[:2] != IGNORE).sum())

@@ -11,8 +11,10 @@ stage 2 4 Psi + 12 Psi / N (at the step; a bucket more while backward reduces it
 16 Psi / N (between uses; one layer's parameters and gradients more while it runs). Step time: the median over steps of the slowest replica's
 forward+backward+reduction+step, ZeRO over DP. A synthetic MLP on synthetic inputs (the figures
 are about memory and time, not learning). Peak RSS is the process's high-water mark (largest over
-the replicas), so it describes a mode only when that mode runs alone (`--modes`); with several
-modes the column is left out.
+the replicas; "over start": above its resident memory before the first model was built, i.e.
+without the interpreter and torch), so it describes a mode only when that mode runs alone
+(`--modes`); with several modes the columns are left out. It counts the pages of shared memory
+a rank touched, its peers' included (the one-host collectives read their segments).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torch import nn
 
 from ..comm import World, failure
 from ..data_parallel import DataParallel
-from ..data_parallel.zero import ShardedOptimizer
+from ..data_parallel.zero import ShardedOptimizer, formula_bytes, model_state_bytes
 from ..topology import share_cores
 
 
@@ -38,14 +40,12 @@ def model(width: int, depth: int) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(width, 8))
 
 
-def held_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (a view adds nothing, a copy does)."""
-    storages = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.numel():
-            st = t.untyped_storage()
-            storages[st.data_ptr()] = st.nbytes()
-    return sum(storages.values())
+def rss_mib() -> float:
+    """This process's resident memory now (Linux /proc), MiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def run(world, kind: str, args) -> tuple[int, float]:
@@ -75,12 +75,7 @@ def run(world, kind: str, args) -> tuple[int, float]:
         dt = float(world.allgather_floats([time.perf_counter() - t0]).max())
         if i >= args.warmup:
             times.append(dt)
-    state = [v for st in (opt.inner if kind != "dp" else opt).state.values() for v in st.values()
-             if isinstance(v, torch.Tensor) and v.dim()]
-    mine = [opt.flat, opt.grad, getattr(opt, "owned", None)] if kind != "dp" else []
-    if kind == "zero3":       # the segments it keeps, and the layers' whole vectors (freed between uses)
-        mine += [opt.sharded.data, opt.sharded.grad, *opt.sharded.full]
-    held = held_bytes(params + [p.grad for p in params] + state + mine)
+    held = model_state_bytes(params, opt)
     if dp is not None:
         dp.remove()
     return held, statistics.median(times)
@@ -108,15 +103,17 @@ def main(argv) -> int:
     n = world.size
     log(f"zero: MLP {args.depth}x{args.width} ({psi:,} parameters, fp32 Adam) on {n} replicas, batch {args.batch} "
         f"per replica, synthetic inputs; model state = parameters + gradients + optimizer state, per replica")
-    formula = {"dp": 16 * psi, "zero1": 8 * psi + 8 * psi / n, "zero2": 4 * psi + 12 * psi / n, "zero3": 16 * psi / n}
+    formula = {kind: formula_bytes(0 if kind == "dp" else int(kind[-1]), psi, n) for kind in modes}
+    start = rss_mib()
     results = {kind: run(world, kind, args) for kind in modes}
-    peak = float(world.allgather_floats([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]).max())
+    peaks = world.allgather_floats([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, start])
+    peak, grown = float(peaks[:, 0].max()), float((peaks[:, 0] - peaks[:, 1]).max())
     base = results.get("dp", (0, 0.0))[1]
     log(f"{'mode':<6} {'held MiB':>9} {'formula MiB':>11} {'held/formula':>12} {'max over ranks MiB':>18} "
-        f"{'step ms':>8} {'vs dp':>6}" + (f" {'peak RSS MiB':>12}" if len(modes) == 1 else ""))
+        f"{'step ms':>8} {'vs dp':>6}" + (f" {'peak RSS MiB':>12} {'over start':>10}" if len(modes) == 1 else ""))
     for kind, (held, seconds) in results.items():
         top = float(world.allgather_floats([held]).max())
         log(f"{kind:<6} {held / 2**20:>9.2f} {formula[kind] / 2**20:>11.2f} {held / formula[kind]:>12.3f} "
             f"{top / 2**20:>18.2f} {seconds * 1e3:>8.1f} " + (f"{seconds / base:>5.2f}x" if base else f"{'-':>6}")
-            + (f" {peak:>12.1f}" if len(modes) == 1 else ""))
+            + (f" {peak:>12.1f} {grown:>10.1f}" if len(modes) == 1 else ""))
     return 0

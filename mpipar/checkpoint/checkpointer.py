@@ -197,7 +197,7 @@ class Checkpointer(Callback):
 
     def on_epoch_start(self, trainer, epoch: int, tally) -> None:
         if epoch == self.start_epoch and self.tally:
-            tally.loss, tally.correct, tally.n = self.tally
+            tally.load(self.tally)
 
     def after_step(self, trainer, epoch: int, step_in_epoch: int, n_batches: int, tally, rows) -> None:
         t0 = time.perf_counter()

@@ -124,3 +124,18 @@ def numbers_to_words(max_number: int = 9999, test_fraction: float = 0.2,
         x, y = encode_pairs(parts[name], s_len, t_len)
         out.append(Split(x, y, note, {**meta, "numbers": parts[name]}))
     return out[0], out[1]
+
+
+LM_SRC_OFFSET = len(TGT_VOCAB)                            # digits follow the words in one vocabulary
+LM_VOCAB = -(-(len(TGT_VOCAB) + len(SRC_VOCAB)) // 8) * 8   # padded: divisible by tp = 1, 2, 4, 8
+
+
+def numbers_lm(max_number: int = 9999) -> tuple[Split, Split]:
+    """numbers_to_words for a decoder-only language model: one vocabulary of LM_VOCAB tokens
+    (the digits shifted past the words), each row [digits | BOS words...]; targets as before."""
+    train, test = numbers_to_words(max_number)
+    s = train.meta["src_len"]
+    for split in (train, test):
+        split.x = split.x.clone()
+        split.x[:, :s] += LM_SRC_OFFSET
+    return train, test

@@ -290,15 +290,27 @@ def shared_reduce_scatter(world, t: torch.Tensor, op: str, buffer: SharedBuffer,
 
 def shared_all_gather(world, t: torch.Tensor, buffer: SharedBuffer, bounds) -> torch.Tensor:
     """Every rank's segment `bounds[rank]` of flat `t`, on every rank; returns `t`."""
+    return shared_all_gather_start(world, t, buffer, bounds)()
+
+
+def shared_all_gather_start(world, t: torch.Tensor, buffer: SharedBuffer, bounds):
+    """shared_all_gather in two halves: this rank's segment goes into shared memory and the
+    barrier starts now; the returned function waits for the peers and copies their segments in
+    (returns `t`). Compute in between overlaps the peers' arrival. One start in flight per buffer."""
     n, r, flat = world.size, world.rank, t.view(-1)
     numel = flat.numel()
     offset = _half(buffer, numel * t.element_size())
     a, b = bounds[r]
     buffer.view(r, offset, b - a, t.dtype).copy_(flat[a:b])
     world.board.shared((b - a) * t.element_size())
-    buffer.wait_barrier(f"SHM all-gather on {world.name}")
-    for j in range(n):
-        if j != r:
-            lo, hi = bounds[j]
-            flat[lo:hi].copy_(buffer.view(j, offset, hi - lo, t.dtype))
-    return t
+    requests = buffer.ibarrier()
+
+    def finish() -> torch.Tensor:
+        world.board.waitall(requests, f"SHM all-gather on {world.name}")
+        buffer.acquire()
+        for j in range(n):
+            if j != r:
+                lo, hi = bounds[j]
+                flat[lo:hi].copy_(buffer.view(j, offset, hi - lo, t.dtype))
+        return t
+    return finish

@@ -47,6 +47,32 @@ ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim
                torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
 
 
+def held_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a view adds nothing, a copy does)."""
+    storages = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel():
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
+def model_state_bytes(params, optimizer) -> int:
+    """What this rank holds for its model: parameters, gradients and optimizer state (ZeRO:
+    its flat vectors and segments too), each storage counted once."""
+    params = list(params)
+    inner = optimizer.inner if isinstance(optimizer, ShardedOptimizer) else optimizer
+    state = [v for st in (inner.state.values() if inner is not None else ()) for v in st.values()
+             if isinstance(v, torch.Tensor) and v.dim()]
+    own = optimizer.held() if isinstance(optimizer, ShardedOptimizer) else []
+    return held_bytes(params + [p.grad for p in params] + state + own)
+
+
+def formula_bytes(stage: int, psi: int, n: int) -> float:
+    """Model-state bytes per replica for fp32 Adam with psi parameters on n replicas (ZeRO paper)."""
+    return {0: 16 * psi, 1: 8 * psi + 8 * psi / n, 2: 4 * psi + 12 * psi / n, 3: 16 * psi / n}[stage]
+
+
 class ShardedOptimizer:
     """`optimizer(shard, **kwargs)` stepping this replica's segment of the flat parameters."""
 
@@ -257,6 +283,12 @@ class ShardedOptimizer:
         return (f"ZeRO stage {self.stage} over {self.world.size} replicas: {type(self.inner).__name__} steps {b - a:,} "
                 f"of {self.flat.numel():,} parameters here (its state 1/{self.world.size} of the whole); gradients "
                 f"reduce-scattered, kept {kept}; parameters all-gathered")
+
+    def held(self) -> list[torch.Tensor]:
+        """The tensors this optimizer keeps besides the parameters' and its inner optimizer's."""
+        if self.sharded is not None:
+            return [self.sharded.data, self.sharded.grad, *self.sharded.full]
+        return [t for t in (self.flat, self.grad, getattr(self, "owned", None)) if t is not None]
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this replica holds (tensors only)."""

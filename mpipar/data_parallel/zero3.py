@@ -17,7 +17,13 @@ makes the whole model readable and writable, e.g. for checkpoints.
 
 Units are reduced in one fixed order (the last first) on every replica, like stage 2's
 buckets, and the gathers follow the forward and backward order, which every replica shares:
-the collectives match without a handshake. Schedules that split a backward into input and
+the collectives match without a handshake.
+
+On one host the gathers go through a shared buffer of their own and the next unit's gather is
+prefetched: entering unit u's forward (or its backward) starts unit u+1's (u-1's) -- its segment
+copied into shared memory, the barrier posted -- and the unit's compute runs while the peers
+arrive; entering u+1 only waits for what is left and copies the peers' segments in. Across hosts
+each gather is the ring, on demand. Schedules that split a backward into input and
 weight passes (zero-bubble) are not supported: a unit's backward there has two halves.
 """
 from __future__ import annotations
@@ -26,8 +32,10 @@ from contextlib import contextmanager
 
 import torch
 
+from ..comm.shared import SharedBuffer, one_host
 from ..errors import ConfigError
 from .reduce import all_gather, reduce_scatter, segment_of
+from .shm import shared_all_gather_start
 
 
 class ShardedParameters:
@@ -84,6 +92,10 @@ class ShardedParameters:
                     p.data = self._view(i)
                 self._own(u).copy_(self._segment(u))
                 self.free(u)
+        # one host: gathers through their own double-buffered shared memory, the next one prefetched
+        self.buffer = (SharedBuffer(world, 2 * max(self.sizes) * self.data.element_size())
+                       if world.size > 1 and one_host(world) else None)
+        self.pending = None                           # (unit, finish) of the gather in flight
         self.passes = 1
         self.hooks = []
         for u, m in enumerate(self.modules):
@@ -110,13 +122,39 @@ class ShardedParameters:
     @torch.no_grad()
     def gather(self, u: int) -> None:
         """Unit u's parameters whole on this replica (collective over the replicas)."""
-        if self.is_gathered[u]:
+        if self.pending is not None:              # gathers complete in the order they started
+            v, finish = self.pending
+            self.pending = None
+            finish()
+            self._whole_again(v)
+        if not self.is_gathered[u]:
+            finish = self._start(u)
+            if finish is not None:
+                finish()
+            self._whole_again(u)
+
+    @torch.no_grad()
+    def prefetch(self, u: int) -> None:
+        """Start gathering unit u (one host only; finished by the next gather)."""
+        if self.buffer is None or not 0 <= u < len(self.members) or self.is_gathered[u] or self.pending is not None:
             return
+        self.pending = (u, self._start(u))
+
+    def _start(self, u: int):
+        """Give unit u's vector its memory back, put this replica's segment in, start the
+        all-gather; returns what finishes it (None: nothing left to do)."""
         full = self.full[u]
         full.untyped_storage().resize_(full.numel() * full.element_size())
         self._segment(u).copy_(self._own(u))
-        if self.world.size > 1:
-            all_gather(self.world, full)
+        if self.world.size == 1:
+            return None
+        if self.buffer is not None:
+            return shared_all_gather_start(self.world, full, self.buffer,
+                                           [segment_of(full.numel(), self.world.size, j) for j in range(self.world.size)])
+        all_gather(self.world, full)
+        return None
+
+    def _whole_again(self, u: int) -> None:
         for i in self.members[u]:
             self.params[i].data = self._view(i)
         self.is_gathered[u] = True
@@ -147,6 +185,7 @@ class ShardedParameters:
     def _before_forward(self, u: int):
         def hook(module, args):
             self.gather(u)
+            self.prefetch(u + 1)
         return hook
 
     def _after_forward(self, u: int):
@@ -154,9 +193,13 @@ class ShardedParameters:
             if torch.is_grad_enabled():   # the unit's backward will need its weights: gather them then
                 for t in (out if isinstance(out, (tuple, list)) else (out,)):
                     if isinstance(t, torch.Tensor) and t.requires_grad:
-                        t.register_hook(lambda grad: self.gather(u))
+                        t.register_hook(lambda grad: self._before_backward(u))
             self.free(u)
         return hook
+
+    def _before_backward(self, u: int) -> None:
+        self.gather(u)
+        self.prefetch(u - 1)
 
     def begin_step(self, passes: int = 1) -> None:
         """Each parameter's gradient is final after `passes` backward passes (micro-batches)."""
@@ -197,6 +240,8 @@ class ShardedParameters:
         and every unit freed; returns this replica's summed gradient segments."""
         while self.next < len(self.members):
             self._reduce(len(self.members) - 1 - self.next)
+        if self.pending is not None:              # a prefetch nothing used: complete it, then free
+            self.gather(self.pending[0])
         for u in range(len(self.members)):
             self.free(u)
         return self.grad
@@ -225,5 +270,11 @@ class ShardedParameters:
         return torch.cat(parts)
 
     def remove(self) -> None:
+        """Hooks off and the shared buffer freed (collective)."""
         for h in self.hooks:
             h.remove()
+        if self.pending is not None:
+            self.gather(self.pending[0])
+        if self.buffer is not None:
+            self.buffer.free()
+            self.buffer = None

@@ -11,11 +11,15 @@ IGNORE = -100
 
 
 class Tally:
-    """Sums over an epoch of (loss * n, correct, n) so means are exact whatever the batching."""
+    """Sums over an epoch of (loss * weight, correct, n, weight) so means are exact whatever the
+    batching. A loss's weight is what it averages over: the counted targets (n), or the samples
+    when the loss says `mean_over = "samples"` (a mean of per-sample means, e.g. of sentences of
+    different lengths: weighting those by tokens would depend on how the batch was split)."""
 
     def __init__(self, loss_fn, task: str):
         self.loss_fn, self.task = loss_fn, task
-        self.loss = self.correct = self.n = 0.0
+        self.loss = self.correct = self.n = self.weight = 0.0
+        self.per_sample = getattr(loss_fn, "mean_over", None) == "samples"
 
     @torch.no_grad()
     def add(self, out: torch.Tensor, y: torch.Tensor) -> None:
@@ -29,11 +33,17 @@ class Tally:
             self.correct += float((out.argmax(-1)[valid] == y[valid]).sum())
         else:
             n = len(y)
-        self.loss += float(self.loss_fn(out.detach().float(), y)) * n
+        weight = len(y) if self.per_sample else n
+        self.loss += float(self.loss_fn(out.detach().float(), y)) * weight
         self.n += n
+        self.weight += weight
 
     def vector(self) -> list[float]:
-        return [self.loss, self.correct, self.n]
+        return [self.loss, self.correct, self.n, self.weight]
+
+    def load(self, vector) -> None:
+        """Continue from a saved vector()."""
+        self.loss, self.correct, self.n, self.weight = (float(v) for v in vector)
 
 
 def error_metric(loss_fn) -> str | None:
@@ -48,10 +58,11 @@ def error_metric(loss_fn) -> str | None:
 
 
 def summarize(vec, task: str, prefix: str, error: str | None = None) -> dict:
-    """A metrics row's entries from summed (loss * n, correct, n): the mean loss, accuracy for
-    classification, and for regression the `error` metric (see error_metric) when it has one."""
-    loss, correct, n = vec
-    row = {f"{prefix}_loss": loss / max(n, 1)}
+    """A metrics row's entries from summed (loss * weight, correct, n, weight) (Tally.vector):
+    the mean loss, accuracy for classification, and for regression the `error` metric (see
+    error_metric) when it has one."""
+    loss, correct, n, weight = vec
+    row = {f"{prefix}_loss": loss / max(weight, 1)}
     if task == "classification":
         row[f"{prefix}_accuracy"] = correct / max(n, 1)
     elif error == "rmse":

@@ -157,12 +157,12 @@ class Trainer:
             every = world.allgather_floats(vec)
             sums = every[topo.reporter]
             if topo.grid.dp > 1:   # each data-parallel replica tallied its own shard of the batches
-                sums[:3] = sum(every[topo.grid.rank_of(topo.grid.pp - 1, d, 0)][:3] for d in range(topo.grid.dp))
+                sums[:4] = sum(every[topo.grid.rank_of(topo.grid.pp - 1, d, 0)][:4] for d in range(topo.grid.dp))
             p50, p95, p99 = (np.percentile(np.array(self.step_seconds) * 1e3, [50, 95, 99])
                              if self.step_seconds else (float("nan"),) * 3)
             error = error_metric(self.loss_fn)
-            row = {"epoch": epoch + 1, **summarize(sums[:3], c.task, "train", error),
-                   **summarize(sums[3:], c.task, "test", error),
+            row = {"epoch": epoch + 1, **summarize(sums[:4], c.task, "train", error),
+                   **summarize(sums[4:], c.task, "test", error),
                    "samples_per_s": samples / seconds, "steps_per_s": count / seconds,
                    "step_ms_p50": p50, "step_ms_p95": p95, "step_ms_p99": p99, "seconds": seconds}
             if self.scheduler:
