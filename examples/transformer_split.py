@@ -16,10 +16,9 @@ position per round, the last stage broadcasting its predicted tokens over the pp
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mpipar.data.numbers import IGNORE, PAD, BOS, EOS, SRC_VOCAB, TGT_VOCAB, lengths, numbers_to_words
+from mpipar.data.numbers import PAD, BOS, EOS, SRC_VOCAB, TGT_VOCAB, lengths, numbers_to_words
 from mpipar.example import Example
 from mpipar.layers import SentenceCrossEntropy
 from mpipar.model import LayerSpec

@@ -328,10 +328,11 @@ def test_resume_with_tensor_parallel_shards_on_8_ranks(tmp_path):
 
 
 def test_zero_stage2_resumes_bit_identical_and_on_another_dp_size(tmp_path):
-    """--zero 2 on dp=2: the checkpoint holds the optimizer state as an unsharded run would
-    (gathered from the segments), so stopping after 2 epochs and resuming to 3 gives the very
-    parameters of 3 uninterrupted epochs, and resuming on dp=3 under --zero 3 (the parameters
-    sharded too) continues (close: 3 replicas sum the batch in another order)."""
+    """--zero 2 on dp=2: each replica writes its own part of the parameters and of Adam's state
+    (nothing gathered: the two shards are the same size), and a resume assembles them, so
+    stopping after 2 epochs and resuming to 3 gives the very parameters of 3 uninterrupted
+    epochs, and resuming on dp=3 under --zero 3 (the parameters sharded too) continues (close:
+    3 replicas sum the batch in another order)."""
     from mpirun import mpirun
     base = ["-m", "mpipar.run", "mlp", "--steps", "8", "--batch-size", "48"]
     run = [*base, "--zero", "2"]
@@ -341,6 +342,13 @@ def test_zero_stage2_resumes_bit_identical_and_on_another_dp_size(tmp_path):
     for np_, argv in jobs:
         p = mpirun(np_, *argv, timeout=180)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    from mpipar.checkpoint import store
+    man, _ = store.read(store.step_dirs(tmp_path / "ck")[0][1])
+    sizes = [s.bytes for s in man.shards]
+    assert all(s.zero for s in man.shards) and max(sizes) < 1.1 * min(sizes), man.shards
+    _, whole = newest_full_state(tmp_path / "ck")           # the parts merge into the whole model
+    want = torch.load(tmp_path / "pa" / "stage0.pt", weights_only=True)
+    assert {k: v.shape for k, v in whole.items()} == {k: v.shape for k, v in want.items()}
     import shutil
     shutil.copytree(tmp_path / "ck", tmp_path / "ck3")
     for np_, grid, folder, out, stage in ((2, "dp=2", "ck", "pc", "2"), (3, "dp=3", "ck3", "pd", "3")):

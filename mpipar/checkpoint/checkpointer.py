@@ -251,6 +251,7 @@ class Checkpointer(Callback):
         self.interval.saved(step)
         due = self.faults.due(step, "write") if self.faults else None
         on_half = (lambda: self.faults.die(*due, step)) if due else None
+        self.zero = hasattr(trainer.optimizer, "shard_state")   # every replica writes its part
         path = store.step_dir(self.root, step) / store.shard_name(self.world.rank)
         self.writer.start(path, snapshot(trainer, self.topo, copy=self.background), self.background, on_half)
         self.pending = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
@@ -267,13 +268,15 @@ class Checkpointer(Callback):
         sha, size = self.writer.wait()
         # what a checkpoint holds training up, on average so far (this one's commit still to come)
         per_save = (self.blocking + p["cost"] + time.perf_counter() - t0) / (self.saves + 1)
+        k = len(p["tally"])        # columns: size, the tally's k sums, 8 sha words, per save, per step
         table = self.world.allgather_floats([size, *p["tally"], *sha_words(sha), per_save,
                                              self.step_time / max(self.steps, 1)])
         self.saves += 1
         self.shard_bytes = max(self.shard_bytes, size)
-        if self.interval.adapt(float(table[:, 12].max()), float(table[:, 13].max())) and self.saves == 1:
-            self.log(f"checkpoint: a save holds training up {1e3 * table[:, 12].max():.1f} ms, a step takes "
-                     f"{1e3 * table[:, 13].max():.1f} ms: {self.interval.describe()}")
+        per_save, per_step = table[:, 9 + k], table[:, 10 + k]
+        if self.interval.adapt(float(per_save.max()), float(per_step.max())) and self.saves == 1:
+            self.log(f"checkpoint: a save holds training up {1e3 * per_save.max():.1f} ms, a step takes "
+                     f"{1e3 * per_step.max():.1f} ms: {self.interval.describe()}")
         if self.world.rank != 0:
             return
         grid, stages = self.topo.grid, self.rankmap.stages
@@ -281,9 +284,9 @@ class Checkpointer(Callback):
         for r in range(self.world.size):
             pp, dp, tp = grid.coords(r)
             shards.append(ShardInfo(store.shard_name(r), r, [pp, dp, tp], restart.rank_layers(stages, pp, grid.pp) if dp == 0 else [],
-                                    int(table[r, 0]), words_hex(table[r, 4:12])))
+                                    int(table[r, 0]), words_hex(table[r, 1 + k:9 + k]), zero=self.zero))
         man = Manifest(p["step"], p["epoch"], p["step_in_epoch"], {"pp": grid.pp, "dp": grid.dp, "tp": grid.tp},
-                       [list(s) for s in stages], shards, table[:, 1:4].tolist(), p["rows"], self.run)
+                       [list(s) for s in stages], shards, table[:, 1:1 + k].tolist(), p["rows"], self.run)
         folder = store.step_dir(self.root, p["step"])
         atomic_write_text(folder / "manifest.json", man.to_json())
         store.write_latest(self.root, p["step"])

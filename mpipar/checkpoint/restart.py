@@ -3,6 +3,7 @@ needs all verify, then assembles its state from them for any grid (shards are ke
 layer names, so pp=4 or dp=2 loads on pp=2 or dp=4); and the whole model's state for export."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -26,6 +27,45 @@ def layer_of(key: str) -> str:
 def rank_layers(stages: list[list[str]], pp_rank: int, pp: int) -> list[str]:
     """The layers a pipeline rank holds: virtual stages pp_rank, pp_rank+p, ... (v chunks each)."""
     return [n for st in stages[pp_rank::pp] for n in st]
+
+
+def merge_shards(parts: list[dict]) -> tuple[dict, dict, list]:
+    """Every replica's shard_state() of one stage -> (whole parameters by name, the optimizer
+    state by name as an unsharded optimizer holds it, the param groups): what a checkpoint of
+    a ZeRO run resumes from, on any number of replicas, with or without ZeRO."""
+    shapes = {k: v for part in parts for k, v in part["shapes"].items()}
+    pieces: dict = {}
+    state: dict = {}
+    for part in parts:
+        for name, (start, values) in part["params"].items():
+            pieces.setdefault(name, []).append((start, values))
+        for name, entries in part["state"].items():
+            for key, v in entries.items():
+                if isinstance(v, list):
+                    state.setdefault(name, {}).setdefault(key, []).append(v)
+                else:
+                    state.setdefault(name, {})[key] = v
+    def whole(name, stretches):
+        stretches, at = sorted(stretches, key=lambda sv: sv[0]), 0
+        for start, v in stretches:
+            if start != at:
+                break
+            at += v.numel()
+        if at != math.prod(shapes[name]) or stretches[-1][0] + stretches[-1][1].numel() != at:
+            raise CheckpointError(f"the replicas' parts of {name} do not cover it once (elements 0..{at} of "
+                              f"{math.prod(shapes[name])}): a replica's shard is missing")
+        return torch.cat([v.reshape(-1) for _, v in stretches]).view(shapes[name])
+    params = {name: whole(name, st) for name, st in pieces.items()}
+    optim = {name: {k: (whole(name, v) if isinstance(v, list) else v) for k, v in entries.items()}
+             for name, entries in state.items()}
+    groups = next((part["groups"] for part in parts if part.get("groups")), [])
+    return params, optim, groups
+
+
+def zero_parts(man: Manifest, holder: ShardInfo) -> list[ShardInfo]:
+    """The shards of every replica of `holder`'s stage (and tp rank): a ZeRO run's parameters
+    and optimizer state are spread over them."""
+    return [s for s in man.shards if s.zero and s.coords[0] == holder.coords[0] and s.coords[2] == holder.coords[2]]
 
 
 def same_grid(man: Manifest, grid) -> bool:
@@ -61,6 +101,8 @@ def needed(man: Manifest, grid, rank: int, coords, layers: list[str]) -> list[Sh
     """Every shard this rank must read (and verify) to resume, without duplicates."""
     src = model_sources(man, layers, coords[2], grid.tp)
     out = {s.file: s for s in src.values()}
+    for holder in list(out.values()):
+        out.update({s.file: s for s in (zero_parts(man, holder) if holder.zero else [])})
     r = rng_source(man, grid, rank, src)
     out.setdefault(r.file, r)
     return list(out.values())
@@ -70,21 +112,30 @@ def assemble(man: Manifest, payloads: dict[str, dict], grid, rank: int, coords, 
              model_keys: list[str]) -> dict:
     """This rank's {"model", "optim_state", "groups", "sched", "rng"} from the loaded shards."""
     src = model_sources(man, layers, coords[2], grid.tp)
+    merged = {h.file: merge_shards([payloads[s.file]["zero"] for s in zero_parts(man, h)])
+              for h in {h.file: h for h in src.values()}.values() if h.zero}   # ZeRO: (params, optim, groups)
     model, optim_state = {}, {}
     for key in model_keys:
-        shard = payloads[src[layer_of(key)].file]
-        if key not in shard["model"]:
+        holder = src[layer_of(key)]
+        shard = payloads[holder.file]
+        if key in shard["model"]:
+            model[key] = shard["model"][key]
+        elif holder.file in merged and key in merged[holder.file][0]:
+            model[key] = merged[holder.file][0][key]
+        else:
             raise CheckpointError(f"the checkpoint has no tensor {key!r}; the model changed since it was written")
-        model[key] = shard["model"][key]
     for name in layers:
-        optim = payloads[src[name].file].get("optim")
+        holder = src[name]
+        optim = ({"state": merged[holder.file][1], "groups": merged[holder.file][2]} if holder.file in merged
+                 else payloads[holder.file].get("optim"))
         if optim:
             optim_state.update({k: v for k, v in optim["state"].items() if layer_of(k) == name})
     first = payloads[src[layers[0]].file]
     groups = (first.get("optim") or {}).get("groups", [])
     for name in layers:   # a stage whose first layers have no parameters: take the first that has
-        optim = payloads[src[name].file].get("optim")
-        if optim:
+        optim = payloads[src[name].file].get("optim") or ({"groups": merged[src[name].file][2]}
+                                                         if src[name].file in merged else None)
+        if optim and optim["groups"]:
             groups = optim["groups"]
             break
     return {"model": model, "optim_state": optim_state, "groups": groups, "sched": first.get("sched"),
@@ -100,6 +151,8 @@ def full_model_state(man: Manifest, payloads: dict[str, dict]) -> dict:
     out = {}
     for s in {s.file: s for s in src.values()}.values():
         out.update(payloads[s.file]["model"])
+        if s.zero:           # a ZeRO run: the parameters from every replica's part
+            out.update(merge_shards([payloads[t.file]["zero"] for t in zero_parts(man, s)])[0])
     return out
 
 
@@ -172,7 +225,10 @@ def newest_full_state(root) -> tuple[Manifest, dict]:
     for step, path, man in store.complete(Path(root)):
         layers = [n for stage in man.stages for n in stage]
         payloads, bad = {}, None
-        for info in {s.file: s for s in model_sources(man, layers, 0, man.grid["tp"]).values()}.values():
+        holders = {s.file: s for s in model_sources(man, layers, 0, man.grid["tp"]).values()}
+        for h in list(holders.values()):      # a ZeRO run: every replica's part too
+            holders.update({s.file: s for s in (zero_parts(man, h) if h.zero else [])})
+        for info in holders.values():
             data, bad = store.read_verified(path, info)
             if bad:
                 break

@@ -112,16 +112,18 @@ def gathered(optimizer, write_back: bool = False):
 def snapshot(trainer, topo, copy: bool) -> dict:
     """What this rank writes; `copy` clones every tensor (for a background writer)."""
     out = {"rank": topo.world.rank, "coords": [topo.pp_rank, topo.dp_rank, topo.tp_rank], "rng": rng_state()}
-    # ZeRO's state_dict gathers the segments (collective over dp): every replica asks for it
-    optim = (optimizer_by_name(trainer.optimizer, param_names(trainer.module))
-             if trainer.optimizer and (topo.dp_rank == 0 or getattr(trainer.pipe, "zero", 0)) else None)
-    stage3 = getattr(trainer.optimizer, "stage", 0) == 3      # parameters sharded: gathered (collective), copied
-    with gathered(trainer.optimizer):
-        model = ({k: (v.detach().clone() if stage3 else v.detach()) for k, v in trainer.module.state_dict().items()}
-                 if topo.dp_rank == 0 else None)
-    if topo.dp_rank == 0:
-        out["model"] = model
-        out["optim"] = optim
+    opt, names = trainer.optimizer, param_names(trainer.module)
+    if hasattr(opt, "shard_state"):
+        # ZeRO: every replica writes its part of the parameters and optimizer state, gathering
+        # nothing; the first replica adds what is not sharded (buffers, frozen parameters)
+        out["zero"] = opt.shard_state(names)
+        if topo.dp_rank == 0:
+            sharded = set(names)
+            out["model"] = {k: v.detach() for k, v in trainer.module.state_dict().items() if k not in sharded}
+            out["sched"] = trainer.scheduler.state_dict() if trainer.scheduler else None
+    elif topo.dp_rank == 0:
+        out["model"] = {k: v.detach() for k, v in trainer.module.state_dict().items()}
+        out["optim"] = optimizer_by_name(opt, names) if opt else None
         out["sched"] = trainer.scheduler.state_dict() if trainer.scheduler else None
     return cloned(out) if copy else out
 

@@ -88,6 +88,7 @@ class ShardInfo:
     layers: list[str]          # layers whose model/optimizer state the shard holds ([] for replicas)
     bytes: int
     sha256: str
+    zero: bool = False         # a ZeRO run: the shard holds this replica's part of its stage's parameters
 
 
 @dataclass

@@ -267,6 +267,45 @@ class ShardedOptimizer:
                     mine[key] = v
         self.inner.load_state_dict({"state": {0: mine} if mine else {}, "param_groups": [{**group, "params": [0]}]})
 
+    def _pieces(self) -> list[tuple[int, int, int, int]]:
+        """(parameter index, where in the flattened parameter, lo, hi): the stretches [lo, hi)
+        of this replica's shard vector, each inside one parameter."""
+        out = []
+        if self.sharded is not None:
+            z = self.sharded
+            for u, members in enumerate(z.members):
+                a, b = z.segments[u]
+                for i in members:
+                    x, y = max(a, z.offset[i]), min(b, z.offset[i] + self.params[i].numel())
+                    if x < y:
+                        out.append((i, x - z.offset[i], z.at[u] + x - a, z.at[u] + y - a))
+            return out
+        a, b = self.segment
+        for i, (p, at) in enumerate(zip(self.params, self.offsets)):
+            x, y = max(a, at), min(b, at + p.numel())
+            if x < y:
+                out.append((i, x - at, x - a, y - a))
+        return out
+
+    def shard_state(self, names: list[str]) -> dict:
+        """This replica's part of the parameters and of the optimizer state, by parameter name,
+        without any communication: {"params": {name: [start, values]}, "state": {name: {key:
+        [start, values] or a scalar}}, "shapes": {name: shape}, "groups": hyperparameters}.
+        A checkpoint stores these from every replica; checkpoint/restart.merge_shards puts them
+        back together."""
+        inner = self.inner.state_dict()
+        mine = inner["state"].get(0, {})
+        n = self.shard.numel()
+        vectors = {k for k, v in mine.items() if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == n}
+        params, state = {}, {}
+        for i, start, lo, hi in self._pieces():
+            name = names[i]
+            params[name] = [start, self.shard.detach()[lo:hi]]
+            state[name] = {k: ([start, v[lo:hi]] if k in vectors else v) for k, v in mine.items()}
+        group = {k: v for k, v in inner["param_groups"][0].items() if k != "params"}
+        return {"params": params, "state": state, "groups": [{**group, "params": list(names)}],
+                "shapes": {names[i]: list(p.shape) for i, p in enumerate(self.params)}}
+
     def gathered(self, write_back: bool = False):
         """A context in which every parameter is whole (stage 3 gathers them: collective;
         `write_back` keeps what was written into them); stages 1, 2: always whole."""

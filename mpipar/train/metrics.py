@@ -42,8 +42,9 @@ class Tally:
         return [self.loss, self.correct, self.n, self.weight]
 
     def load(self, vector) -> None:
-        """Continue from a saved vector()."""
-        self.loss, self.correct, self.n, self.weight = (float(v) for v in vector)
+        """Continue from a saved vector() (three sums, from before the weight was kept: weight = n)."""
+        vector = [float(v) for v in vector]
+        self.loss, self.correct, self.n, self.weight = vector if len(vector) == 4 else [*vector, vector[2]]
 
 
 def error_metric(loss_fn) -> str | None:
