@@ -8,12 +8,14 @@ The public API, for your own model and your own loop (README, "Your own model"):
     loss = pipe.step(x, y)                                 # forward + backward of one batch
     opt.step()                                             # your optimizer, this rank's parameters
 
-`DataParallel` keeps replicas of a module identical in a plain loop, `mpipar.tensor` has the
+`DataParallel` keeps replicas of a module identical in a plain loop, `ShardedOptimizer` shards
+the optimizer state, gradients and (stage 3) parameters over them instead (ZeRO), `mpipar.tensor` has the
 column/row-parallel layers, `Checkpoint` saves and resumes from a user loop, `batches` cuts a
 Dataset into this rank's shard of every global batch, and `Trainer` is the loop that
 `python -m mpipar.run` drives.
 """
 from .data_parallel.wrapper import DataParallel
+from .data_parallel.zero import ShardedOptimizer
 from .model import LayerSpec
 from .pipeline.pipe import DataParallelOptions, Pipeline
 from .rankmap import Grid
@@ -23,6 +25,6 @@ from .train.checkpointing import Checkpoint
 from .train.trainer import TrainConfig, Trainer
 from .version import __version__
 
-__all__ = ["init", "Topology", "Grid", "Pipeline", "LayerSpec", "DataParallel", "DataParallelOptions",
+__all__ = ["init", "Topology", "Grid", "Pipeline", "LayerSpec", "DataParallel", "DataParallelOptions", "ShardedOptimizer",
            "Checkpoint", "batches",
            "Trainer", "TrainConfig", "__version__"]

@@ -3,7 +3,8 @@
 and batches (torch.testing.assert_close). Cases cover every pipeline schedule, uneven
 micro-batches (30 into 4) and uneven data-parallel shards (31 over 2) with a short last batch,
 pp x dp with a map-style Dataset read by DataLoader workers, and pp x dp x tp with a user's own
-module holding column/row-parallel layers. The runs are tests/mpi/api_case.py."""
+module holding column/row-parallel layers, and pp x dp under ZeRO stage 3 (pipe.make_optimizer). The
+runs are tests/mpi/api_case.py."""
 import importlib.util
 from pathlib import Path
 

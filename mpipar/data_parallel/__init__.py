@@ -9,7 +9,9 @@ DataParallel, which keeps replicas identical.
     reduce.py      all_reduce / reduce_scatter / all_gather: which algorithm, and running it
     buckets.py     gradients bucketed and reduced from autograd hooks; replica fingerprints
     wrapper.py     DataParallel
-    zero.py        ShardedOptimizer: ZeRO stage 1 (optimizer state sharded over the replicas)
+    zero.py        ShardedOptimizer: ZeRO stages 1 and 2 (optimizer state, then gradients, sharded over
+                   the replicas), and the model-state bytes a rank holds against the formula
+    zero3.py       ZeRO stage 3: the parameters sharded too, gathered one layer at a time
 """
 from .buckets import DEFAULT_BUCKET_MB, GradBuckets
 from .reduce import all_gather, all_reduce, all_reduce_start, choose_algorithm, make_plan, reduce_scatter, segment_of

@@ -40,7 +40,7 @@ class DataParallelOptions:
     check_every: int = 0          # > 0: every N steps prove the replicas bit-identical (debug)
     grad_compress: str | None = None   # bf16 | fp16: gradients cross hosts as that type
     zero: int = 0                 # 1, 2, 3: ZeRO stage -- no all-reduce here; the optimizer must be a
-                                  # data_parallel.zero.ShardedOptimizer (Trainer: ShardedOptimizer.like)
+                                  # ShardedOptimizer (pipe.make_optimizer; Trainer: ShardedOptimizer.like)
 
 
 def specs_of(model) -> list[LayerSpec]:
@@ -151,6 +151,7 @@ class Pipeline:
         self.dp = None
         o = data_parallel or DataParallelOptions()
         self.zero = o.zero if topo.grid.dp > 1 else 0
+        self.sharded = None               # the ShardedOptimizer make_optimizer built, if any
         if self.zero:
             if o.zero not in (1, 2, 3):
                 raise ConfigError(f"--zero {o.zero}: stages 1 (optimizer state sharded), 2 (+ gradients) and "
@@ -194,6 +195,18 @@ class Pipeline:
         """This rank's trainable parameters (hand them to your optimizer)."""
         return [q for q in self.module.parameters() if q.requires_grad]
 
+    def make_optimizer(self, optimizer, **kwargs):
+        """`optimizer(this rank's parameters, **kwargs)`; under ZeRO (DataParallelOptions(zero=
+        1|2|3)) a ShardedOptimizer stepping that class on this replica's part of them, which
+        step() then tells how many backward passes (micro-batches) make a gradient final.
+        Clipping by the global norm: opt.step(clip=...) (the norm spans replicas and stages)."""
+        if not self.zero:
+            return optimizer(self.parameters(), **kwargs)
+        from ..data_parallel.zero import ShardedOptimizer
+        self.sharded = ShardedOptimizer(self.parameters(), self.topo.dp_world, optimizer, norm_worlds=(self.topo.pp_world,),
+                                        stage=self.zero, units=self.units(), **kwargs)
+        return self.sharded
+
     def units(self) -> list[nn.Module]:
         """This rank's layers, in forward order: what ZeRO stage 3 gathers one at a time."""
         return [layer for st in self.stages for _, layer in st.layers]
@@ -234,6 +247,8 @@ class Pipeline:
         xs, ys = split_microbatches(x, self.microbatches), split_microbatches(y, self.microbatches)
         weights = [len(c) / global_n for c in ys]
         total = [0.0]
+        if self.sharded is not None:       # ZeRO stages 2, 3 reduce a gradient once its passes are in
+            self.sharded.begin_step(len(xs))
 
         def on_out(mb, out):
             if self.loss_fn is not None:

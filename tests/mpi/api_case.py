@@ -4,6 +4,7 @@ tests/test_api.py trains the same model single-process and compares (assert_clos
 
 The model and data live here so the test builds exactly the same ones."""
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ CASES = {   # name: (ranks, grid, schedule, microbatches, chunks, batch, data ki
     "pipedream": (4, None, "pipedream", 4, None, 32, "trainer"),
     "pp2xdp2-dataset": (4, "pp=2,dp=2", "1f1b", 2, None, 31, "dataset"),
     "pp2xdp2xtp2-user-tp": (8, "pp=2,dp=2,tp=2", "1f1b", 2, None, 30, "tensors"),
+    "pp2xdp2-zero3": (4, "pp=2,dp=2", "1f1b", 2, None, 31, "tensors"),
 }
 N, STEPS_EPOCHS, LR = 150, 2, 0.05
 
@@ -97,9 +99,10 @@ def main(out: Path, case: str) -> None:
     topo = mpipar.init(grid=grid, stall_timeout=60)
     if topo.world.size != ranks:
         raise SystemExit(f"case {case} runs on {ranks} ranks, not {topo.world.size}")
+    zero = 3 if case.endswith("zero3") else 0     # parameters, gradients, optimizer state sharded over dp
     pipe = mpipar.Pipeline(user_model(topo, case), topo, schedule=schedule, microbatches=m, chunks=chunks,
-                           loss_fn=nn.MSELoss(), balance="layers")
-    opt = torch.optim.SGD(pipe.parameters(), lr=LR)
+                           loss_fn=nn.MSELoss(), balance="layers", data_parallel=mpipar.DataParallelOptions(zero=zero))
+    opt = pipe.make_optimizer(torch.optim.SGD, lr=LR)
     if kind == "trainer":   # 2BW updates inside its lists: the Trainer drives it
         cfg = mpipar.TrainConfig(epochs=STEPS_EPOCHS, batch_size=batch, seed=0, task="regression")
         x, y = data()
@@ -112,7 +115,8 @@ def main(out: Path, case: str) -> None:
                 opt.zero_grad()
                 pipe.step(xb, yb)
                 opt.step()
-    state = pipe.state_dict()   # tp > 1: a collective over tp
+    with opt.gathered() if zero else nullcontext():    # ZeRO stage 3: the parameters whole (collective)
+        state = {k: v.clone() for k, v in pipe.state_dict().items()}   # tp > 1: a collective over tp
     torch.save(state, out / f"params-{topo.rank}.pt")   # every replica and shard: each is checked
 
 
