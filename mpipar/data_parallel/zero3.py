@@ -151,7 +151,9 @@ class ShardedParameters:
         if self.buffer is not None:
             return shared_all_gather_start(self.world, full, self.buffer,
                                            [segment_of(full.numel(), self.world.size, j) for j in range(self.world.size)])
-        all_gather(self.world, full)
+        wire = full.clone()           # the ring hands its storage to MPI, which pins its size: gather a copy
+        all_gather(self.world, wire)
+        full.copy_(wire)
         return None
 
     def _whole_again(self, u: int) -> None:

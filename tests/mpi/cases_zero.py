@@ -122,3 +122,26 @@ def test_each_replica_holds_its_share_of_adams_state(world, stage):
 def test_a_non_elementwise_optimizer_is_refused(world):
     with pytest.raises(ConfigError, match="needs an elementwise step; LBFGS"):
         ShardedOptimizer(mlp().parameters(), world, torch.optim.LBFGS)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_paths_a_dp_group_across_hosts_takes_equal_single_process(world, stage):
+    """A World told it spans hosts (one_host cached False) takes what a dp group across hosts
+    runs: stage 2 the all-reduce plus a slice, stage 3 the ring all-gather and reduce-scatter,
+    with no shared buffer and so no prefetch; the result still equals single-process training."""
+    across = world.split(0, world.rank, "dp-across-hosts")
+    across.state["one_host"] = False
+    model = mlp()
+    opt = ShardedOptimizer(model.parameters(), across, torch.optim.Adam, stage=stage, bucket_mb=2e-3,
+                           units=list(model), lr=1e-2)
+    if stage == 3:
+        assert opt.sharded.buffer is None
+    for x, y in batches():
+        opt.zero_grad()
+        opt.begin_step(1)
+        loss_of(model, *shard(world, x, y)).backward()
+        opt.step(clip=0.05)
+    ref = single(torch.optim.Adam, 0.05, lr=1e-2)
+    with opt.gathered():
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}")
