@@ -32,7 +32,7 @@ def shared_costs(specs, sample: torch.Tensor, world=None, seed: int = 0, log=Non
     table = torch.zeros(3, n, dtype=torch.float64)     # seconds, saved bytes, parameter bytes
     if head[0]:
         if cached is not None:
-            table[:] = torch.tensor([[c.seconds, c.saved_bytes, c.param_bytes] for c in cached]).T
+            table[:] = torch.tensor([[c.seconds, c.saved_bytes, c.param_bytes] for c in cached], dtype=torch.float64).T
             if log:
                 log("layer costs: cached profile")
         world.bcast_(table, 0)
