@@ -73,7 +73,8 @@ def log_model_state(trainer, world, log) -> None:
     """Per rank: the model state it held at the end (parameters + gradients + optimizer state,
     measured from its tensors) and, for fp32 Adam, what the ZeRO paper's formula says for its
     stage (collective: every rank calls it)."""
-    from .data_parallel.zero import ShardedOptimizer, formula_bytes, model_state_bytes
+    from .data_parallel.memory import formula_bytes, model_state_bytes
+    from .data_parallel.zero import ShardedOptimizer
     opt = trainer.optimizer
     inner = opt.inner if isinstance(opt, ShardedOptimizer) else opt
     params = list(trainer.module.parameters())

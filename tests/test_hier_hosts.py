@@ -42,9 +42,9 @@ def test_hierarchical_allreduce_equals_mpi_across_hosts(hosts, tmp_path):
     print(f"exit {rc} after {time.monotonic() - t0:.1f} s\n{out}")
     assert rc == 0, j.report()
     assert "hier checks passed on 3 host(s)" in out, j.report()
-    assert "world: 5 ranks, 2+2+1 per host, auto picks hier" in out, out
-    assert "first4: 4 ranks, 2+2 per host, auto picks hier" in out, out
-    assert "no3: 4 ranks, 2+1+1 per host, auto picks hier" in out, out
+    assert "world: 5 ranks, 2+2+1 per host, auto picks hier; reduce-scatter/all-gather ring" in out, out
+    assert "first4: 4 ranks, 2+2 per host, auto picks hier; reduce-scatter/all-gather hier" in out, out
+    assert "no3: 4 ranks, 2+1+1 per host, auto picks hier; reduce-scatter/all-gather ring" in out, out
 
 
 def test_cut_link_during_hierarchical_allreduce_ends_with_stall_report(hosts, tmp_path):

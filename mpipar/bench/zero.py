@@ -28,7 +28,8 @@ from torch import nn
 
 from ..comm import World, failure
 from ..data_parallel import DataParallel
-from ..data_parallel.zero import ShardedOptimizer, formula_bytes, model_state_bytes
+from ..data_parallel.memory import formula_bytes, model_state_bytes
+from ..data_parallel.zero import ShardedOptimizer
 from ..topology import share_cores
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import random
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -103,12 +102,6 @@ def load_optimizer_by_name(optimizer, names: list[str], state: dict, groups: lis
 # One rank's shard: its layers' parameters and buffers, optimizer and LR-scheduler state (on
 # the dp=0 replica only: the other replicas hold identical copies), and its own RNG states.
 # -------------------------------------------------------------------------------------------------
-def gathered(optimizer, write_back: bool = False):
-    """Every parameter whole for the duration: ZeRO stage 3's optimizer gathers them (collective
-    over dp); any other optimizer leaves them as they are."""
-    return optimizer.gathered(write_back) if hasattr(optimizer, "gathered") else nullcontext()
-
-
 def snapshot(trainer, topo, copy: bool) -> dict:
     """What this rank writes; `copy` clones every tensor (for a background writer)."""
     out = {"rank": topo.world.rank, "coords": [topo.pp_rank, topo.dp_rank, topo.tp_rank], "rng": rng_state()}
@@ -130,7 +123,7 @@ def snapshot(trainer, topo, copy: bool) -> dict:
 
 def apply(trainer, state: dict) -> None:
     """Load an assembled state (see reshard.assemble) into the trainer's stage, in place."""
-    with gathered(trainer.optimizer, write_back=True):    # ZeRO stage 3: each replica keeps its segments of it
+    with trainer.gathered(write_back=True):    # ZeRO stage 3: each replica keeps its segments of it
         trainer.module.load_state_dict(state["model"])
     if trainer.optimizer is not None:
         load_optimizer_by_name(trainer.optimizer, param_names(trainer.module), state["optim_state"],

@@ -18,7 +18,8 @@ from ..comm.shared import SharedBuffer, host_layout, one_host
 from .algorithms import DoublingPlan, HalvingPlan, RingPlan
 from .compress import CastRingPlan, compressible
 from .plan import Handle, Plan, RingLayout, StagedPlan, check_op, finished
-from .shm import HierPlan, SharedPlan, shared_all_gather, shared_reduce_scatter
+from .hier import HierPlan, equal_hosts, hier_all_gather, hier_reduce_scatter
+from .shm import SharedPlan, shared_all_gather, shared_reduce_scatter
 
 DOUBLING_MAX = 64 * 1024       # up to this: recursive doubling (log2 n messages, latency-bound)
 RING_MIN = 64 * 2 ** 20        # power-of-two n > 2: halving-doubling below this, the ring from here
@@ -184,36 +185,65 @@ def _ring_pass(world, t, op, first, last, piece_bytes) -> None:
 
 
 def reduce_scatter(world, t: torch.Tensor, op: str = "sum", piece_bytes: int | None = None,
-                   algorithm: str = "auto") -> torch.Tensor:
+                   algorithm: str = "auto", bounds=None) -> torch.Tensor:
     """Reduce-scatter in place: afterwards segment `world.rank` of flat `t` (see `segment_of`)
     holds the reduction over all ranks and is returned (a view); the other segments are left
     as the algorithm leaves them. `auto`: through shared memory when the World is on one host
-    (shm.shared_reduce_scatter), else the ring; 'ring' or 'shm' force one."""
+    (shm.shared_reduce_scatter), hierarchically when it spans hosts of several ranks each
+    (hier.hier_reduce_scatter), else the ring; 'ring', 'shm' or 'hier' force one.
+    `bounds`: each rank's (start, stop) instead of segment_of's (ZeRO's buckets); the ring's
+    segments are fixed, so there it all-reduces the whole vector."""
     check_op(op, t.dtype)
-    a, b = segment_of(t.numel(), world.size, world.rank)
-    if _shared(world, t, algorithm):
-        return shared_reduce_scatter(world, t, op, arena(world, 2 * t.numel() * t.element_size()), _bounds(world, t))
-    _ring_pass(world, t, op, 0, world.size - 2, piece_bytes)
+    custom = bounds is not None
+    bounds = bounds if custom else _bounds(world, t)
+    a, b = bounds[world.rank]
+    how = _scatter_algorithm(world, t, algorithm)
+    nbytes = 2 * t.numel() * t.element_size()
+    if how == "shm":
+        return shared_reduce_scatter(world, t, op, arena(world, nbytes), bounds)
+    if how == "hier":
+        lay = host_layout(world)
+        return hier_reduce_scatter(world, t, op, lay, arena(lay.node, nbytes), bounds, next_seq(world))
+    if custom:
+        all_reduce(world, t, op)
+    else:
+        _ring_pass(world, t, op, 0, world.size - 2, piece_bytes)
     return t.view(-1)[a:b]
 
 
 def all_gather(world, t: torch.Tensor, piece_bytes: int | None = None, algorithm: str = "auto") -> torch.Tensor:
     """All-gather in place: each rank fills segment `world.rank` of flat `t` (see `segment_of`);
     afterwards every rank holds every segment. Returns `t`. `algorithm` as for reduce_scatter."""
-    if _shared(world, t, algorithm):
-        return shared_all_gather(world, t, arena(world, 2 * t.numel() * t.element_size()), _bounds(world, t))
+    how = _scatter_algorithm(world, t, algorithm)
+    nbytes = 2 * t.numel() * t.element_size()
+    if how == "shm":
+        return shared_all_gather(world, t, arena(world, nbytes), _bounds(world, t))
+    if how == "hier":
+        lay = host_layout(world)
+        return hier_all_gather(world, t, lay, arena(lay.node, nbytes), _bounds(world, t), next_seq(world))
     _ring_pass(world, t, "sum", world.size - 1, 2 * world.size - 3, piece_bytes)
     return t
 
 
-def _shared(world, t: torch.Tensor, algorithm: str) -> bool:
-    if algorithm not in ("auto", "ring", "shm"):
-        raise ValueError(f"algorithm {algorithm!r}: auto, ring or shm")
+def scatter_algorithm(world) -> str:
+    """What `auto` runs reduce-scatter and all-gather with on `world` (collective the first time):
+    'shm' on one host, 'hier' across hosts of equal rank counts (several each), else 'ring'."""
+    if one_host(world):
+        return "shm"
+    return "hier" if grouped(world) and equal_hosts(host_layout(world)) else "ring"
+
+
+def _scatter_algorithm(world, t: torch.Tensor, algorithm: str) -> str:
+    if algorithm not in ("auto", "ring", "shm", "hier"):
+        raise ValueError(f"algorithm {algorithm!r}: auto, ring, shm or hier")
     if world.size < 2 or t.numel() == 0 or algorithm == "ring":
-        return False
+        return "ring"
     if algorithm == "shm" and not one_host(world):
         raise ValueError(f"algorithm 'shm' needs every rank of {world.name} on one host")
-    return algorithm == "shm" or one_host(world)
+    if algorithm == "hier" and not equal_hosts(host_layout(world)):
+        raise ValueError(f"algorithm 'hier' reduce-scatter/all-gather needs the same rank count on every "
+                         f"host of {world.name} ({host_layout(world).describe()} here)")
+    return scatter_algorithm(world) if algorithm == "auto" else algorithm
 
 
 def _bounds(world, t: torch.Tensor) -> list[tuple[int, int]]:

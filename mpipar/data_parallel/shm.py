@@ -1,14 +1,12 @@
-"""The all-reduces through shared memory: on one host (SharedPlan: each rank sums its slice straight
-out of its peers' segments), and across hosts with several ranks on a host (HierPlan: reduce on
-the host, all-reduce slices across hosts by every local rank at once, gather on the host)."""
+"""The collectives of one host through shared memory: the all-reduce (SharedPlan: each rank sums
+its slice straight out of its peers' segments), reduce-scatter and all-gather. Across hosts
+(hier.py) the same buffers hold each host's share while the links carry one vector per host."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ..comm.shared import HostLayout, SharedBuffer
-from .algorithms import DoublingPlan, HalvingPlan, RingPlan
-from .compress import CastRingPlan, compressible
+from ..comm.shared import SharedBuffer
 from .plan import UFUNC, Plan, accumulate_dtype, split_bounds
 
 
@@ -72,7 +70,7 @@ class SharedPlan(Plan):
                                [(flat[cut[j]:cut[j + 1]], segs[j][cut[j]:cut[j + 1]]) for j in range(n)]))
             self.runs.append(pieces)
         self.copy = (lambda dst, src: dst.copy_(src)) if t.dtype == torch.bfloat16 else np.copyto
-        self.combine = _combiner(op, t.dtype == torch.bfloat16)
+        self.combine = combiner(op, t.dtype == torch.bfloat16)
         self.labels = [f"SHM all-reduce piece {i} on {world.name}" for i in range(k)]
 
     def steps(self, seq: int):
@@ -112,7 +110,7 @@ class SharedPlan(Plan):
         super().close()
 
 
-def _combiner(op: str, torch_arrays: bool):
+def combiner(op: str, torch_arrays: bool):
     """acc <- acc (op) other, in place, for numpy arrays or (bfloat16) torch tensors."""
     if not torch_arrays:
         ufunc = UFUNC[op]
@@ -121,130 +119,6 @@ def _combiner(op: str, torch_arrays: bool):
         return lambda acc, other: acc.add_(other)
     fn = torch.maximum if op == "max" else torch.minimum
     return lambda acc, other: fn(acc, other.to(acc.dtype), out=acc)
-
-
-# -------------------------------------------------------------------------------------------------
-# Hierarchical all-reduce for a World spanning hosts: reduce within each host through shared
-# memory, all-reduce across hosts on disjoint slices at once, gather within each host.
-#
-# Why: a flat ring or halving-doubling treats every rank as its own host, so on H hosts of L ranks
-# each host's link carries every local rank's traffic, 2(n-1)/n·S per rank. Reducing on the host
-# first leaves one vector per host to cross the links, 2(H-1)/H·S per host, the least any
-# all-reduce can move; and cutting it into L slices lets every local rank drive the link at once.
-#
-# Steps (comm/shared.py numbers the slices and builds the rails):
-#   1. every rank copies its vector into its own segment of a host-shared buffer; barrier;
-#   2. for each slice j it owns, a rank sums slice j over its host's segments (16-bit types into a
-#      float32 accumulator) -- the intra-host reduce-scatter; under the ring it is done piece by
-#      piece as the ring first needs each piece, so the link starts after one piece, not a slice;
-#   3. per owned slice, in slice order, the accumulator is all-reduced over rail j (one rank per
-#      host) by the flat algorithm `choose_algorithm` picks for that slice's size and H ranks
-#      across hosts (doubling when small, else the pipelined ring),
-#      always as a sum (avg divides once at the end, 16-bit types round once at the end);
-#   4. the finished slice goes back into the owner's segment; barrier; every rank copies every
-#      slice out of its owner's segment -- the intra-host all-gather.
-# Each element is computed by one rank per rail and copied bit for bit, so every rank ends with
-# the same bits. Hosts with unequal rank counts (2+1+1): R = the most ranks on any host; on a host
-# of L ranks local rank l owns slices l, l+L, ..., so a lone rank carries all R rails of its host,
-# one after another (slice order everywhere: no rank can wait on a rail another rank has not
-# reached). The buffer holds two copies and runs alternate between them (as shm.py does), so a
-# fast rank may fill one while a slow one still copies out of the other.
-# -------------------------------------------------------------------------------------------------
-def inner_plan(rail, acc: torch.Tensor, op: str, algorithm: str, wire: torch.dtype | None = None) -> Plan:
-    """The flat all-reduce of one slice across hosts (rail: one rank per host); `wire`: the
-    16-bit type its messages travel as (compress.py; the ring at every size)."""
-    if wire is not None:
-        return CastRingPlan(rail, acc, op, wire)
-    if algorithm == "ring":
-        return RingPlan(rail, acc, op, 0, 2 * rail.size - 3, across=True)
-    return (HalvingPlan if algorithm == "halving" else DoublingPlan)(rail, acc, op)
-
-
-class HierPlan(Plan):
-    def __init__(self, world, t: torch.Tensor, op: str, layout: HostLayout,
-                 buffer: SharedBuffer | None = None, choose=None, wire: torch.dtype | None = None):
-        super().__init__(world, t)
-        from .reduce import choose_algorithm   # reduce.py imports this module
-        choose = choose or choose_algorithm
-        numel, esize, n = self.flat.numel(), t.element_size(), world.size
-        node, lay = layout.node, layout
-        host = lay.host_of[world.rank]
-        self.op, self.n, self.layout = op, n, lay
-        self.own = buffer is None
-        self.buffer = buffer if buffer is not None else SharedBuffer(node, 2 * numel * esize)
-        if self.buffer.nbytes < 2 * numel * esize:
-            raise ValueError(f"shared buffer of {self.buffer.nbytes} bytes cannot hold two copies of "
-                             f"{numel * esize}")
-        acc_dtype = accumulate_dtype(t.dtype)
-        bounds = [split_bounds(numel, lay.slices, j) for j in range(lay.slices)]
-        inner_op = "sum" if op == "avg" else op
-        self.slices = []   # owned, non-empty: (j, (a, b), acc, plan or None)
-        for j in lay.owned(world.rank):
-            a, b = bounds[j]
-            if b == a:
-                continue
-            acc = torch.empty(b - a, dtype=acc_dtype)
-            rail = lay.rails[j]
-            plan = None
-            if rail.size > 1:
-                plan = inner_plan(rail, acc, inner_op, choose((b - a) * acc.element_size(), rail.size,
-                                                             across=True),
-                                  wire if compressible(t, op, wire) else None)
-            self.slices.append((j, (a, b), acc, plan))
-        half = self.buffer.nbytes // 2
-        self.halves = []
-        for h in (0, 1):
-            segs = [self.buffer.view(k, h * half, numel, t.dtype) for k in range(node.size)]
-            outs = [(self.flat[a:b], segs[lay.owner_local(host, j)][a:b])
-                    for j, (a, b) in enumerate(bounds) if b > a]
-            self.halves.append((segs, outs))
-        self.combine = _combiner(op, torch_arrays=True)
-        where = f"{node.name} of {lay.describe()} ranks per host"
-        self.labels = (f"HIER copy-in on {where}", f"HIER gather on {where}")
-
-    def steps(self, seq: int):
-        buf = self.buffer
-        segs, outs = self.halves[buf.flip]
-        buf.flip ^= 1
-        mine = segs[self.layout.node.rank]
-        self.world.board.shared(self.flat.numel() * self.flat.element_size())
-        mine.copy_(self.flat)
-        yield buf.ibarrier(), self.labels[0], -1          # every vector is on the host
-        buf.acquire()
-        for _, (a, b), acc, plan in self.slices:           # across hosts, rail by rail
-            fill = self._filler(segs, a, acc)                 # intra-host reduce-scatter: a
-            if hasattr(plan, "prepare"):                     # ring fills piece by piece as it
-                plan.prepare = fill                          # first needs each, overlapping
-            else:                                            # the link
-                fill(0, b - a)
-            if plan is not None:
-                yield from plan.steps(seq)
-            if self.op == "avg":
-                acc.div_(self.n)
-            mine[a:b].copy_(acc)                           # 16-bit: rounded here, once
-        yield buf.ibarrier(), self.labels[1], -1          # every slice is final
-        buf.acquire()
-        for dst, src in outs:                              # intra-host all-gather
-            dst.copy_(src)
-
-    def _filler(self, segs, start: int, acc: torch.Tensor):
-        """fill(a, b): acc[a:b] = the host's sum of elements start+a .. start+b."""
-        combine = self.combine
-
-        def fill(a: int, b: int) -> None:
-            acc[a:b].copy_(segs[0][start + a:start + b])
-            for seg in segs[1:]:
-                combine(acc[a:b], seg[start + a:start + b])
-        return fill
-
-    def close(self) -> None:
-        for _, _, _, plan in self.slices:
-            if plan is not None:
-                plan.close()
-        if self.own and self.buffer is not None:
-            self.buffer.free()
-        self.buffer, self.slices, self.halves = None, [], []
-        super().close()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -257,7 +131,7 @@ class HierPlan(Plan):
 #     segment out. Each byte is written once into shared memory and read once per reader: no
 #     messages, one barrier each (the ring: n-1 hand-offs, each waiting for a peer).
 # -------------------------------------------------------------------------------------------------
-def _half(buffer: SharedBuffer, nbytes: int) -> int:
+def half_offset(buffer: SharedBuffer, nbytes: int) -> int:
     if buffer.nbytes < 2 * nbytes:
         raise ValueError(f"shared buffer of {buffer.nbytes} bytes cannot hold two copies of {nbytes}")
     h = buffer.flip
@@ -269,7 +143,7 @@ def shared_reduce_scatter(world, t: torch.Tensor, op: str, buffer: SharedBuffer,
     """Segment `bounds[world.rank]` of flat `t` becomes its reduction (op) over every rank; returns it."""
     n, r, flat = world.size, world.rank, t.view(-1)
     numel = flat.numel()
-    offset = _half(buffer, numel * t.element_size())
+    offset = half_offset(buffer, numel * t.element_size())
     parts = [buffer.view(j, offset, numel, t.dtype) for j in range(n)]
     parts[r].copy_(flat)
     world.board.shared(numel * t.element_size())
@@ -278,7 +152,7 @@ def shared_reduce_scatter(world, t: torch.Tensor, op: str, buffer: SharedBuffer,
     mine = flat[a:b]
     acc_dtype = accumulate_dtype(t.dtype)
     acc = mine if acc_dtype == t.dtype else mine.to(acc_dtype)
-    combine = _combiner(op, True)
+    combine = combiner(op, True)
     for i in range(1, n):
         combine(acc, parts[(r + i) % n][a:b])
     if op == "avg":
@@ -299,7 +173,7 @@ def shared_all_gather_start(world, t: torch.Tensor, buffer: SharedBuffer, bounds
     (returns `t`). Compute in between overlaps the peers' arrival. One start in flight per buffer."""
     n, r, flat = world.size, world.rank, t.view(-1)
     numel = flat.numel()
-    offset = _half(buffer, numel * t.element_size())
+    offset = half_offset(buffer, numel * t.element_size())
     a, b = bounds[r]
     buffer.view(r, offset, b - a, t.dtype).copy_(flat[a:b])
     world.board.shared((b - a) * t.element_size())

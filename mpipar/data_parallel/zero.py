@@ -36,58 +36,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..comm.shared import one_host
-from .reduce import all_gather, all_reduce, arena, reduce_scatter, segment_of
-from .shm import shared_reduce_scatter
+from .reduce import all_gather, reduce_scatter, segment_of
 from .zero3 import ShardedParameters
 
 BUCKET_MB = 25   # stage 2: gradients reduced per bucket of about this many MiB
 
 ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad,
                torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
-
-
-def held_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (a view adds nothing, a copy does)."""
-    storages = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.is_sparse:
-            t = t.coalesce() if not t.is_coalesced() else t
-            parts = [t.indices(), t.values()]
-        else:
-            parts = [t]
-        for part in parts:
-            if isinstance(part, torch.Tensor) and part.numel():
-                st = part.untyped_storage()
-                storages[st.data_ptr()] = st.nbytes()
-    return sum(storages.values())
-
-
-def optimizer_tensors(optimizer) -> list[torch.Tensor]:
-    """The state tensors an optimizer holds: torch's (its .state), a ShardedOptimizer's (its
-    inner optimizer's and its own vectors), or those of the torch optimizers an object wraps."""
-    if optimizer is None:
-        return []
-    if isinstance(optimizer, ShardedOptimizer):
-        return optimizer_tensors(optimizer.inner) + optimizer.held()
-    state = getattr(optimizer, "state", None)
-    if isinstance(state, dict):
-        return [v for st in state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim()]
-    wrapped = [o for v in vars(optimizer).values() for o in (v if isinstance(v, (list, tuple)) else [v])
-               if isinstance(o, torch.optim.Optimizer)]
-    return [t for o in wrapped for t in optimizer_tensors(o)]
-
-
-def model_state_bytes(params, optimizer) -> int:
-    """What this rank holds for its model: parameters, gradients and optimizer state (ZeRO:
-    its flat vectors and segments too), each storage counted once."""
-    params = list(params)
-    return held_bytes(params + [p.grad for p in params] + optimizer_tensors(optimizer))
-
-
-def formula_bytes(stage: int, psi: int, n: int) -> float:
-    """Model-state bytes per replica for fp32 Adam with psi parameters on n replicas (ZeRO paper)."""
-    return {0: 16 * psi, 1: 8 * psi + 8 * psi / n, 2: 4 * psi + 12 * psi / n, 3: 16 * psi / n}[stage]
 
 
 class ShardedOptimizer:
@@ -193,7 +148,6 @@ class ShardedOptimizer:
             lo = self.offsets[members[-1]]
             hi = self.offsets[members[0]] + self.params[members[0]].numel()
             self.spans.append((lo, hi, [(min(max(s0, lo), hi) - lo, max(min(s1, hi), lo) - lo) for s0, s1 in segments]))
-        self.shared = self.world.size > 1 and one_host(self.world)
         self.passes = 1
         self.hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
 
@@ -228,11 +182,8 @@ class ShardedOptimizer:
                 p.grad = None                     # its memory goes back now, not at the step
         a, b = self.segment
         x, y = max(a, lo), min(b, hi)
-        if self.world.size > 1 and self.shared:
-            shared_reduce_scatter(self.world, scratch, "sum", arena(self.world, 2 * scratch.numel() * scratch.element_size()),
-                                  bounds)
-        elif self.world.size > 1:                 # across hosts: the all-reduce, then our part of it
-            all_reduce(self.world, scratch, "sum")
+        if self.world.size > 1:
+            reduce_scatter(self.world, scratch, "sum", bounds=bounds)
         if x < y:
             self.owned[x - a:y - a].add_(scratch[x - lo:y - lo])
         self.next_bucket = k + 1

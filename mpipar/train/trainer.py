@@ -186,10 +186,10 @@ class Trainer:
         return rows
 
     def state_dict(self) -> dict:
-        """This stage's parameters as the single-process model names them (tp > 1: gathered,
-        a collective over tp; ZeRO stage 3: gathered over dp, so every replica calls it)."""
+        """This stage's parameters as the single-process model names them, copied (tp > 1:
+        gathered, a collective over tp; ZeRO stage 3: gathered over dp, so every replica calls it)."""
         with self.gathered():
-            return {k: v.clone() for k, v in self.pipe.state_dict().items()}
+            return self.pipe.state_dict()
 
     def gathered(self, write_back: bool = False):
         """A context in which every parameter of this rank is whole: ZeRO stage 3 gathers them

@@ -98,6 +98,45 @@ def check_data_parallel_compressed(w):
     assert not torch.equal(g1, g0), f"bf16 DataParallel on {w.name}: gradients were not cast"
 
 
+def check_scatter_gather(w, algorithm="auto"):
+    """reduce_scatter and all_gather (what ZeRO steps on) against MPI_Allreduce's segments:
+    integers exact, floats close, 16-bit within its rounding; also ZeRO's per-bucket bounds, some
+    segments empty; returns the algorithm `auto` runs them with here."""
+    from mpipar.data_parallel.reduce import all_gather, reduce_scatter, scatter_algorithm, segment_of
+    n, r = w.size, w.rank
+    cases = [(numel, torch.float32, "sum") for numel in (1, n - 1, 2 * n + 1, 1001, 300_001)]
+    cases += [(1001, torch.int64, "sum"), (1001, torch.float32, "avg"), (1001, torch.bfloat16, "sum"),
+              (257, torch.float64, "max"), (257, torch.int32, "min")]
+    for i, (numel, dtype, op) in enumerate(cases):
+        what = f"reduce_scatter {w.name} numel={numel} {dtype} {op} {algorithm}"
+        x = data(numel, dtype, r, 20 + i)
+        ref = native(w, x, op)
+        a, b = segment_of(numel, n, r)
+        got = reduce_scatter(w, x, op, algorithm=algorithm)
+        assert got.data_ptr() == x[a:].data_ptr() or b == a, f"{what}: not a view of its segment"
+        if dtype.is_floating_point:
+            tol = {torch.bfloat16: 1e-2}.get(dtype, 1e-5)
+            torch.testing.assert_close(got.double(), ref[a:b].to(dtype).double(), rtol=tol, atol=4 * tol,
+                                       msg=lambda m: f"{what}: {m}")
+        else:
+            assert torch.equal(got, ref[a:b].to(dtype)), f"{what}: differs from MPI_Allreduce"
+        whole = data(numel, dtype, 0, 40 + i)              # the same vector everywhere
+        mine = data(numel, dtype, r + 1, 40 + i)            # this rank's own garbage around its segment
+        mine[a:b] = whole[a:b]
+        assert torch.equal(all_gather(w, mine, algorithm=algorithm), whole), f"all_gather {what[15:]}: wrong"
+    # ZeRO stage 2's buckets: any bounds, some of them empty
+    numel = 5003
+    cuts = [0] + [numel * (q + 1) // (n + 1) for q in range(n - 1)] + [numel]
+    bounds = [(cuts[q], cuts[q + 1]) for q in range(n)]
+    bounds[n // 2] = (cuts[n // 2], cuts[n // 2])          # empty: those elements are nobody's
+    x = data(numel, torch.int64, r, 60)
+    ref = native(w, x, "sum")
+    a, b = bounds[r]
+    got = reduce_scatter(w, x, "sum", algorithm=algorithm, bounds=bounds)
+    assert torch.equal(got, ref[a:b]), f"reduce_scatter {w.name} bounds={bounds}: differs from MPI_Allreduce"
+    return scatter_algorithm(w)
+
+
 def checks_for(w, full=False):
     lay = host_layout(w)
     slices = lay.slices
@@ -117,8 +156,10 @@ def checks_for(w, full=False):
         for algorithm in ("auto", "ring"):    # bf16/fp16 on the links: hier's rails, the flat ring
             check_compressed(w, lambda x, op, wire: make_plan(w, x, op, algorithm, wire=wire),
                              f"--grad-compress {algorithm}")
+    scatter = check_scatter_gather(w)
     picked = choose_algorithm(4 * 2 ** 20, w.size, one_host(w), grouped(w), not one_host(w))
-    return f"{w.name}: {w.size} ranks, {lay.describe()} per host, auto picks {picked}"
+    return (f"{w.name}: {w.size} ranks, {lay.describe()} per host, auto picks {picked}; "
+            f"reduce-scatter/all-gather {scatter}")
 
 
 def main():

@@ -124,13 +124,18 @@ def test_a_non_elementwise_optimizer_is_refused(world):
         ShardedOptimizer(mlp().parameters(), world, torch.optim.LBFGS)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_the_paths_a_dp_group_across_hosts_takes_equal_single_process(world, stage):
+@pytest.mark.parametrize("stage,scatter", [(2, "hier"), (2, "ring"), (3, "hier"), (3, "ring")])
+def test_the_paths_a_dp_group_across_hosts_takes_equal_single_process(world, stage, scatter, monkeypatch):
     """A World told it spans hosts (one_host cached False) takes what a dp group across hosts
-    runs: stage 2 the all-reduce plus a slice, stage 3 the ring all-gather and reduce-scatter,
-    with no shared buffer and so no prefetch; the result still equals single-process training."""
+    runs, with no shared buffer of its own and so no prefetch: the hierarchical reduce-scatter
+    and all-gather (hosts of equal rank counts; here one host of them), or on unequal hosts the
+    ring (stage 2: the all-reduce plus a slice); the result still equals single-process training."""
+    import mpipar.data_parallel.reduce as reduce
     across = world.split(0, world.rank, "dp-across-hosts")
     across.state["one_host"] = False
+    assert reduce.scatter_algorithm(across) == "hier"
+    if scatter == "ring":
+        monkeypatch.setattr(reduce, "scatter_algorithm", lambda w: "ring")
     model = mlp()
     opt = ShardedOptimizer(model.parameters(), across, torch.optim.Adam, stage=stage, bucket_mb=2e-3,
                            units=list(model), lr=1e-2)
