@@ -35,12 +35,13 @@ def test_pipeline_efficiency_rows_for_each_schedule():
         assert measured > 0 and ideal > 0, row
 
 
-def test_dp_step_times_ours_ours_bf16_and_ddp():
-    out = bench(2, "dp-step", "--steps", "2", "--batch", "4")
+def test_dp_step_times_ours_ours_bf16_ddp_and_the_hybrid():
+    out = bench(2, "dp-step", "--steps", "2", "--batch", "4", "--hybrid")
     row = next(l for l in out.splitlines() if l.startswith("local "))
     times = dict(zip(row.split()[0::2], map(float, row.split()[1::2])))
-    assert set(times) == {"local", "ours", "ours+bf16", "ddp-gloo"} and all(v > 0 for v in times.values()), out
+    assert set(times) == {"local", "ours", "ours+bf16", "ddp-gloo", "pp2-ours"} and all(v > 0 for v in times.values()), out
     assert "synthetic inputs" in out and "ours/ddp-gloo" in out, out
+    assert f"pp=2 x dp=1 (1F1B, 4 micro-batches; the same global batch): {times['pp2-ours']:.1f} ms" in out, out
 
 
 def test_balance_rows_for_each_partition():

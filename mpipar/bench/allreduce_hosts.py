@@ -123,7 +123,8 @@ def run_config(hosts: int, per_host: int, args, workdir: Path, tag: str) -> dict
         if args.step:
             argv = ["-m", "mpipar.bench", "dp-step"]
             for name in dp_step.FLAGS:
-                argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+                value, flag = getattr(args, name), f"--{name.replace('_', '-')}"
+                argv += ([flag] if value else []) if isinstance(value, bool) else [flag, str(value)]
         else:
             argv = ["-m", "mpipar.bench", "allreduce", "--sizes", args.sizes, "--rounds", str(args.rounds),
                     "--out", str(out), "--extra", ",".join(extras(per_host, args))]

@@ -1,9 +1,12 @@
 """dp-step: the training step of dp-cifar's CNN under data parallelism -- ours (DataParallel:
 gradient buckets all-reduced during backward by a progress thread), ours with --grad-compress
 bf16, and torch DistributedDataParallel on gloo -- same model, initial weights, batch and
-optimizer, modes interleaved step by step so background load hits them alike.
+optimizer, modes interleaved step by step so background load hits them alike. --hybrid adds
+the pp=2 x dp=N/2 grid of the same model and global batch (mpipar.Pipeline, 1F1B, 4
+micro-batches; ranks fill the grid pp-major, so on hosts of N/2 ranks each stage's replicas
+share a host and the activations cross the links).
 
-    mpirun -np 4 python -m mpipar.bench dp-step [--width 16] [--batch 32] [--steps 30]
+    mpirun -np 4 python -m mpipar.bench dp-step [--width 16] [--batch 32] [--steps 30] [--hybrid]
     sudo python -m mpipar.bench allreduce-hosts --step --configs 2x2   (across emulated hosts)
 
 Each figure is the median over steps of the slowest rank's step time (forward, backward, the
@@ -27,6 +30,7 @@ from ..data_parallel.wrapper import DataParallel
 from .allreduce import init_gloo
 
 MODES = ("local", "ours", "ours+bf16", "ddp-gloo")
+HYBRID = "pp2-ours"
 
 
 def cnn(width: int) -> nn.Sequential:
@@ -46,11 +50,24 @@ class Mode:
                                    grad_compress="bf16" if name.endswith("bf16") else None)
         elif name == "ddp-gloo":
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.pipe = None
+        if name == HYBRID:   # the same global batch: each replica of the pp=2 grid takes 2 ranks' samples
+            from ..pipeline.pipe import DataParallelOptions, Pipeline
+            from ..rankmap import Grid
+            from ..topology import Topology
+            topo = Topology.build(world, Grid(pp=2, dp=world.size // 2))
+            self.pipe = Pipeline(self.model, topo, schedule="1f1b", microbatches=4, balance="params",
+                                 loss_fn=nn.CrossEntropyLoss(), data_parallel=DataParallelOptions(bucket_mb=bucket_mb))
+        params = self.pipe.parameters() if self.pipe else self.model.parameters()
+        self.opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
         self.times: list[float] = []
 
     def step(self, x, y) -> None:
         self.opt.zero_grad(set_to_none=True)
+        if self.pipe:
+            self.pipe.step(torch.cat([x, x]), torch.cat([y, y]))
+            self.opt.step()
+            return
         if self.dp:
             self.dp.begin_step()
         model = self.ddp or self.model
@@ -66,7 +83,7 @@ class Mode:
         return float(world.allgather_floats([time.perf_counter() - t0]).max())
 
 
-FLAGS = ("width", "batch", "steps", "wait", "bucket_mb")   # what allreduce-hosts --step passes on
+FLAGS = ("width", "batch", "steps", "wait", "bucket_mb", "hybrid")   # what allreduce-hosts --step passes on
 
 
 def add_args(p: argparse.ArgumentParser, wait: str = "auto") -> None:
@@ -77,6 +94,8 @@ def add_args(p: argparse.ArgumentParser, wait: str = "auto") -> None:
     p.add_argument("--wait", default=wait, choices=["auto", "spin", "poll"],
                    help=f"how our ranks wait for messages (default {wait}; auto: poll when a host has more "
                         "ranks than cores; emulated hosts share this machine's cores, which auto cannot see)")
+    p.add_argument("--hybrid", action="store_true", help="also time the pp=2 x dp=N/2 grid of the same "
+                   "model and global batch (even rank counts)")
     p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB, help="our gradient buckets "
                    f"(default {DEFAULT_BUCKET_MB:g}, as the trainer's; DDP keeps its own, 25 MiB after a first 1 MiB)")
 
@@ -93,7 +112,8 @@ def main(argv) -> int:
     g = torch.Generator().manual_seed(world.rank)
     x = torch.randn(args.batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
-    modes = [Mode(name, world, args.width, args.bucket_mb) for name in MODES]
+    names = MODES + ((HYBRID,) if args.hybrid and world.size % 2 == 0 else ())
+    modes = [Mode(name, world, args.width, args.bucket_mb) for name in names]
     for m in modes:
         m.step(x, y)                                    # warm-up: connections, buffers
     for i in range(args.steps):
@@ -112,8 +132,14 @@ def main(argv) -> int:
               f"{ms['ours+bf16'] / ms['ddp-gloo']:.2f}  (step-time ratios, < 1: ours faster); "
               f"communication not hidden: ours {ms['ours'] - ms['local']:.1f} ms, ours+bf16 "
               f"{ms['ours+bf16'] - ms['local']:.1f} ms, ddp-gloo {ms['ddp-gloo'] - ms['local']:.1f} ms", flush=True)
+        if HYBRID in ms:
+            print(f"pp=2 x dp={world.size // 2} (1F1B, 4 micro-batches; the same global batch): {ms[HYBRID]:.1f} ms, "
+                  f"{ms[HYBRID] / ms['ddp-gloo']:.2f}x ddp-gloo's step, {ms[HYBRID] / ms['ours']:.2f}x ours (dp={world.size})",
+                  flush=True)
     for m in modes:
         if m.dp:
             m.dp.remove()
+        if m.pipe:
+            m.pipe.close()
     dist.destroy_process_group()
     return 0
