@@ -10,6 +10,8 @@ import random
 import numpy as np
 import torch
 
+from ..data_parallel.zero import gathered
+
 
 # -------------------------------------------------------------------------------------------------
 # Training state as tensors and plain types only, so `torch.load(weights_only=True)` reads it
@@ -123,7 +125,7 @@ def snapshot(trainer, topo, copy: bool) -> dict:
 
 def apply(trainer, state: dict) -> None:
     """Load an assembled state (see reshard.assemble) into the trainer's stage, in place."""
-    with trainer.gathered(write_back=True):    # ZeRO stage 3: each replica keeps its segments of it
+    with gathered(trainer.optimizer, write_back=True):    # ZeRO stage 3: each replica keeps its segments of it
         trainer.module.load_state_dict(state["model"])
     if trainer.optimizer is not None:
         load_optimizer_by_name(trainer.optimizer, param_names(trainer.module), state["optim_state"],

@@ -45,6 +45,13 @@ ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim
                torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
 
 
+def gathered(optimizer, write_back: bool = False):
+    """A context in which every parameter the optimizer steps is whole: a stage-3 ShardedOptimizer
+    gathers them (collective over its replicas; `write_back`: what is written into them becomes
+    its segments); any other optimizer leaves them as they are."""
+    return optimizer.gathered(write_back) if isinstance(optimizer, ShardedOptimizer) else nullcontext()
+
+
 class ShardedOptimizer:
     """`optimizer(shard, **kwargs)` stepping this replica's segment of the flat parameters."""
 

@@ -10,7 +10,6 @@ checkpoints without writing the loop:
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from ..callbacks import Callback
-from ..data_parallel.zero import ShardedOptimizer
+from ..data_parallel.zero import ShardedOptimizer, gathered
 from ..errors import ConfigError
 from ..pipeline.pipe import split_microbatches
 from .batches import size_of, sized_batches
@@ -194,8 +193,7 @@ class Trainer:
     def gathered(self, write_back: bool = False):
         """A context in which every parameter of this rank is whole: ZeRO stage 3 gathers them
         (collective over dp; `write_back`: what is written into them is kept), else nothing to do."""
-        opt = self.optimizer
-        return opt.gathered(write_back) if isinstance(opt, ShardedOptimizer) else nullcontext()
+        return gathered(self.optimizer, write_back)
 
     def full_param_count(self) -> int:
         """Parameters this rank would hold without tensor parallelism (shards counted whole)."""
