@@ -160,7 +160,7 @@ def _rail_blocks(world, layout: HostLayout, bounds):
 
 def equal_hosts(layout: HostLayout) -> bool:
     """Hierarchical reduce-scatter and all-gather need the same rank count on every host."""
-    return len(set(layout.sizes)) == 1 and layout.slices == layout.sizes[0]
+    return len(set(layout.sizes)) == 1
 
 
 def hier_reduce_scatter(world, t: torch.Tensor, op: str, layout: HostLayout, buffer: SharedBuffer,
@@ -182,11 +182,7 @@ def hier_reduce_scatter(world, t: torch.Tensor, op: str, layout: HostLayout, buf
         for part in parts[1:]:
             combine(block, part[a:b])
     if rail.size > 1:
-        plan = RingPlan(rail, acc, "sum" if op == "avg" else op, 0, rail.size - 2, across=True)
-        try:
-            plan.run(seq)
-        finally:
-            plan.close()
+        RingPlan(rail, acc, "sum" if op == "avg" else op, 0, rail.size - 2, across=True).run_once(seq)
     a, b = bounds[world.rank]
     here = layout.host_of[world.rank]
     mine = acc[here * m:here * m + b - a]
@@ -208,11 +204,7 @@ def hier_all_gather(world, t: torch.Tensor, layout: HostLayout, buffer: SharedBu
     a, b = bounds[world.rank]
     blocks[here * m:here * m + b - a].copy_(flat[a:b])
     if rail.size > 1:
-        plan = RingPlan(rail, blocks, "sum", rail.size - 1, 2 * rail.size - 3, across=True)
-        try:
-            plan.run(seq)
-        finally:
-            plan.close()
+        RingPlan(rail, blocks, "sum", rail.size - 1, 2 * rail.size - 3, across=True).run_once(seq)
     mine = buffer.view(node.rank, offset, numel, t.dtype)
     for i, (a, b) in enumerate(segs):                  # the rail's segments into this rank's part
         mine[a:b].copy_(blocks[i * m:i * m + b - a])

@@ -241,6 +241,13 @@ class Plan:
             BOARD.waitall(reqs, what, peer)
         return self.tensor
 
+    def run_once(self, seq: int) -> torch.Tensor:
+        """run, then close (the functional calls: a plan made for one call)."""
+        try:
+            return self.run(seq)
+        finally:
+            self.close()
+
     def close(self) -> None:
         """Give the scratch buffers back; the plan must not run again."""
         for raw in self._raws:

@@ -134,11 +134,7 @@ def all_reduce(world, t: torch.Tensor, op: str = "sum", algorithm: str = "auto",
     buffer = None
     if world.size > 1 and t.numel() > 0 and algorithm in ("shm", "hier"):
         buffer = arena(world if algorithm == "shm" else host_layout(world).node, 2 * nbytes)
-    plan = make_plan(world, t, op, algorithm, piece_bytes, buffer=buffer, wire=wire)
-    try:
-        return plan.run(next_seq(world))
-    finally:
-        plan.close()
+    return make_plan(world, t, op, algorithm, piece_bytes, buffer=buffer, wire=wire).run_once(next_seq(world))
 
 
 def arena(world, nbytes: int) -> SharedBuffer:
@@ -177,11 +173,7 @@ def _ring_pass(world, t, op, first, last, piece_bytes) -> None:
         return
     across = not one_host(world)
     make = lambda x: RingPlan(world, x, op, first, last, piece_bytes, across)
-    plan = make(t) if t.device.type == "cpu" else StagedPlan(world, t, make)
-    try:
-        plan.run(seq)
-    finally:
-        plan.close()
+    (make(t) if t.device.type == "cpu" else StagedPlan(world, t, make)).run_once(seq)
 
 
 def reduce_scatter(world, t: torch.Tensor, op: str = "sum", piece_bytes: int | None = None,
