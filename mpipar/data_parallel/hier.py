@@ -23,16 +23,20 @@ from .shm import half_offset, combiner
 # all-reduce can move; and cutting it into L slices lets every local rank drive the link at once.
 #
 # Steps (comm/shared.py numbers the slices and builds the rails):
-#   1. every rank copies its vector into its own segment of a host-shared buffer; barrier;
-#   2. for each slice j it owns, a rank sums slice j over its host's segments (16-bit types into a
-#      float32 accumulator) -- the intra-host reduce-scatter; under the ring it is done piece by
-#      piece as the ring first needs each piece, so the link starts after one piece, not a slice;
+#   1. every rank copies the slices other local ranks own into its own segment of a host-shared
+#      buffer (its own slices stay where they are: no rank but itself reads them); barrier;
+#   2. for each slice j it owns, a rank sums slice j over its host's segments and its own vector
+#      (in place in that vector; 16-bit types into a float32 accumulator) -- the intra-host
+#      reduce-scatter; under the ring it is done piece by piece as the ring first needs each
+#      piece, so the link starts after one piece, not a slice;
 #   3. per owned slice, in slice order, the accumulator is all-reduced over rail j (one rank per
 #      host) by the flat algorithm `choose_algorithm` picks for that slice's size and H ranks
 #      across hosts (doubling when small, else the pipelined ring),
 #      always as a sum (avg divides once at the end, 16-bit types round once at the end);
-#   4. the finished slice goes back into the owner's segment; barrier; every rank copies every
-#      slice out of its owner's segment -- the intra-host all-gather.
+#   4. the finished slice (already in the owner's vector) is copied into its segment; barrier;
+#      every rank copies the other slices out of their owners' segments -- the intra-host
+#      all-gather. Per rank, (2L-1)/L of the vector is copied where copying it all in and out
+#      and every slice back took 2 + 1/L (64 MiB on 2 hosts x 2: 584-589 ms against 604-609).
 # Each element is computed by one rank per rail and copied bit for bit, so every rank ends with
 # the same bits. Hosts with unequal rank counts (2+1+1): R = the most ranks on any host; on a host
 # of L ranks local rank l owns slices l, l+L, ..., so a lone rank carries all R rails of its host,
@@ -66,6 +70,7 @@ class HierPlan(Plan):
             raise ValueError(f"shared buffer of {self.buffer.nbytes} bytes cannot hold two copies of "
                              f"{numel * esize}")
         acc_dtype = accumulate_dtype(t.dtype)
+        in_place = acc_dtype == t.dtype
         bounds = [split_bounds(numel, lay.slices, j) for j in range(lay.slices)]
         inner_op = "sum" if op == "avg" else op
         self.slices = []   # owned, non-empty: (j, (a, b), acc, plan or None)
@@ -73,7 +78,7 @@ class HierPlan(Plan):
             a, b = bounds[j]
             if b == a:
                 continue
-            acc = torch.empty(b - a, dtype=acc_dtype)
+            acc = self.flat[a:b] if in_place else torch.empty(b - a, dtype=acc_dtype)
             rail = lay.rails[j]
             plan = None
             if rail.size > 1:
@@ -81,24 +86,30 @@ class HierPlan(Plan):
                                                              across=True),
                                   wire if compressible(t, op, wire) else None)
             self.slices.append((j, (a, b), acc, plan))
+        self.in_place, self.shares = in_place, node.size > 1
+        me = node.rank
+        others = [(a, b) for j, (a, b) in enumerate(bounds) if b > a and lay.owner_local(host, j) != me]
         half = self.buffer.nbytes // 2
         self.halves = []
         for h in (0, 1):
             segs = [self.buffer.view(k, h * half, numel, t.dtype) for k in range(node.size)]
+            ins = [(segs[me][a:b], self.flat[a:b]) for a, b in others]
             outs = [(self.flat[a:b], segs[lay.owner_local(host, j)][a:b])
-                    for j, (a, b) in enumerate(bounds) if b > a]
-            self.halves.append((segs, outs))
+                    for j, (a, b) in enumerate(bounds) if b > a and lay.owner_local(host, j) != me]
+            self.halves.append((segs, ins, outs))
+        self.shared_bytes = sum(b - a for a, b in others) * esize
         self.combine = combiner(op, torch_arrays=True)
         where = f"{node.name} of {lay.describe()} ranks per host"
         self.labels = (f"HIER copy-in on {where}", f"HIER gather on {where}")
 
     def steps(self, seq: int):
         buf = self.buffer
-        segs, outs = self.halves[buf.flip]
+        segs, ins, outs = self.halves[buf.flip]
         buf.flip ^= 1
         mine = segs[self.layout.node.rank]
-        self.world.board.shared(self.flat.numel() * self.flat.element_size())
-        mine.copy_(self.flat)
+        self.world.board.shared(self.shared_bytes)
+        for dst, src in ins:                               # the slices other ranks reduce
+            dst.copy_(src)
         yield buf.ibarrier(), self.labels[0], -1          # every vector is on the host
         buf.acquire()
         for _, (a, b), acc, plan in self.slices:           # across hosts, rail by rail
@@ -111,20 +122,31 @@ class HierPlan(Plan):
                 yield from plan.steps(seq)
             if self.op == "avg":
                 acc.div_(self.n)
-            mine[a:b].copy_(acc)                           # 16-bit: rounded here, once
+            if not self.in_place:
+                self.flat[a:b].copy_(acc)                  # 16-bit: rounded here, once
+            if self.shares:
+                mine[a:b].copy_(self.flat[a:b])            # for the host's other ranks
         yield buf.ibarrier(), self.labels[1], -1          # every slice is final
         buf.acquire()
         for dst, src in outs:                              # intra-host all-gather
             dst.copy_(src)
 
     def _filler(self, segs, start: int, acc: torch.Tensor):
-        """fill(a, b): acc[a:b] = the host's sum of elements start+a .. start+b."""
-        combine = self.combine
+        """fill(a, b): acc[a:b] = the host's reduction of elements start+a .. start+b. This rank's
+        own elements are read from its vector (they were not copied in); in place, acc is that
+        vector, which holds them already, and the other ranks' are combined into it."""
+        combine, me, flat = self.combine, self.layout.node.rank, self.flat
+        sources = [flat if k == me else seg for k, seg in enumerate(segs)]
+        if self.in_place:
+            sources.pop(me)
+        else:
+            first = sources.pop(0)
 
         def fill(a: int, b: int) -> None:
-            acc[a:b].copy_(segs[0][start + a:start + b])
-            for seg in segs[1:]:
-                combine(acc[a:b], seg[start + a:start + b])
+            if not self.in_place:
+                acc[a:b].copy_(first[start + a:start + b])
+            for src in sources:
+                combine(acc[a:b], src[start + a:start + b])
         return fill
 
     def close(self) -> None:
