@@ -7,6 +7,7 @@ side by side in each job, against the link limit; with --step, dp-cifar's traini
     sudo python -m mpipar.bench allreduce-hosts [--configs 2x2,3x2,4x1] [--rate 1gbit]
                                                 [--sizes 64K,1M,4M,16M,64M] [--rounds 5]
     sudo python -m mpipar.bench allreduce-hosts --step --configs 2x2 [--width 16] [--batch 32]
+    sudo python -m mpipar.bench allreduce-hosts --configs 2x2 --job "-m mpipar.run dp-cifar --grad-compress bf16"
 
 Not run under mpirun: it is the launcher. For each config HxL it builds H hosts (Linux network
 namespaces on a bridge; needs root), caps each host's link at --rate both ways with `tc tbf`, and
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -120,7 +122,9 @@ def run_config(hosts: int, per_host: int, args, workdir: Path, tag: str) -> dict
                                                            os.environ.get("PYTHONPATH")]))}
         if mpi.kind == "openmpi":
             env["OMPI_MCA_btl"] = args.btl
-        if args.step:
+        if args.job:
+            argv = shlex.split(args.job)
+        elif args.step:
             argv = ["-m", "mpipar.bench", "dp-step"]
             for name in dp_step.FLAGS:
                 value, flag = getattr(args, name), f"--{name.replace('_', '-')}"
@@ -136,7 +140,7 @@ def run_config(hosts: int, per_host: int, args, workdir: Path, tag: str) -> dict
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
         if p.returncode:
             raise RuntimeError(f"{hosts}x{per_host}: mpirun exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
-        if args.step:
+        if args.step or args.job:
             return {"wall": time.monotonic() - t0, "text": p.stdout.strip()}
         data = json.loads(out.read_text())
         data["wall"] = time.monotonic() - t0
@@ -197,6 +201,9 @@ def main(argv) -> int:
     p.add_argument("--no-compress", action="store_true", help="skip ours with bf16 on the wire")
     p.add_argument("--step", action="store_true", help="instead of the all-reduce table: dp-cifar's training "
                    "step, ours vs ours+bf16 vs torch DDP on gloo (python -m mpipar.bench dp-step)")
+    p.add_argument("--job", default=None, help="instead: run `python JOB` on the ranks and print what it "
+                   "printed, e.g. --job '-m mpipar.run dp-cifar --grad-compress bf16' (split as a shell would "
+                   "split it; no shell runs it)")
     dp_step.add_args(p.add_argument_group("--step (python -m mpipar.bench dp-step's flags)"), wait="poll")
     p.add_argument("--timeout", type=float, default=900, help="seconds per config before giving up")
     p.add_argument("--out", default=None, help="also write every config's rows as JSON here")
@@ -217,7 +224,7 @@ def main(argv) -> int:
             print(f"running {h} hosts x {l} ranks ...", flush=True)
             data = run_config(h, l, args, work, f"x{i}")
             results[f"{h}x{l}"] = data
-            if args.step:
+            if args.step or args.job:
                 print(f"{h} hosts x {l} ranks, links capped at {args.rate} each way ({data['wall']:.0f} s)\n"
                       f"{data['text']}", flush=True)
             else:
