@@ -56,6 +56,7 @@ def test_balance_rows_for_each_partition():
 
 
 def test_oversubscribed_rows_with_and_without_yield():
+    import os
     import subprocess
     import sys
     from mpirun import ROOT
@@ -75,3 +76,31 @@ def test_zero_rows_for_dp_and_stages():
     assert held["zero3"] < held["zero2"] < held["zero1"] < held["dp"], out   # 16/N < 4+12/N < 8+8/N < 16
     assert all(abs(float(r[3]) - 1.0) <= 0.1 for r in rows.values()), out   # within 10% of the formula
     assert "synthetic inputs" in out
+
+
+def test_allreduce_hosts_table_and_a_job_on_emulated_hosts():
+    """The launcher of emulated hosts with capped links (root: network namespaces): its table, and
+    --job running a training job across them."""
+    import os
+    import subprocess
+    import sys
+    from cluster import netns
+    from mpirun import ENV, ROOT
+
+    reason = netns.why_unavailable()
+    if reason:
+        netns.unavailable(reason, "bench allreduce-hosts")
+
+    def hosts_bench(*argv):
+        p = subprocess.run([sys.executable, "-m", "mpipar.bench", "allreduce-hosts", "--timeout", "150", *argv],
+                           capture_output=True, text=True, env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                           timeout=200)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        return p.stdout
+
+    out = hosts_bench("--configs", "2x2", "--sizes", "64K,1M", "--rounds", "1", "--no-gloo")
+    rows = [l.split() for l in out.splitlines() if re.match(r"\s+\d+ (KiB|MiB)\s", l)]
+    assert [r[0] + r[1] for r in rows] == ["64KiB", "1MiB"], out
+    assert all(r[2] == "hier" and all(float(v) > 0 for v in r[3:]) for r in rows), out
+    out = hosts_bench("--configs", "2x1", "--job", "-m mpipar.run mlp --epochs 1 --steps 2 --grad-compress bf16")
+    assert "2 ranks on 2 host(s)" in out and "summary: mlp on 2 ranks" in out, out
