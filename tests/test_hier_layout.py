@@ -45,3 +45,9 @@ def test_across_hosts_the_ring_replaces_halving():
     assert choose_algorithm(4 * 2 ** 20, 4) == "halving"                    # one host: unchanged
     assert choose_algorithm(4 * 2 ** 20, 4, across=True) == "ring"
     assert choose_algorithm(1024, 4, across=True) == "doubling"
+
+
+def test_members_list_each_hosts_ranks_by_local_rank_when_hosts_interleave():
+    lay = HostLayout([0, 1, 0, 1, 2], [0, 0, 1, 1, 0], [2, 2, 1], node=None, rails={})   # --map-by node
+    assert lay.members == [[0, 2], [1, 3], [4]]
+    assert all(lay.local_of[q] == l for ranks in lay.members for l, q in enumerate(ranks))

@@ -10,6 +10,7 @@ hierarchical all-reduce needs (host_layout)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -107,7 +108,7 @@ def one_host(world) -> bool:
 #
 # A host is what MPI calls a node (COMM_TYPE_SHARED: ranks that can map each other's memory), not a
 # host name. Hosts are numbered by their lowest rank in the World. The hierarchical all-reduce
-# (data_parallel/shm.py) cuts a vector into R = max(ranks per host) slices; on a host with L ranks,
+# (data_parallel/hier.py) cuts a vector into R = max(ranks per host) slices; on a host with L ranks,
 # local rank l owns the slices j with j % L == l, and slice j crosses hosts on "rail" j: the World of
 # the ranks owning slice j, one per host, in host order. With equal rank counts per host rail j is
 # simply every host's local rank j, so every local rank drives the link at once, on its own slice.
@@ -134,6 +135,14 @@ class HostLayout:
         """Slices owned by World rank `rank` (j % L == local rank on a host of L ranks)."""
         size = self.sizes[self.host_of[rank]]
         return [j for j in range(self.slices) if j % size == self.local_of[rank]]
+
+    @cached_property
+    def members(self) -> list[list[int]]:
+        """World ranks of each host, in local-rank order (the node split keys on World rank)."""
+        out = [[] for _ in self.sizes]
+        for q, h in enumerate(self.host_of):
+            out[h].append(q)
+        return out
 
     def owner_local(self, host: int, j: int) -> int:
         """Local rank owning slice j on host `host`."""

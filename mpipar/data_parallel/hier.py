@@ -175,8 +175,7 @@ class HierPlan(Plan):
 def _rail_blocks(world, layout: HostLayout, bounds):
     """(rail, per host i: the segment (a, b) of host i's rank with this local rank, m)."""
     local = layout.node.rank
-    rank_at = {(layout.host_of[q], layout.local_of[q]): q for q in range(world.size)}
-    segs = [bounds[rank_at[(i, local)]] for i in range(layout.hosts)]
+    segs = [bounds[ranks[local]] for ranks in layout.members]
     return layout.rails[local], segs, max(b - a for a, b in bounds)
 
 
