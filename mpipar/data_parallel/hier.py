@@ -172,7 +172,7 @@ class HierPlan(Plan):
 # Each host's link carries (H-1)/H of the vector each way, the least either collective can move;
 # a flat ring over n ranks moves (n-1)/n per rank, L of them per link.
 # -------------------------------------------------------------------------------------------------
-def _rail_blocks(world, layout: HostLayout, bounds):
+def _rail_blocks(layout: HostLayout, bounds):
     """(rail, per host i: the segment (a, b) of host i's rank with this local rank, m)."""
     local = layout.node.rank
     segs = [bounds[ranks[local]] for ranks in layout.members]
@@ -194,7 +194,7 @@ def hier_reduce_scatter(world, t: torch.Tensor, op: str, layout: HostLayout, buf
     parts[node.rank].copy_(flat)
     world.board.shared(numel * esize)
     buffer.wait_barrier(f"HIER reduce-scatter copy-in on {node.name}")
-    rail, segs, m = _rail_blocks(world, layout, bounds)
+    rail, segs, m = _rail_blocks(layout, bounds)
     acc = torch.zeros(len(segs) * m, dtype=accumulate_dtype(t.dtype))
     combine = combiner(op, torch_arrays=True)
     for i, (a, b) in enumerate(segs):                  # the host's sum of each of the rail's segments
@@ -219,7 +219,7 @@ def hier_all_gather(world, t: torch.Tensor, layout: HostLayout, buffer: SharedBu
     flat, node = t.view(-1), layout.node
     numel, esize = flat.numel(), t.element_size()
     offset = half_offset(buffer, numel * esize)
-    rail, segs, m = _rail_blocks(world, layout, bounds)
+    rail, segs, m = _rail_blocks(layout, bounds)
     blocks = torch.zeros(len(segs) * m, dtype=t.dtype)
     here = layout.host_of[world.rank]
     a, b = bounds[world.rank]
