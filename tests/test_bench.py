@@ -1,8 +1,12 @@
 """The benchmarks still run and print their side-by-side tables (tiny sizes: these tests check
 that the code works, never how fast; speed is read from full runs, see README's Benchmarks)."""
+import os
 import re
+import subprocess
+import sys
 
-from mpirun import mpirun
+from cluster import netns
+from mpirun import ENV, ROOT, mpirun
 
 
 def bench(np_, *argv, timeout=180):
@@ -56,10 +60,6 @@ def test_balance_rows_for_each_partition():
 
 
 def test_oversubscribed_rows_with_and_without_yield():
-    import os
-    import subprocess
-    import sys
-    from mpirun import ROOT
     p = subprocess.run([sys.executable, "-m", "mpipar.bench", "oversubscribed", "--np", "3", "--steps", "3",
                         "--repeats", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
@@ -81,12 +81,6 @@ def test_zero_rows_for_dp_and_stages():
 def test_allreduce_hosts_table_and_a_job_on_emulated_hosts():
     """The launcher of emulated hosts with capped links (root: network namespaces): its table, and
     --job running a training job across them."""
-    import os
-    import subprocess
-    import sys
-    from cluster import netns
-    from mpirun import ENV, ROOT
-
     reason = netns.why_unavailable()
     if reason:
         netns.unavailable(reason, "bench allreduce-hosts")

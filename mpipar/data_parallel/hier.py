@@ -36,7 +36,7 @@ from .shm import half_offset, combiner
 #   4. the finished slice (already in the owner's vector) is copied into its segment; barrier;
 #      every rank copies the other slices out of their owners' segments -- the intra-host
 #      all-gather. Per rank, (2L-1)/L of the vector is copied where copying it all in and out
-#      and every slice back took 2 + 1/L (64 MiB on 2 hosts x 2: 584-589 ms against 604-609).
+#      and every slice back took 2 + 1/L (64 MiB on 2 hosts x 2: 584-597 ms against 604-609).
 # Each element is computed by one rank per rail and copied bit for bit, so every rank ends with
 # the same bits. Hosts with unequal rank counts (2+1+1): R = the most ranks on any host; on a host
 # of L ranks local rank l owns slices l, l+L, ..., so a lone rank carries all R rails of its host,
@@ -88,16 +88,16 @@ class HierPlan(Plan):
             self.slices.append((j, (a, b), acc, plan))
         self.in_place, self.shares = in_place, node.size > 1
         me = node.rank
-        others = [(a, b) for j, (a, b) in enumerate(bounds) if b > a and lay.owner_local(host, j) != me]
+        others = [((a, b), lay.owner_local(host, j)) for j, (a, b) in enumerate(bounds)
+                  if b > a and lay.owner_local(host, j) != me]      # slices another local rank owns
         half = self.buffer.nbytes // 2
         self.halves = []
         for h in (0, 1):
             segs = [self.buffer.view(k, h * half, numel, t.dtype) for k in range(node.size)]
-            ins = [(segs[me][a:b], self.flat[a:b]) for a, b in others]
-            outs = [(self.flat[a:b], segs[lay.owner_local(host, j)][a:b])
-                    for j, (a, b) in enumerate(bounds) if b > a and lay.owner_local(host, j) != me]
+            ins = [(segs[me][a:b], self.flat[a:b]) for (a, b), _ in others]
+            outs = [(self.flat[a:b], segs[k][a:b]) for (a, b), k in others]
             self.halves.append((segs, ins, outs))
-        self.shared_bytes = sum(b - a for a, b in others) * esize
+        self.shared_bytes = sum(b - a for (a, b), _ in others) * esize
         self.combine = combiner(op, torch_arrays=True)
         where = f"{node.name} of {lay.describe()} ranks per host"
         self.labels = (f"HIER copy-in on {where}", f"HIER gather on {where}")
