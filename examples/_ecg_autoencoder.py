@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mpipar.data.common import Split
-from mpipar.data.ecg import load_ecg_beats, split_normal_train
+from mpipar.app.datasets.common import Split
+from mpipar.app.datasets.ecg import load_ecg_beats, split_normal_train
 from mpipar.model import LayerSpec
 
 

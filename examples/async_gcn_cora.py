@@ -28,8 +28,8 @@ from torch import nn
 from mpipar.async_ps import AsyncPlan, Roles, train_async
 from mpipar.async_ps.training import check_plan
 from mpipar.async_ps.report import evaluate_all, histogram_lines, share_snapshots, time_to
-from mpipar.data.cora import load_cora
-from mpipar.example import Example
+from mpipar.app.datasets.cora import load_cora
+from mpipar.app.example import Example
 from mpipar.train.metrics import format_row
 
 

@@ -1,5 +1,5 @@
 """Synchronous data-parallel CNN on CIFAR-10 (one replica per rank, our ring all-reduce), SGD."""
-from mpipar.registry import variant
+from mpipar.app.registry import variant
 
 EXAMPLE = variant(
     "split-cnn",

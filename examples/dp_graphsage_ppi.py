@@ -11,7 +11,7 @@ SparseAdam step. The summary reports the bytes moved per step against a dense al
 table; `--dense-table-grad` runs the replicated alternative. With --table-dropout 0 the result
 equals single-process training (tests/test_graph_examples.py).
 """
-from mpipar.registry import variant
+from mpipar.app.registry import variant
 
 EXAMPLE = variant(
     "graphsage-ppi", name="dp-graphsage-ppi",

@@ -1,5 +1,5 @@
 """Synchronous data-parallel LSTM on UCI Appliances energy, Adam + MSE, epochs/s and RMSE in Wh."""
-from mpipar.registry import variant
+from mpipar.app.registry import variant
 
 EXAMPLE = variant(
     "layerwise-lstm-appliances",

@@ -20,7 +20,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _ecg_autoencoder as ecg  # noqa: E402
 
-from mpipar.example import Example  # noqa: E402
+from mpipar.app.example import Example  # noqa: E402
 
 WIDTHS = "128,32"
 
@@ -43,7 +43,7 @@ def main(args, world, log):
 
 def relaunching(args, world, log):
     """Shared trainer (grid dp=N unless --grid says otherwise) + checkpoints + the supervisor."""
-    from mpipar.session import run_example
+    from mpipar.app.session import run_example
     fresh = args.checkpoint_dir is None and not args.resume and os.environ.get("MPIPAR_ATTEMPT", "0") == "0"
     args.checkpoint_dir = args.checkpoint_dir or str(Path(args.out) / "ckpt")
     if fresh:   # the default dir starts empty on a first launch; relaunches resume from it
@@ -74,7 +74,7 @@ def surviving(args, world, log):
     from mpipar.checkpoint import fault
     from mpipar.train.checkpointing import total_steps
     from mpipar.model import build_full
-    from mpipar.session import train_config
+    from mpipar.app.session import train_config
     from mpipar.train.survive import SurvivingDataParallel
     train, test = ecg.data(args)
     faults = fault.resolve(fault.parse(args.inject_fault), world.size, total_steps(len(train.y), args.batch_size, args.epochs, args.steps), distinct=True)

@@ -21,10 +21,10 @@ no final ReLU+Linear before the normalisation.
 import torch
 from torch import nn
 
-from mpipar.data.cache import cached
-from mpipar.data.common import Split
-from mpipar.data.ppi import load_ppi
-from mpipar.example import Example
+from mpipar.app.datasets.cache import cached
+from mpipar.app.datasets.common import Split
+from mpipar.app.datasets.ppi import load_ppi
+from mpipar.app.example import Example
 from mpipar.model import LayerSpec
 from mpipar.callbacks import AfterBackward
 from mpipar.data_parallel.partitioned import MARK, RowOwners, fetch_rows

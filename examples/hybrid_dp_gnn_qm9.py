@@ -4,7 +4,7 @@ Same model, data, loss and optimizer as hybrid-gnn-qm9; only the default plan di
 pipeline stages, each replicated twice, the replicas synced by our ring all-reduce per stage.
 Needs 4 ranks by default; on other counts pass --grid pp=P,dp=D (e.g. -np 8 --grid pp=2,dp=4).
 """
-from mpipar.registry import variant
+from mpipar.app.registry import variant
 
 EXAMPLE = variant(
     "hybrid-gnn-qm9", name="hybrid-dp-gnn-qm9",

@@ -13,10 +13,10 @@ neighbour's state times a filter learned from the distance. The head sum-pools r
 import torch
 from torch import nn
 
-from mpipar.data.cache import cached
-from mpipar.data.common import Split
-from mpipar.data.qm9 import load_qm9, mean_baseline_mae, split_qm9
-from mpipar.example import Example
+from mpipar.app.datasets.cache import cached
+from mpipar.app.datasets.common import Split
+from mpipar.app.datasets.qm9 import load_qm9, mean_baseline_mae, split_qm9
+from mpipar.app.example import Example
 from mpipar.model import LayerSpec
 
 EXTRA = 4   # trailing columns of every activation: x, y, z (Å) and the real-atom mask

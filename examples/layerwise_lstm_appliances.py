@@ -13,11 +13,11 @@ Wh, the baseline is persistence_rmse on the same test windows. Measured (default
 import torch
 from torch import nn
 
-from mpipar.data.appliances import load_appliances, persistence_rmse
-from mpipar.data.cache import cached
-from mpipar.data.common import Split
-from mpipar.example import Example
-from mpipar.layers import LastStep, LSTMLayer
+from mpipar.app.datasets.appliances import load_appliances, persistence_rmse
+from mpipar.app.datasets.cache import cached
+from mpipar.app.datasets.common import Split
+from mpipar.app.example import Example
+from mpipar.app.layers import LastStep, LSTMLayer
 from mpipar.model import LayerSpec
 from mpipar.train.lr import cosine, run_steps
 

@@ -9,8 +9,8 @@ hands each tp rank's shard of the hidden activation straight to its tp peer.
 import torch
 from torch import nn
 
-from mpipar.data.synthetic import regression
-from mpipar.example import Example
+from mpipar.app.datasets.synthetic import regression
+from mpipar.app.example import Example
 from mpipar.model import LayerSpec
 from mpipar.tensor import ColumnParallelLinear, RowParallelLinear
 

@@ -19,7 +19,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _ecg_autoencoder as ecg  # noqa: E402
 
-from mpipar.example import Example  # noqa: E402
+from mpipar.app.example import Example  # noqa: E402
 
 WIDTHS = "2048,1024,256,32"
 

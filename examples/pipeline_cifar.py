@@ -5,8 +5,8 @@ so it is not micro-batch transparent; GroupNorm is per sample, so pipelining cha
 import torch
 from torch import nn
 
-from mpipar.data.cifar10 import load_cifar10
-from mpipar.example import Example
+from mpipar.app.datasets.cifar10 import load_cifar10
+from mpipar.app.example import Example
 from mpipar.model import LayerSpec
 
 

@@ -29,10 +29,10 @@ differ by a point). Micro-batched runs without dropout equal single-process trai
 import torch
 from torch import nn
 
-from mpipar.data.cache import cached
-from mpipar.data.common import Split
-from mpipar.data.cora_parts import cora_parts
-from mpipar.example import Example
+from mpipar.app.datasets.cache import cached
+from mpipar.app.datasets.common import Split
+from mpipar.app.datasets.cora_parts import cora_parts
+from mpipar.app.example import Example
 from mpipar.model import LayerSpec
 from mpipar.train.lr import cosine, run_steps
 from mpipar.train.metrics import IGNORE

@@ -7,7 +7,7 @@ to realtime-mp-accel on 2 ranks it shows the other side of the trade: a request 
 stage boundary, so latency is one replica's compute plus queueing, and capacity grows with the
 replicas instead of being capped by the slowest stage plus the hops.
 """
-from mpipar.registry import variant
+from mpipar.app.registry import variant
 
 EXAMPLE = variant(
     "realtime-mp-accel",

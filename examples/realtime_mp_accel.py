@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpipar import realtime
-from mpipar.data.accelerometer import load_basicmotions
+from mpipar.app import realtime
+from mpipar.app.datasets.accelerometer import load_basicmotions
 from mpipar.errors import ConfigError
-from mpipar.example import Example
+from mpipar.app.example import Example
 from mpipar.model import LayerSpec
 
 

@@ -2,8 +2,8 @@
 import torch
 from torch import nn
 
-from mpipar.data.cifar10 import load_cifar10
-from mpipar.example import Example
+from mpipar.app.datasets.cifar10 import load_cifar10
+from mpipar.app.example import Example
 from mpipar.model import LayerSpec
 
 

@@ -12,11 +12,11 @@ step; SGD keeps the two runs apart by rounding only.
 import torch
 from torch import nn
 
-from mpipar.data.cifar10 import load_cifar10
-from mpipar.example import Example
+from mpipar.app.datasets.cifar10 import load_cifar10
+from mpipar.app.example import Example
 from mpipar.tensor import ParallelMLP, reference_mlp
-from mpipar.tp_session import add_parity_args
-from mpipar.tp_session import run_tp_example
+from mpipar.app.tp_session import add_parity_args
+from mpipar.app.tp_session import run_tp_example
 
 PIXELS, CLASSES = 3 * 32 * 32, 10
 

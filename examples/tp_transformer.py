@@ -13,12 +13,12 @@ biases: the key bias's gradient is exactly zero, pure rounding noise, at every s
 import torch
 from torch import nn
 
-from mpipar.data.numbers import BOS, LM_VOCAB as VOCAB, TGT_VOCAB, lengths, numbers_lm
-from mpipar.example import Example
-from mpipar.layers import WordCrossEntropy
+from mpipar.app.datasets.numbers import BOS, LM_VOCAB as VOCAB, TGT_VOCAB, lengths, numbers_lm
+from mpipar.app.example import Example
+from mpipar.app.layers import WordCrossEntropy
 from mpipar.tensor import ReferenceTransformerLM, TPTransformerLM
-from mpipar.tp_session import add_parity_args
-from mpipar.tp_session import run_tp_example
+from mpipar.app.tp_session import add_parity_args
+from mpipar.app.tp_session import run_tp_example
 
 
 class WordLogits(nn.Module):

@@ -18,9 +18,9 @@ import time
 import torch
 from torch import nn
 
-from mpipar.data.numbers import PAD, BOS, EOS, SRC_VOCAB, TGT_VOCAB, lengths, numbers_to_words
-from mpipar.example import Example
-from mpipar.layers import SentenceCrossEntropy
+from mpipar.app.datasets.numbers import PAD, BOS, EOS, SRC_VOCAB, TGT_VOCAB, lengths, numbers_to_words
+from mpipar.app.example import Example
+from mpipar.app.layers import SentenceCrossEntropy
 from mpipar.model import LayerSpec
 from mpipar.train.amp import MODES, Autocast, PipelineGradScaler
 from mpipar.train.lr import noam

@@ -8,7 +8,7 @@ shared-memory one and sends no messages). The run prints which all-reduce each b
 The online phase of viz-mp-lstm-temperature runs here too: every replica forecasts each group of
 streamed readings, then trains one step on its share of the group (the trainer's dp sharding, the
 gradients averaged by the all-reduce), so --online-batch must be at least the replica count."""
-from mpipar.registry import variant
+from mpipar.app.registry import variant
 
 EXAMPLE = variant(
     "viz-mp-lstm-temperature",

@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpipar.data.cache import cached
-from mpipar.data.common import Split
-from mpipar.data.stream import groups, prequential, stream
-from mpipar.data.temperature import clock_features, load_temperature_stream, windows
+from mpipar.app.datasets.cache import cached
+from mpipar.app.datasets.common import Split
+from mpipar.app.datasets.stream import groups, prequential, stream
+from mpipar.app.datasets.temperature import clock_features, load_temperature_stream, windows
 from mpipar.errors import ConfigError
-from mpipar.example import Example
-from mpipar.layers import LastStep, LSTMLayer
+from mpipar.app.example import Example
+from mpipar.app.layers import LastStep, LSTMLayer
 from mpipar.model import LayerSpec
 from mpipar.train.batches import sized_batches
 

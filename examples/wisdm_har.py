@@ -2,9 +2,9 @@
 import torch
 from torch import nn
 
-from mpipar.data import load_wisdm
-from mpipar.data.cache import cached
-from mpipar.example import Example
+from mpipar.app.datasets import load_wisdm
+from mpipar.app.datasets.cache import cached
+from mpipar.app.example import Example
 from mpipar.model import LayerSpec
 
 

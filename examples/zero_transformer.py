@@ -12,9 +12,9 @@ single-process training). `--d-model 512 --layers 8` makes DP's state ~400 MiB p
 import torch
 from torch import nn
 
-from mpipar.data.numbers import LM_VOCAB, lengths, numbers_lm
-from mpipar.example import Example
-from mpipar.layers import SentenceCrossEntropy
+from mpipar.app.datasets.numbers import LM_VOCAB, lengths, numbers_lm
+from mpipar.app.example import Example
+from mpipar.app.layers import SentenceCrossEntropy
 from mpipar.model import LayerSpec
 from mpipar.tensor.transformer import reference_block
 

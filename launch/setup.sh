@@ -12,8 +12,8 @@ PY=${PYTHON:-python3}
 KIND=${MPIPAR_MPI:-openmpi}
 case "$KIND" in
   openmpi) VENV=${MPIPAR_VENV:-.venv}; EXTRA=all ;;
-  mpich|impi) VENV=${MPIPAR_VENV:-.venv-$KIND}; EXTRA=dev,$KIND ;;
-  system) VENV=${MPIPAR_VENV:-.venv-system}; EXTRA=dev ;;
+  mpich|impi) VENV=${MPIPAR_VENV:-.venv-$KIND}; EXTRA=examples,dev,$KIND ;;
+  system) VENV=${MPIPAR_VENV:-.venv-system}; EXTRA=examples,dev ;;
   *) echo "launch/setup.sh: MPIPAR_MPI=$KIND is not one of openmpi, mpich, impi, system" >&2; exit 2 ;;
 esac
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"

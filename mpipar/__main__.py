@@ -1,3 +1,5 @@
-from .run import main
 import sys
+
+from .app.run import main
+
 sys.exit(main())

@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from mpipar.run import parse
-from mpipar.session import reference_model
+from mpipar.app.run import parse
+from mpipar.app.session import reference_model
 from mpipar.train.metrics import error_metric, summarize
 from mpipar.train.reference import evaluate
 from mpirun import mpirun

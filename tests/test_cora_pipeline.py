@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpipar.data.cora import load_cora
-from mpipar.data.cora_parts import TEST, TRAIN, cora_parts, normalized_adjacency, pack, partition
+from mpipar.app.datasets.cora import load_cora
+from mpipar.app.datasets.cora_parts import TEST, TRAIN, cora_parts, normalized_adjacency, pack, partition
 from mpipar.errors import DataError
 from mpipar.train.metrics import IGNORE
 from parity import check_parity

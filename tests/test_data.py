@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from mpipar.data import (CIFAR10_CLASSES, Split, anomaly_windows, load_appliances, load_basicmotions,
+from mpipar.app.datasets import (CIFAR10_CLASSES, Split, anomaly_windows, load_appliances, load_basicmotions,
                          load_cifar10, load_cora, load_ecg_beats, load_qm9, load_temperature_stream,
                          load_wisdm, mean_baseline_mae, persistence_rmse, read_image_folder,
                          read_python_batch, regression, split_normal_train, split_qm9, windows)
-from mpipar.data.common import VENDORED
+from mpipar.app.places import examples_dir
 from mpipar.errors import DataError
+
+VENDORED = examples_dir() / "data"
 
 torch.set_num_threads(1)
 FIRST200 = VENDORED / "cifar10" / "cifar-10-batches-py-first200"

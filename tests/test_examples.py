@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mpipar import registry
+from mpipar.app import registry
 from mpirun import mpirun
 
 README = Path(__file__).resolve().parents[1] / "examples" / "README.md"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mpipar.checkpoint import fault
-from mpipar.supervise import RANK_DEATH, launcher_command, rank_died, split_argv
+from mpipar.app.supervise import RANK_DEATH, launcher_command, rank_died, split_argv
 from mpipar.errors import ConfigError
 from mpirun import ENV, KIND, MPI_DIR, MPIEXEC, ROOT, kill_group, mpirun
 

@@ -51,8 +51,8 @@ def test_partitioned_graphsage_equals_single_process(tmp_path):
     their owners): with table dropout off (its masks are drawn per rank), every parameter after
     10 steps equals single-process training -- the table reassembled from the ranks' rows -- and
     micro-F1 is within 0.01 of the single-process run's."""
-    from mpipar.run import parse
-    from mpipar.session import reference_model
+    from mpipar.app.run import parse
+    from mpipar.app.session import reference_model
     argv = ["dp-graphsage-ppi", *PPI_SMALL, "--steps", "10", "--table-dropout", "0", "--hidden", "64"]
     save = tmp_path / "params"
     line = run_ok(tmp_path / "dp", 3, *argv, "--save-params", str(save))

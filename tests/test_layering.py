@@ -7,11 +7,10 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "mpipar"
-LAYER = {"errors": 0, "callbacks": 0, "version": 0, "realtime": 0, "comm": 1, "launcher": 1, "rankmap": 1,
-         "layers": 1, "data": 1, "topology": 2, "tensor": 3, "data_parallel": 3, "checkpoint": 3, "async_ps": 4,
-         "model": 4,
-         "profile": 5, "pipeline": 6, "train": 7, "example": 8, "registry": 8, "session": 9, "supervise": 9,
-         "tp_session": 9, "run": 10, "bench": 11, "__main__": 12}
+LAYER = {"errors": 0, "callbacks": 0, "version": 0, "extras": 0.5, "comm": 1, "launcher": 1, "rankmap": 1,
+         "topology": 2, "tensor": 3, "data_parallel": 3, "checkpoint": 3, "async_ps": 4,
+         "model": 4, "profile": 5, "pipeline": 6, "train": 7, "app": 8, "run": 10, "supervise": 10,
+         "bench": 11, "__main__": 12}
 
 
 def node(path: Path) -> str:

@@ -50,7 +50,7 @@ def test_a_per_sample_loss_is_averaged_over_samples_whatever_the_split():
     """SentenceCrossEntropy is a mean of per-sentence means: the epoch mean of a batch tallied in
     two uneven shards equals the whole batch's (a token-weighted tally would not: the shards hold
     different numbers of tokens), while accuracy still counts tokens."""
-    from mpipar.layers import SentenceCrossEntropy
+    from mpipar.app.layers import SentenceCrossEntropy
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 4, 6, generator=g)
     y = torch.randint(0, 6, (5, 4), generator=g)

@@ -37,8 +37,8 @@ def host_job(hosts, tmp_path, argv):
 
 
 def test_training_spreads_over_three_hosts_and_matches_single_process(hosts, tmp_path):
-    from mpipar.run import parse
-    from mpipar.session import reference_rows
+    from mpipar.app.run import parse
+    from mpipar.app.session import reference_rows
 
     argv = ["mlp", "--epochs", "2", "--steps", "10", "--out", str(tmp_path / "out")]
     t0 = time.monotonic()

@@ -12,9 +12,9 @@ from torch import nn
 from mpipar.errors import ConfigError
 from mpipar.pipeline.stage import Stage
 from mpipar.rankmap import Grid, RankMap
-from mpipar.run import parse
-from mpipar.session import reference_model
-from mpipar.session import build_trainer
+from mpipar.app.run import parse
+from mpipar.app.session import reference_model
+from mpipar.app.session import build_trainer
 from mpipar.topology import Topology
 from mpipar.comm import World
 from mpirun import mpirun

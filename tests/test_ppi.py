@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpipar.data import ppi
+from mpipar.app.datasets import ppi
 from mpipar.errors import DataError
 
 

@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from mpipar import realtime
-from mpipar.realtime import FakeClock, arrival_times, serve, summarize, summarize_log
+from mpipar.app import realtime
+from mpipar.app.realtime import FakeClock, arrival_times, serve, summarize, summarize_log
 from mpirun import mpirun
 
 

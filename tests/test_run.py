@@ -1,4 +1,4 @@
-"""mpipar.run end to end: parity with single-process training, per-rank allocation, and bad
+"""mpipar.app.run end to end: parity with single-process training, per-rank allocation, and bad
 inputs that must end the whole job quickly with one clear line (never hang)."""
 import re
 import time
@@ -8,7 +8,7 @@ import torch
 
 from mpipar.launcher import parse_hostfile
 from mpipar.model import param_counts
-from mpipar.run import parse
+from mpipar.app.run import parse
 from mpirun import MPIEXEC, ROOT, mpirun
 from parity import check_parity
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from mpipar.data.stream import groups, prequential, stream
-from mpipar.data.temperature import load_temperature_stream
+from mpipar.app.datasets.stream import groups, prequential, stream
+from mpipar.app.datasets.temperature import load_temperature_stream
 from mpipar.errors import ConfigError
-from mpipar.registry import path_of
+from mpipar.app.registry import path_of
 from mpirun import mpirun
 
 

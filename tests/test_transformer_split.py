@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from mpipar.data.numbers import (BOS, EOS, IGNORE, PAD, SRC_VOCAB, TGT_VOCAB, encode_pairs, lengths,
+from mpipar.app.datasets.numbers import (BOS, EOS, IGNORE, PAD, SRC_VOCAB, TGT_VOCAB, encode_pairs, lengths,
                                  numbers_to_words, to_words)
 from mpipar.model import build_full
-from mpipar.run import parse
+from mpipar.app.run import parse
 from mpipar.train.amp import Autocast
 from mpipar.train.lr import noam, noam_factor
-from mpipar.session import reference_model
+from mpipar.app.session import reference_model
 from mpirun import mpirun
 
 torch.set_num_threads(1)

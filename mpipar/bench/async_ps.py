@@ -60,7 +60,7 @@ def main(argv) -> int:
         raise SystemExit("async needs >= servers + 2 ranks: mpirun -np 4 python -m mpipar.bench async")
     import torch
     torch.set_num_threads(1)
-    from .. import registry
+    from ..app import registry
     from ..run import parse
     example = registry.load("async-gcn-cora")
     slow = args.slow_rank if args.slow_rank >= 0 else world.size - 1

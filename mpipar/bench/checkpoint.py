@@ -52,7 +52,7 @@ def job(opts, tmp: Path, *flags) -> list[str]:
 
 
 def faults(opts) -> int:
-    from ..supervise import launcher_command
+    from ..app.supervise import launcher_command
     with tempfile.TemporaryDirectory(prefix="mpipar-bench-ckpt-") as d:
         base = Path(d) / "fault-free"
         rc, out, err = run(launcher_command(opts.np, job(opts, base)))
@@ -70,7 +70,7 @@ def faults(opts) -> int:
                      ["--inject-fault", f"random={seed},phase=write", "--async-checkpoint"])
             tmp = Path(d) / f"run{i}"
             t0 = time.perf_counter()
-            rc, out, err = run([sys.executable, "-m", "mpipar.supervise", "--np", str(opts.np),
+            rc, out, err = run([sys.executable, "-m", "mpipar.app.supervise", "--np", str(opts.np),
                                 "--max-restarts", "3", "--", *job(opts, tmp, *flags)])
             dt = time.perf_counter() - t0
             died = re.search(r"rank (\d+): injected fault 0: SIGKILL at step (\d+) \(phase (\w+)", err)
@@ -91,7 +91,7 @@ def faults(opts) -> int:
 
 
 def overhead(opts) -> int:
-    from ..supervise import launcher_command
+    from ..app.supervise import launcher_command
     with tempfile.TemporaryDirectory(prefix="mpipar-bench-ckpt-") as d:
         common = ["-m", "mpipar.run", "ft-autoencoder-ecg", "--epochs", str(opts.epochs), *opts.extra]
         rc, out, err = run(launcher_command(opts.np, [*common, "--checkpoint-dir", f"{d}/ckpt", "--out", f"{d}/a"]))

@@ -35,7 +35,7 @@ HYBRID = "pp2-ours"
 
 def cnn(width: int) -> nn.Sequential:
     """dp-cifar's model (examples/split_cnn.py's layers) at `width` channels, seeded."""
-    from ..registry import load
+    from ..app.registry import load
     torch.manual_seed(0)
     specs = load("dp-cifar").layers(SimpleNamespace(width=width))
     return nn.Sequential(*[s.build() for s in specs])

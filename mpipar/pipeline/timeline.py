@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..extras import pyplot
+
 OPS = ["F", "B", "W", "OPT"]
 COLORS = {"F": "#4C72B0", "B": "#55A868", "W": "#DD8452", "OPT": "#8C8C8C"}
 FIELDS = 6   # step, op, mb, chunk, start, end (seconds since the common origin)
@@ -88,9 +90,7 @@ def write_trace(ranks: list[np.ndarray], path: Path) -> Path:
 
 def write_gantt(ranks: list[np.ndarray], path: Path, title: str, last_steps: int = 2) -> Path:
     """One row per rank, actions as coloured bars, gaps (bubbles) left white."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     top = max((int(r[:, 0].max()) for r in ranks if len(r)), default=0)

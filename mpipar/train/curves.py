@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..extras import pyplot
+
 
 def plot_overlay(parallel: list[dict], reference: list[dict] | dict[str, list[dict]], path: Path, title: str,
                  label: str) -> Path:
     """`reference`: single-process rows, or {label: rows} for several references."""
     references = reference if isinstance(reference, dict) else {"single process": reference}
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     metric = next((k for k in parallel[0] if k.startswith("test_") and k != "test_loss"), None)

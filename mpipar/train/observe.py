@@ -9,6 +9,8 @@ import json
 import time
 from pathlib import Path
 
+from ..extras import pyplot
+
 FIELDS = ["samples", "seconds", "step_ms", "comm_s", "bytes_sent", "messages", "bytes_shared", "train_loss"]
 MARKERS = "osD^v<>pP*Xh"
 
@@ -71,10 +73,7 @@ class Dashboard:
             f"<img src='dashboard.png?{time.time():.0f}' style='max-width:100%'>")
 
     def draw(self, path: Path) -> Path:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         from matplotlib.ticker import MaxNLocator
 
         fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 4.5))

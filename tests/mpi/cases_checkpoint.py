@@ -14,8 +14,8 @@ from mpipar.checkpoint import store
 from mpipar.checkpoint.restart import newest_full_state
 from mpipar.model import build_full
 from mpipar.rankmap import Grid, RankMap
-from mpipar.run import parse
-from mpipar.session import build_trainer, partition, run_facts
+from mpipar.app.run import parse
+from mpipar.app.session import build_trainer, partition, run_facts
 from mpipar.topology import Topology
 from mpipar.train.checkpointing import CheckpointConfig, attach_checkpoint
 

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from mpipar.errors import ConfigError, RankMapError, ShapeError
-from mpipar.example import Example
+from mpipar.app.example import Example
 from mpipar.model import LayerSpec, param_counts
 from mpipar.pipeline import simulate
 from mpipar.pipeline.pipe import virtual_stages
 from mpipar.rankmap import Grid, RankMap, parse_balance
-from mpipar.run import parse
-from mpipar.session import build_trainer, reference_model
+from mpipar.app.run import parse
+from mpipar.app.session import build_trainer, reference_model
 from mpipar.topology import Topology
 from mpipar.train.batches import epoch_batches
 

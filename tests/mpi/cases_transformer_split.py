@@ -10,8 +10,8 @@ import torch
 
 from mpipar.callbacks import AfterBackward
 from mpipar.rankmap import Grid, RankMap
-from mpipar.run import parse
-from mpipar.session import build_trainer, partition
+from mpipar.app.run import parse
+from mpipar.app.session import build_trainer, partition
 from mpipar.topology import Topology
 from mpipar.train.batches import epoch_batches
 

@@ -10,9 +10,9 @@ import torch
 from mpipar.checkpoint import fault
 from mpipar.train.survive import SurvivingDataParallel
 from mpipar.comm import World, failure, ulfm
-from mpipar.run import parse
+from mpipar.app.run import parse
 from mpipar.model import build_full
-from mpipar.session import reference_model, train_config
+from mpipar.app.session import reference_model, train_config
 
 torch.set_num_threads(1)
 world = World()

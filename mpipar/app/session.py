@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
-from .model import check_unique
-from .rankmap import Grid, RankMap, human
-from .topology import Topology, share_cores
-from .train.trainer import TrainConfig, Trainer, parse_inject
-from .version import __version__
+from ..errors import ConfigError
+from ..model import check_unique
+from ..rankmap import Grid, RankMap, human
+from ..topology import Topology, share_cores
+from ..train.trainer import TrainConfig, Trainer, parse_inject
+from ..version import __version__
 
 
 def banner(world, hosts, example, args, grid, device=None) -> str:
@@ -29,8 +29,8 @@ def partition(world, specs, args, grid, train, log=None):
     """The rank map's stages from the command line, and for --balance time (the default) what
     the balance table needs: (stages, (costs, in-flight micro-batches per stage) or None).
     The ranks profile the layers on a micro-batch of the real shape (cached, see profile.py)."""
-    from .pipeline.balance import inflight_per_stage, partition as cut, shared_costs, stage_memory
-    from .pipeline.pipe import virtual_stages
+    from ..pipeline.balance import inflight_per_stage, partition as cut, shared_costs, stage_memory
+    from ..pipeline.pipe import virtual_stages
     n = virtual_stages(args.schedule, args.chunks, grid.pp, args.balance)
     if args.balance != "time" or n == 1 or train is None:
         return cut(specs, args.balance, n, world), None
@@ -52,7 +52,7 @@ def train_config(example, args) -> TrainConfig:
 
 def build_trainer(topo, rankmap, example, specs, args, log=print):
     """The Pipeline and Trainer an example asks for, from the command line's flags."""
-    from .pipeline.pipe import DataParallelOptions, Pipeline
+    from ..pipeline.pipe import DataParallelOptions, Pipeline
     pipe = Pipeline(specs, topo, loss_fn=example.loss(), schedule=args.schedule, microbatches=args.microbatches,
                     chunks=args.chunks, rankmap=rankmap, recompute=args.recompute, seed=args.seed,
                     timeline=args.timeline, device=getattr(args, "device_", "cpu"),
@@ -62,7 +62,7 @@ def build_trainer(topo, rankmap, example, specs, args, log=print):
     optimizer = example.optimizer(params, args) if params else None
     stepped = optimizer       # what an lr scheduler adjusts (under --zero 1: the shard's optimizer)
     if pipe.zero and optimizer is not None:
-        from .data_parallel.zero import ShardedOptimizer
+        from ..data_parallel.zero import ShardedOptimizer
         optimizer = ShardedOptimizer.like(optimizer, params, topo, pipe.zero, units=pipe.units())
         stepped = optimizer.inner
     scheduler = example.lr_scheduler(stepped, args) if optimizer and example.lr_scheduler else None
@@ -73,8 +73,8 @@ def log_model_state(trainer, world, log) -> None:
     """Per rank: the model state it held at the end (parameters + gradients + optimizer state,
     measured from its tensors) and, for fp32 Adam, what the ZeRO paper's formula says for its
     stage (collective: every rank calls it)."""
-    from .data_parallel.memory import formula_bytes, model_state_bytes
-    from .data_parallel.zero import ShardedOptimizer
+    from ..data_parallel.memory import formula_bytes, model_state_bytes
+    from ..data_parallel.zero import ShardedOptimizer
     opt = trainer.optimizer
     inner = opt.inner if isinstance(opt, ShardedOptimizer) else opt
     params = list(trainer.module.parameters())
@@ -96,7 +96,7 @@ def compare(example, specs, train, test, args, rows, grid, log) -> None:
     """Train the same model single-process (rank 0) and overlay the learning curves. PipeDream-2BW
     (one-step-delayed weights) is compared with its own delayed-weight reference, which it
     should match, and with synchronous training, which shows what the delay costs."""
-    from .train.curves import plot_overlay
+    from ..train.curves import plot_overlay
     sync = reference_rows(example, specs, train, test, args)
     refs = {"single process": sync}
     if args.schedule == "pipedream":
@@ -117,8 +117,8 @@ def compare(example, specs, train, test, args, rows, grid, log) -> None:
 
 def reference_model(example, specs, train, args, on_epoch=None, two_bw: bool = False):
     """The example trained single-process (train/reference.py) with the flags' settings."""
-    from .model import build_full
-    from .train.reference import train_reference
+    from ..model import build_full
+    from ..train.reference import train_reference
     model = build_full(specs, args.seed, getattr(args, "device_", "cpu"))
     opt = example.optimizer([p for p in model.parameters() if p.requires_grad], args)
     sched = example.lr_scheduler(opt, args) if example.lr_scheduler and not two_bw else None
@@ -128,8 +128,8 @@ def reference_model(example, specs, train, args, on_epoch=None, two_bw: bool = F
 def reference_rows(example, specs, train, test, args, two_bw: bool = False) -> list[dict]:
     """Per-epoch rows (same keys as the parallel run's) of single-process training (two_bw:
     with PipeDream-2BW's one-step-delayed weights)."""
-    from .train.metrics import error_metric, summarize
-    from .train.reference import evaluate
+    from ..train.metrics import error_metric, summarize
+    from ..train.reference import evaluate
     rows, error = [], error_metric(example.loss())
 
     def record(model, epoch, tally):
@@ -151,7 +151,7 @@ def run_example(world, example, args) -> dict:
     log = print if world.rank == 0 and args.log_level != "quiet" else (lambda *a, **k: None)
     hosts = world.hosts()
     share_cores(world, hosts, args.wait)
-    from .comm import devices
+    from ..comm import devices
     args.device_ = devices.choose(args.device, world)   # before any data is read: a bad choice fails fast
     if example.main is not None and args.device_.type != "cpu" and not example.gpu:
         raise ConfigError(f"--device {args.device}: {example.name} runs its own loop, on CPU only so far")
@@ -191,11 +191,11 @@ def run_example(world, example, args) -> dict:
         log(f"data parallel: {trainer.optimizer.describe()}")
     predicted = None
     if balance is not None:
-        from .pipeline.balance import balance_table
+        from ..pipeline.balance import balance_table
         text, predicted, _ = balance_table(stages, balance[0], args.schedule, grid.pp, args.microbatches,
                                         len(stages) // grid.pp, balance[1])
         log(text)
-    from .train.checkpointing import CheckpointConfig, attach_checkpoint   # --checkpoint-dir, --inject-fault
+    from ..train.checkpointing import CheckpointConfig, attach_checkpoint   # --checkpoint-dir, --inject-fault
     attach_checkpoint(trainer, rankmap, len(train), CheckpointConfig(
         args.checkpoint_dir, args.checkpoint_every, args.keep or CheckpointConfig.keep, args.async_checkpoint,
         args.inject_fault, str(Path(args.checkpoint_dir or args.out) / "faults")), run_facts(example, args), log)

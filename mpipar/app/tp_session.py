@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from .callbacks import Callback
-from .comm import World
-from .errors import ConfigError
-from .rankmap import Grid, human
-from .tensor.group import TPGroup
-from .tensor.init import counter_init_
-from .tensor.sharding import gather_full_state_dict, tp_plan
-from .topology import Topology
-from .version import __version__
+from ..callbacks import Callback
+from ..comm import World
+from ..errors import ConfigError
+from ..rankmap import Grid, human
+from ..tensor.group import TPGroup
+from ..tensor.init import counter_init_
+from ..tensor.sharding import gather_full_state_dict, tp_plan
+from ..topology import Topology
+from ..version import __version__
 
 
 def tp_topology(world, args) -> Topology:
@@ -34,9 +34,9 @@ def fit(model, topo, example, args, train, test, log, callbacks=(), out=None):
     """Train `model` (held whole by each rank of topo's tp axis: a tensor-parallel model, or
     its single-device twin on a 1-rank topology) with the Trainer: one pipeline stage, the
     example's loss, optimizer and schedule, clipping by the global norm over tp shards."""
-    from .model import LayerSpec
-    from .pipeline.pipe import Pipeline
-    from .train.trainer import TrainConfig, Trainer
+    from ..model import LayerSpec
+    from ..pipeline.pipe import Pipeline
+    from ..train.trainer import TrainConfig, Trainer
     pipe = Pipeline([LayerSpec("model", build=lambda: model)], topo, loss_fn=example.loss(), seed=args.seed,
                     device=getattr(args, "device_", "cpu"))
     params = pipe.parameters()
@@ -116,7 +116,7 @@ def run_tp_example(world, args, log, example, build, reference, after=None) -> d
 
 def compare(example, reference, states, rows, train, test, args, tp, log) -> None:
     """Rank 0: the single-device twin on the same batches; overlay PNG and the parity verdict."""
-    from .train.curves import plot_overlay
+    from ..train.curves import plot_overlay
     check_at, tp_snapshot, tp_final, steps = states
     ref, ref_snapshot = counter_init_(reference(args), args.seed), {}
     snap = AtStep(check_at, lambda: ref_snapshot.update({k: v.detach().clone() for k, v in ref.state_dict().items()}))

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import torch
 
-from .common import Split, chrono_windows, data_dir_for, fail, need_file, why
+from .common import Split, chrono_windows, data_dir_for, fail, need_file, why, need
 
 SERIES = ("ambient_temperature_system_failure", "machine_temperature_system_failure")
 FIX = "pass --data-dir pointing at the folder holding the NAB realKnownCause CSVs"
@@ -16,7 +16,7 @@ def load_temperature_stream(data_dir=None, series: str = "ambient_temperature_sy
     """(timestamps, values): int64 [T] seconds since 1970 (naive local time read as UTC), float32 [T]
     stably sorted by time (the machine series logs 02:00-02:55 on 2014-01-07 twice: both copies are
     kept). Other NAB series work too when their CSV is in data_dir."""
-    import pandas as pd
+    pd = need("pandas", "temperature data")
     d = data_dir_for("temperature", data_dir)
     path = need_file("temperature", d / f"{series}.csv", f"the NAB series {series}.csv (timestamp,value)", FIX)
     try:

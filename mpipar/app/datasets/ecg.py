@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import torch
 
-from .common import Split, data_dir_for, fail, need_file, quiet_import, why
+from .common import Split, data_dir_for, fail, need_file, need, why
 
 RECORD = "100"   # the record shipped in examples/data/ecg; any other MIT-BIH record name works with its files
 LEAD = "MLII"
@@ -18,7 +18,7 @@ def load_ecg_beats(data_dir=None, window: tuple[int, int] = (90, 110), record: s
     """All beats of MIT-BIH `record` (e.g. "100", "208"): x float32 [N, before+after] (lead MLII, each window z-scored),
     y int64 (0 = normal 'N', 1 = any other beat type). Beats too close to either end are skipped.
     meta: symbols, r_peaks (sample index), fs. Use split_normal_train() for train/test."""
-    wfdb = quiet_import("wfdb")
+    wfdb = need("wfdb", "ecg data")
     d = data_dir_for("ecg", data_dir)
     record = str(record)
     if not record.isalnum():

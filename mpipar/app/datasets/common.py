@@ -1,17 +1,16 @@
 """Shared pieces of the dataset loaders: the Split container, path lookup and one-line errors."""
 from __future__ import annotations
 
-import importlib
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mpipar.errors import DataError
+from ...errors import DataError
+from .. import places
+from ...extras import need  # noqa: F401  (the loaders' optional imports: one line naming the extra)
 
-VENDORED = Path(__file__).resolve().parents[2] / "examples" / "data"
 
 
 @dataclass
@@ -27,16 +26,12 @@ class Split:
         return int(self.x.shape[0])
 
 
-def quiet_import(module: str):
-    """Import an optional heavy dependency (wfdb, torch_geometric) without its deprecation chatter."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return importlib.import_module(module)
 
 
 def data_dir_for(dataset: str, data_dir) -> Path:
-    """`data_dir` as a Path, or the vendored copy examples/data/<dataset> when it is None."""
-    return VENDORED / dataset if data_dir is None else Path(data_dir).expanduser()
+    """`data_dir` as a Path; when it is None, $MPIPAR_DATA/<dataset> or the shipped copy
+    examples/data/<dataset> (places.data_dir)."""
+    return places.data_dir(dataset) if data_dir is None else Path(data_dir).expanduser()
 
 
 def fail(dataset: str, problem: str, fix: str) -> DataError:

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import torch
 
-from .common import Split, data_dir_for, fail, need_file, why
+from .common import Split, data_dir_for, fail, need_file, why, need
 
 ARFF = "WISDM_ar_v1.1_transformed.arff"
 WISDM_CLASSES = ["Downstairs", "Jogging", "Sitting", "Standing", "Upstairs", "Walking"]
@@ -67,7 +67,7 @@ def load_wisdm(data_dir=None) -> tuple[Split, Split]:
 
     Split by user (test = every 5th user id, sorted); features standardised with train statistics,
     missing values ('?', only in the *PEAK columns) set to the train mean, i.e. 0 after scaling."""
-    import pandas as pd
+    pd = need("pandas", "accelerometer data")
     d = data_dir_for("accelerometer", data_dir)
     for sub in ("wisdm", "wisdm_v1.1"):
         d = d / sub if (d / sub).is_dir() else d

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .common import Split, chrono_windows, data_dir_for, fail, need_file, why
+from .common import Split, chrono_windows, data_dir_for, fail, need_file, why, need
 
 FILE = "energydata_complete.csv.gz"
 TARGET = "Appliances"
@@ -13,7 +13,7 @@ DROP = ("date", "rv1", "rv2")  # rv1/rv2 are random noise columns the dataset's 
 
 def _clock(dates) -> np.ndarray:
     """[T, 4]: sin/cos of the time of day and of the day of the week, from the date column."""
-    import pandas as pd
+    pd = need("pandas", "appliances data")
     t = pd.DatetimeIndex(pd.to_datetime(dates, format="%Y-%m-%d %H:%M:%S"))
     day = (t.hour.to_numpy() * 60 + t.minute.to_numpy()) / 1440.0
     week = (t.dayofweek.to_numpy() + day) / 7.0
@@ -22,7 +22,7 @@ def _clock(dates) -> np.ndarray:
 
 
 def _read_table(dataset: str, d, clock: bool = False):
-    import pandas as pd
+    pd = need("pandas", "appliances data")
     path = d / FILE if (d / FILE).is_file() or not (d / FILE[:-3]).is_file() else d / FILE[:-3]
     need_file(dataset, path, "the UCI Appliances energy CSV energydata_complete.csv(.gz)",
               "pass --data-dir pointing at the folder holding energydata_complete.csv.gz")

@@ -1,7 +1,7 @@
 """Cora citation graph (Planetoid split) for the GNN examples, read from the raw ind.cora.* files."""
 from __future__ import annotations
 
-from .common import data_dir_for, fail, need_file, quiet_import, why
+from .common import data_dir_for, fail, need_file, need, why
 
 PARTS = ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")
 FIX = "pass --data-dir pointing at the folder holding ind.cora.* (Planetoid raw files)"
@@ -17,7 +17,7 @@ def load_cora(data_dir=None):
         d = d / "raw"
     for p in PARTS:
         need_file("cora", d / f"ind.cora.{p}", f"the 8 Planetoid files ind.cora.{{{','.join(PARTS)}}}", FIX)
-    read_planetoid_data = quiet_import("torch_geometric.io").read_planetoid_data
+    read_planetoid_data = need("torch_geometric.io", "cora data").read_planetoid_data
     try:
         data = read_planetoid_data(str(d), "cora")
     except Exception as e:

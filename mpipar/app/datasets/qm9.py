@@ -6,7 +6,7 @@ import gzip
 import numpy as np
 import torch
 
-from .common import data_dir_for, fail, quiet_import, why
+from .common import data_dir_for, fail, need, why
 
 ELEMENTS = ["H", "C", "N", "O", "F"]
 Z = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
@@ -59,7 +59,7 @@ def load_qm9(data_dir=None, max_molecules: int | None = None) -> list:
     """List of torch_geometric Data, sorted by QM9 number: x float32 [n,6] (one-hot H,C,N,O,F +
     atomic number), z, pos [n,3] Å, bonds from geometry as both directions in edge_index, edge_attr =
     bond length [E,1], y = mu [1,1] in Debye, mol_id, smiles. Only molecules with a geometry."""
-    import pandas as pd
+    pd = need("pandas", "qm9 data")
     d = data_dir_for("qm9", data_dir)
     csvs = sorted(d.glob("*.csv")) + sorted(d.glob("*.csv.gz")) if d.is_dir() else []
     xyzs = sorted(d.glob("*.xyz.gz")) + sorted(d.glob("*.xyz")) if d.is_dir() else []
@@ -81,7 +81,7 @@ def load_qm9(data_dir=None, max_molecules: int | None = None) -> list:
         df = df.head(max_molecules)
     if df.empty:
         raise fail("qm9", f"no molecule in {d} has both a CSV row and a geometry", FIX)
-    Data = quiet_import("torch_geometric.data").Data
+    Data = need("torch_geometric.data", "qm9 data").Data
     return [_graph(Data, m, s, mu, *frames[m]) for m, s, mu in zip(df["mol_id"], df["smiles"], df["mu"])]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import fail, need_file, quiet_import, why
+from .common import fail, need_file, need, why
 
 SPLITS = {"train": 20, "valid": 2, "test": 2}
 N_FEAT, N_LABELS, MEAN_NODES, MEAN_DEGREE = 50, 121, 2245, 27
@@ -53,7 +53,7 @@ def _graph(g: torch.Generator, n: int, w: torch.Tensor, thresholds: torch.Tensor
 
 def generate(seed: int = 0) -> dict:
     """{'train': [Data x20], 'valid': [Data x2], 'test': [Data x2]}, all synthetic."""
-    Data = quiet_import("torch_geometric.data").Data
+    Data = need("torch_geometric.data", "ppi data").Data
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(2 * N_FEAT, N_LABELS, generator=g) / np.sqrt(2 * N_FEAT)
     thresholds = torch.rand(N_LABELS, generator=g) * 1.2   # label rates from ~50% down to ~10%
@@ -70,7 +70,7 @@ def generate(seed: int = 0) -> dict:
 
 def read_pyg_raw(d: Path) -> dict:
     """The real PPI in PyG's raw layout (JSON + npy: nothing executable is loaded)."""
-    Data = quiet_import("torch_geometric.data").Data
+    Data = need("torch_geometric.data", "ppi data").Data
     out = {}
     for split in SPLITS:
         files = {k: need_file("ppi", d / f"{split}_{k}", f"PyG PPI raw file {split}_{k}", FIX)
