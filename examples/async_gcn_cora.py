@@ -30,6 +30,7 @@ from mpipar.async_ps.training import check_plan
 from mpipar.async_ps.report import evaluate_all, histogram_lines, share_snapshots, time_to
 from mpipar.app.datasets.cora import load_cora
 from mpipar.app.example import Example
+from mpipar.extras import need
 from mpipar.train.metrics import format_row
 
 
@@ -38,7 +39,7 @@ class GCN(nn.Module):
 
     def __init__(self, c_in, hidden, classes, dropout):
         super().__init__()
-        from torch_geometric.nn import GCNConv
+        GCNConv = need("torch_geometric.nn", "async-gcn-cora").GCNConv
         self.conv1, self.conv2 = GCNConv(c_in, hidden, cached=True), GCNConv(hidden, classes, cached=True)
         self.drop = nn.Dropout(dropout)
 

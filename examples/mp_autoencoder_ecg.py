@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _ecg_autoencoder as ecg  # noqa: E402
 
 from mpipar.app.example import Example  # noqa: E402
+from mpipar.extras import pyplot  # noqa: E402
 
 WIDTHS = "2048,1024,256,32"
 
@@ -84,9 +85,7 @@ def write_table(rows, out: Path) -> None:
               f"{r['auc']:.4f} |" for r in rows]
     (out / "scaling.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     x = [r["ranks"] for r in rows]
     ax.errorbar(x, [r["median"] for r in rows], yerr=[[r["median"] - r["low"] for r in rows],

@@ -38,6 +38,7 @@ from mpipar.app.datasets.common import Split
 from mpipar.app.datasets.stream import groups, prequential, stream
 from mpipar.app.datasets.temperature import clock_features, load_temperature_stream, windows
 from mpipar.errors import ConfigError
+from mpipar.extras import pyplot
 from mpipar.app.example import Example
 from mpipar.app.layers import LastStep, LSTMLayer
 from mpipar.model import LayerSpec
@@ -182,9 +183,7 @@ def after_fit(trainer, train, test, args, log):
 
 
 def plot_stream(path, ts, actual, last, online, frozen, r_on, r_last, r_fr):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     # the sensor log has gaps of days: break the lines there instead of drawing straight across
     gap = np.flatnonzero(np.diff(ts) > 2 * np.median(np.diff(ts))) + 1 if len(ts) > 1 else []
     t = np.array(ts, dtype="datetime64[s]")

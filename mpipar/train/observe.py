@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from ..extras import pyplot
+from ..extras import need, pyplot
 
 FIELDS = ["samples", "seconds", "step_ms", "comm_s", "bytes_sent", "messages", "bytes_shared", "train_loss"]
 MARKERS = "osD^v<>pP*Xh"
@@ -74,7 +74,7 @@ class Dashboard:
 
     def draw(self, path: Path) -> Path:
         plt = pyplot()
-        from matplotlib.ticker import MaxNLocator
+        MaxNLocator = need("matplotlib.ticker", "the dashboard").MaxNLocator
 
         fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 4.5))
         ep = [r["epoch"] for r in self.epochs]
