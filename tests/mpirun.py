@@ -24,15 +24,20 @@ def mpirun(np: int, *argv: str, timeout: float = 120, env: dict | None = None,
     """Run `python argv...` on np ranks (`mpi_args`: more launcher options; `hostfile` in this
     MPI's format); returns the finished process (never hangs past timeout)."""
     cmd = MPIEXEC.command(np, list(argv), extra=mpi_args, hostfile=hostfile)
-    full_env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT), **(env or {})}
+    return run_command(cmd, {**os.environ, **ENV, "PYTHONPATH": str(ROOT), **(env or {})}, timeout, cwd)
+
+
+def run_command(cmd: list[str], env: dict, timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """A launcher command line in its own session, killed with every rank it started if it runs
+    past `timeout` (an AssertionError with its output) or if the test is interrupted."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=full_env, cwd=cwd or ROOT, start_new_session=True)
+                            env=env, cwd=cwd or ROOT, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
         out, err = proc.communicate()
-        raise AssertionError(f"{MPIEXEC.name} -n {np} {' '.join(argv)} hung for {timeout} s\n"
+        raise AssertionError(f"{' '.join(cmd)} hung for {timeout} s\n"
                              f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}") from None
     except BaseException:   # Ctrl-C, pytest-timeout: the ranks are in their own session, end them too
         kill_group(proc)
