@@ -1,4 +1,4 @@
-"""A CPU stand-in for the CUDA calls of mpipar/comm/devices.py (CudaOps), for tests on machines
+"""A CPU stand-in for the CUDA calls of mpipar/comm/staging.py (CudaOps), for tests on machines
 without a GPU. "Device" tensors are CPU tensors it registered (or every tensor, with
 everything=True), and a staging copy lands only when its event is found complete (after `polls`
 queries, or a wait, or when the compute stream is made to wait for it). A payload handed to MPI

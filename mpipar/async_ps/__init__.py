@@ -30,6 +30,17 @@ Why two-sided non-blocking sends rather than MPI one-sided Accumulate into a win
     enter MPI anyway, so Accumulate would not spare the server's attention; and two-sided
     messages reuse comm/'s shape-checked headers and the BOARD waiting path (stall reports).
   Accumulate would win for additive updates on RDMA hardware with many servers; not our case.
+
+Files:
+
+    protocol.py  the wire protocol: roles, shards of the flat vector, control words, tags
+    gate.py      bounded staleness as a pure state machine (no MPI)
+    flat.py      a model's parameters as one flat vector
+    outbox.py    sends in flight, kept alive until MPI is done with them
+    server.py    server ranks: a shard of the parameters and its optimizer state; server 0 decides
+    worker.py    the worker's side: pull, push without waiting, take the answer into the model
+    training.py  one asynchronous run on every rank: train_async
+    report.py    after a run: snapshots evaluated, the staleness histogram, time to accuracy
 """
 from .gate import ProtocolError, StalenessGate, Update
 from .protocol import Op, Roles, ShardLayout

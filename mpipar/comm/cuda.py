@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 
 import torch
+
 from .mpi import MPI
+from .staging import OPS, PinnedPool
 _mpi_buffer_type = MPI.buffer
 
 _fromaddress = _mpi_buffer_type.fromaddress
@@ -32,7 +34,7 @@ def query_cuda_support(mpi_module) -> int:
 
 class BufferPolicy:
     """Decides, per tensor, what MPI is given: the tensor itself or a host copy (`ops`: the CUDA
-    calls staging makes, devices.CudaOps unless a test gives its FakeOps)."""
+    calls staging makes, staging.CudaOps unless a test gives its FakeOps)."""
 
     def __init__(self, cuda_aware: bool, ops=None):
         self.cuda_aware = bool(cuda_aware)
@@ -42,7 +44,6 @@ class BufferPolicy:
     @property
     def ops(self):
         if self._ops is None:
-            from .devices import OPS
             self._ops = OPS
         return self._ops
 
@@ -50,7 +51,6 @@ class BufferPolicy:
     def pool(self):
         """Pinned host buffers for staging, reused per (shape, dtype)."""
         if self._pool is None:
-            from .devices import PinnedPool
             self._pool = PinnedPool(self.ops)
         return self._pool
 

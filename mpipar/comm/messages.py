@@ -1,56 +1,17 @@
-"""What travels between ranks: tags that cannot collide, fixed-format tensor headers (never
-pickle), tensor sends and receives checked against what the receiver expects, and headerless
-numpy-array messages for the all-reduce hot loops."""
+"""What travels between ranks: tags that cannot collide (made in tags.py, importable from here
+too), fixed-format tensor headers (never pickle), tensor sends and receives checked against what
+the receiver expects, and headerless numpy-array messages for the all-reduce hot loops."""
 from __future__ import annotations
-
-from enum import IntEnum
 
 import numpy as np
 import torch
 
 from ..errors import ShapeError
-from .mpi import MPI
-from . import devices
+from . import staging
 from .cuda import mpi_buffer, pinned_buffer
+from .mpi import MPI
+from .tags import Kind, label, tag, untag  # noqa: F401  (tags live in tags.py; imported from here too)
 from .waits import BOARD
-
-
-# -------------------------------------------------------------------------------------------------
-# The one place message tags are derived, so no two call sites can collide.
-#
-# A tag packs (kind, chunk, microbatch): kind in 7 bits, chunk in 8, microbatch in 16.
-# Micro-batch numbers wrap at 65536; MPI keeps messages with equal tags between one pair of
-# ranks in order, so wrapping is safe while fewer than 65536 are in flight.
-# -------------------------------------------------------------------------------------------------
-class Kind(IntEnum):
-    ACT = 1        # activation, stage i -> i+1
-    GRAD = 2       # gradient w.r.t. an activation, stage i+1 -> i
-    RING = 3       # ring all-reduce / all-gather chunks
-    METRIC = 4     # metrics gathered to rank 0
-    PARAM = 5      # parameters (broadcast, parameter server pulls)
-    PUSH = 6       # gradient pushes to a parameter server
-    CTRL = 7       # control messages (shutdown, staleness tokens)
-    TEST = 8       # tests and benchmarks
-
-
-def tag(kind: Kind, microbatch: int = 0, chunk: int = 0) -> int:
-    if not 0 <= chunk < 256:
-        raise ValueError(f"chunk {chunk} out of range 0..255")
-    return (int(kind) << 24) | (chunk << 16) | (microbatch & 0xFFFF)
-
-
-def untag(t: int) -> tuple[Kind, int, int]:
-    """(kind, microbatch mod 65536, chunk): used by stall reports."""
-    return Kind(t >> 24), t & 0xFFFF, (t >> 16) & 0xFF
-
-
-def label(t: int) -> str:
-    """'ACT mb=7 chunk=0' — how a tag reads in a stall report."""
-    try:
-        kind, mb, chunk = untag(t)
-    except ValueError:
-        return f"tag {t}"
-    return f"{kind.name} mb={mb}" + (f" chunk={chunk}" if chunk else "")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -208,7 +169,7 @@ class RecvHandle:
 class StagedSend(SendHandle):
     """A device tensor sent through a pinned host copy (MPI not CUDA-aware): the header goes at
     once, the payload only when its copy to the host has completed -- checked by done(), forced
-    by wait() and by any blocking wait of this process (waits.py calls devices.flush), so a peer
+    by wait() and by any blocking wait of this process (waits.py calls staging.flush), so a peer
     waiting for it cannot deadlock us. The buffer returns to the pool when the send completes."""
 
     def __init__(self, world, tensor: torch.Tensor, dst: int, tag: int):
@@ -219,7 +180,7 @@ class StagedSend(SendHandle):
         BOARD.sent(hdr.nbytes + tensor.numel() * tensor.element_size())
         super().__init__(world, [world.comm.Isend(hdr, dest=dst, tag=tag)], (hdr, tensor), dst, tag)
         self.posted = False
-        devices.pending(self)
+        staging.pending(self)
 
     def post(self, block: bool = False) -> bool:
         """Hand the payload to MPI once its copy is done (block: wait for the copy); True if posted."""
@@ -231,7 +192,7 @@ class StagedSend(SendHandle):
                 return False
             self.reqs.append(self.world.comm.Isend(pinned_buffer(self.buf), dest=self.dst, tag=self.tag))
             self.posted = True
-            devices.posted(self)
+            staging.posted(self)
         return True
 
     def done(self) -> bool:

@@ -8,8 +8,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from . import devices
+from . import staging
 from .mpi import MPI
+from .tags import label
 
 
 _Request = MPI.Request
@@ -27,7 +28,6 @@ class Waiting:
         the hot path only stores the tag)."""
         if self.tag is None:
             return self.what
-        from .messages import label
         return self.what.replace("{tag}", label(self.tag))
 
 
@@ -55,8 +55,8 @@ class WaitBoard:
             _tight_timer_slack()
 
     def _begin(self, what: str, peer: int, tag: int | None) -> float:
-        if devices._PENDING:   # staged device sends reach MPI before this process blocks on anything
-            devices.flush()
+        if staging._PENDING:   # staged device sends reach MPI before this process blocks on anything
+            staging.flush()
         start = time.monotonic()
         self.current = Waiting(what, peer, start, tag)
         return start

@@ -8,6 +8,7 @@ import torch
 
 from ..comm.shared import HostLayout, SharedBuffer
 from .algorithms import DoublingPlan, HalvingPlan, RingPlan
+from .choice import choose_algorithm
 from .compress import CastRingPlan, compressible
 from .plan import Plan, accumulate_dtype, split_bounds
 from .shm import half_offset, combiner
@@ -58,7 +59,6 @@ class HierPlan(Plan):
     def __init__(self, world, t: torch.Tensor, op: str, layout: HostLayout,
                  buffer: SharedBuffer | None = None, choose=None, wire: torch.dtype | None = None):
         super().__init__(world, t)
-        from .reduce import choose_algorithm   # reduce.py imports this module
         choose = choose or choose_algorithm
         numel, esize, n = self.flat.numel(), t.element_size(), world.size
         node, lay = layout.node, layout

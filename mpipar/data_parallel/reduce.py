@@ -2,8 +2,8 @@
 ring for bandwidth-bound sizes, recursive doubling or halving-doubling (algorithms.py)
 for latency-bound ones, chosen by size, and, when every rank shares one host, a
 reduction straight out of the peers' memory (shm.py), and, when the World spans hosts with
-several ranks on some host, the hierarchical all-reduce (shm.py); plus ring reduce-scatter and
-all-gather.
+several ranks on some host, the hierarchical all-reduce (hier.py); plus ring reduce-scatter and
+all-gather. Which one `auto` picks is choice.py's (choose_algorithm, importable from here too).
 
 Any n >= 1, any size (0, 1, fewer elements than ranks), float and integer dtypes; bfloat16 and
 float16 are accumulated in float32 and rounded once. All work in place. `make_plan` prepares an
@@ -16,13 +16,12 @@ import torch
 
 from ..comm.shared import SharedBuffer, host_layout, one_host
 from .algorithms import DoublingPlan, HalvingPlan, RingPlan
+from .choice import choose_algorithm
 from .compress import CastRingPlan, compressible
 from .plan import Handle, Plan, RingLayout, StagedPlan, check_op, finished
 from .hier import HierPlan, equal_hosts, hier_all_gather, hier_reduce_scatter
 from .shm import SharedPlan, shared_all_gather, shared_reduce_scatter
 
-DOUBLING_MAX = 64 * 1024       # up to this: recursive doubling (log2 n messages, latency-bound)
-RING_MIN = 64 * 2 ** 20        # power-of-two n > 2: halving-doubling below this, the ring from here
 AUTO_SEQ = 0x8000              # tag sequence numbers below this are per-World automatic ones
 ALGORITHMS = ("ring", "halving", "doubling", "shm", "hier")
 
@@ -34,38 +33,6 @@ def next_seq(world) -> int:
     s = world.state.get("ring_seq", 0)
     world.state["ring_seq"] = (s + 1) % AUTO_SEQ
     return s
-
-
-def choose_algorithm(nbytes: int, n: int, shared: bool = False, grouped: bool = False,
-                     across: bool = False) -> str:
-    """By size S and ranks n (measured with `python -m mpipar.bench allreduce` on 2-8 ranks):
-    'doubling' up to DOUBLING_MAX: log2 n whole-vector swaps, the fewest hand-offs;
-    'halving' (Rabenseifner) for power-of-two n > 2 below RING_MIN: the ring's 2(n-1)/n·S bytes
-    in 2·log2 n hand-offs instead of 2(n-1), which wins wherever ranks share cores and every
-    hand-off may wait for the peer to be scheduled (4 ranks, 16 MiB: ~1.1x the ring's speed);
-    'ring' otherwise: on 2 ranks halving is the ring without pieces; for other n halving
-    would first fold whole vectors; from RING_MIN pieces keep the adds cache-hot past the L3.
-    'shm' when every rank shares one host (`shared`), at any size on 3+ ranks and past
-    DOUBLING_MAX on 2 (where one swap is as cheap as two barriers): reduce straight out of the
-    peers' memory (shm.py), fewer copies and one barrier per piece instead of 2(n-1) hand-offs
-    (4 ranks: 1.4x native MPI_Allreduce at 64 KiB, 1.8x at 4 MiB).
-    'hier' when the ranks span hosts and some host holds several (`grouped`), at any size:
-    one vector per host crosses the links instead of one per rank (shm.py), which wins
-    wherever a link is slower than a host's memory (see python -m mpipar.bench allreduce-hosts).
-    `across` (the ranks span hosts): no 'halving' -- its unpipelined rounds leave a capped link
-    idle between rounds (4 hosts x 1 rank at 1 Gbit/s, 16 MiB: the ring reached 0.87 of the link
-    limit, halving 0.46-0.55); the ring streams pieces without pause."""
-    if n == 1:
-        return "none"
-    if grouped and not shared:
-        return "hier"
-    if shared and (n > 2 or nbytes > DOUBLING_MAX):
-        return "shm"
-    if nbytes <= DOUBLING_MAX:
-        return "doubling"
-    if n > 2 and n & (n - 1) == 0 and nbytes < RING_MIN and not across:
-        return "halving"
-    return "ring"
 
 
 class _Nothing(Plan):

@@ -12,7 +12,7 @@ from .plan import UFUNC, Plan, accumulate_dtype, split_bounds
 
 # -------------------------------------------------------------------------------------------------
 # All-reduce on one host through shared memory (comm/shared.py): the algorithm `auto` picks
-# when MPI says every rank of the World can share memory (see ring.choose_algorithm for sizes).
+# when MPI says every rank of the World can share memory (see choice.choose_algorithm for sizes).
 #
 # Each rank copies its vector into its own segment of a shared buffer; rank r then reduces the
 # r-th 1/n slice out of all n segments (16-bit types accumulate in float32 and round once) and

@@ -1,5 +1,17 @@
 """tensor: intra-layer (Megatron-style) parallelism over the tp sub-World — each rank computes a
-slice of the neurons of every layer."""
+slice of the neurons of every layer.
+
+    group.py        TPGroup: the tp sub-World, and a counter of every communication round
+    mappings.py     Megatron's conjugate operators (copy, reduce, gather, scatter) as autograd functions
+    init.py         sharded initialisation: each rank computes only its slice, equal to the unsplit one
+    linear.py       ColumnParallelLinear and RowParallelLinear
+    mlp.py          ParallelMLP: column- then row-parallel, one all-reduce forward and one backward
+    attention.py    self-attention with its heads split over tp
+    norm.py         normalisation under tensor parallelism (ShardedBatchNorm1d)
+    transformer.py  a tensor-parallel Transformer block and language model, and their unsplit twins
+    sharding.py     which slice of each full tensor a rank holds: state dicts cut and put back together
+    clip.py         clipping by the norm of the full model's gradient under tensor parallelism
+"""
 from .attention import ParallelSelfAttention
 from .group import CommCounter, TPGroup
 from .init import counter_init_
