@@ -2,8 +2,12 @@
 DataParallel: an MLP trained 50 Adam (and AdamW, SGD) steps on 2, 3 and 4 replicas, with and
 without global-norm clipping, every parameter assert_close (stage 2 with buckets small enough
 that several are reduced during backward; stage 3 gathering each Linear on its own, with
-two micro-batches per step, whose second forward finds the units freed again); each replica holds 1/N of Adam's state; a
-non-elementwise optimizer is refused."""
+two micro-batches per step, whose second forward finds the units freed again); with a layer
+backward never reaches and a branch some replicas or steps skip (stage 2's buckets, stage 3's
+units left incomplete by backward, reduced at the step); each replica holds 1/N of Adam's state; a
+non-elementwise optimizer is refused. Adam's parity runs are float64 (`parity_dtype`)."""
+from contextlib import contextmanager
+
 import pytest
 import torch
 from torch import nn
@@ -17,6 +21,20 @@ TIMEOUT = 180
 
 torch.set_num_threads(1)
 B, STEPS = 24, 50          # 24: every replica an equal shard on 2, 3 and 4 ranks
+
+
+@contextmanager
+def parity_dtype(opt_cls):
+    """float64 for Adam and AdamW: they divide by the root of the squared gradient, which
+    amplifies the rounding of a sum over replicas (vs one batch's) across 50 steps towards the
+    tolerance, and what is compared is the sharding, not that rounding. SGD (linear in the
+    gradient) stays float32, so the float32 path is compared too."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32 if opt_cls is torch.optim.SGD else torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def mlp() -> nn.Module:
@@ -91,11 +109,17 @@ CASES = [(torch.optim.Adam, 0.0, dict(lr=1e-2)), (torch.optim.Adam, 0.05, dict(l
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("opt_cls, clip, kw", CASES, ids=["adam", "adam-clipped", "adamw", "sgd-momentum"])
 def test_stage_equals_single_process_and_data_parallel(world, opt_cls, clip, kw, stage):
+    with parity_dtype(opt_cls):
+        check_stage(world, opt_cls, clip, kw, stage)
+
+
+def check_stage(world, opt_cls, clip, kw, stage):
     ours, opt = zero(world, opt_cls, clip, stage, **kw)
+    assert opt.flat is None or opt.flat.dtype == torch.get_default_dtype()
     if stage == 2:
         assert len(opt.buckets) > 2 and all(p.grad is None for p in ours.parameters())   # nothing whole kept
     if stage == 3:   # between steps a replica keeps its segments only: the parameters read as zeros
-        assert all(p.grad is None and p.untyped_storage().nbytes() <= 4 for p in ours.parameters())
+        assert all(p.grad is None and p.untyped_storage().nbytes() <= p.element_size() for p in ours.parameters())
         assert len(opt.sharded.members) == 3 and not any(opt.sharded.is_gathered)
     ref = single(opt_cls, clip, **kw)
     dp = data_parallel(world, opt_cls, clip, **kw)
@@ -130,23 +154,92 @@ def test_the_paths_a_dp_group_across_hosts_takes_equal_single_process(world, sta
     runs, with no shared buffer of its own and so no prefetch: the hierarchical reduce-scatter
     and all-gather (hosts of equal rank counts; here one host of them), or on unequal hosts the
     ring (stage 2: the all-reduce plus a slice); the result still equals single-process training."""
-    import mpipar.data_parallel.reduce as reduce
-    across = world.split(0, world.rank, "dp-across-hosts")
-    across.state["one_host"] = False
-    assert reduce.scatter_algorithm(across) == "hier"
-    if scatter == "ring":
-        monkeypatch.setattr(reduce, "scatter_algorithm", lambda w: "ring")
-    model = mlp()
-    opt = ShardedOptimizer(model.parameters(), across, torch.optim.Adam, stage=stage, bucket_mb=2e-3,
-                           units=list(model), lr=1e-2)
-    if stage == 3:
-        assert opt.sharded.buffer is None
-    for x, y in batches():
+    with parity_dtype(torch.optim.Adam):
+        import mpipar.data_parallel.reduce as reduce
+        across = world.split(0, world.rank, "dp-across-hosts")
+        across.state["one_host"] = False
+        assert reduce.scatter_algorithm(across) == "hier"
+        if scatter == "ring":
+            monkeypatch.setattr(reduce, "scatter_algorithm", lambda w: "ring")
+        model = mlp()
+        opt = ShardedOptimizer(model.parameters(), across, torch.optim.Adam, stage=stage, bucket_mb=2e-3,
+                               units=list(model), lr=1e-2)
+        if stage == 3:
+            assert opt.sharded.buffer is None
+        for x, y in batches():
+            opt.zero_grad()
+            opt.begin_step(1)
+            loss_of(model, *shard(world, x, y)).backward()
+            opt.step(clip=0.05)
+        ref = single(torch.optim.Adam, 0.05, lr=1e-2)
+        with opt.gathered():
+            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}")
+
+
+class Branchy(nn.Module):
+    """An MLP with a layer backward never reaches (`unused`, registered between `mid` and `out`)
+    and a branch (`side`) taken only on some replicas or some steps."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.side, self.mid = nn.Linear(12, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        self.unused, self.out = nn.Linear(32, 32), nn.Linear(32, 3)
+        self.double()
+
+    def forward(self, x, side: bool):
+        h = torch.tanh(self.inp(x))
+        if side:
+            h = h + torch.tanh(self.side(h))
+        return self.out(torch.tanh(self.mid(h)))
+
+
+@pytest.mark.parametrize("stage,where", [(2, "replica"), (2, "step"), (3, "step")])
+def test_a_parameter_backward_never_reaches_equals_single_process(world, stage, where):
+    """Stage 2 (one bucket per parameter) and stage 3 (one unit per layer) with a layer backward
+    never reaches and a branch taken on even replicas only (`where="replica"`: a bucket complete
+    on some replicas, incomplete on others; stage 2 only, as stage 3 gathers a unit collectively)
+    or on even steps only, on every replica: `out`'s buckets are reduced during backward, the
+    unused layer's stay incomplete and hold back every one after them (the rest of the model)
+    until the step, which must still reduce them all and step them. The reference steps every
+    parameter with a zero gradient where backward gave none, as ZeRO does (zeros standing in).
+    float64: nothing but a wrong sum moves a parameter past the tolerance."""
+    steps = 8
+
+    def takes_side(step, r):
+        return r % 2 == 0 if where == "replica" else step % 2 == 0
+
+    def loss(model, x, y, side):
+        return nn.functional.mse_loss(model(x, side), y, reduction="sum") / (B * 3)
+
+    data = [(x.double(), y.double()) for x, y in list(batches())[:steps]]
+    model = Branchy()
+    units = [model.inp, model.side, model.mid, model.unused, model.out]
+    opt = ShardedOptimizer(model.parameters(), world, torch.optim.Adam, stage=stage, bucket_mb=1e-4, units=units,
+                           lr=1e-2)
+    if stage == 2:   # a bucket per parameter, the last first: out's two, then the unused layer's, then the rest
+        assert opt.buckets == [[i] for i in reversed(range(len(opt.params)))]
+    for step, (x, y) in enumerate(data):
         opt.zero_grad()
         opt.begin_step(1)
-        loss_of(model, *shard(world, x, y)).backward()
-        opt.step(clip=0.05)
-    ref = single(torch.optim.Adam, 0.05, lr=1e-2)
+        loss(model, *shard(world, x, y), takes_side(step, world.rank)).backward()
+        if stage == 2:
+            assert opt.next_bucket == 2        # out's buckets reduced in backward, the unused one holds the rest
+        opt.step()
+
+    ref = Branchy()
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    per = B // world.size
+    for step, (x, y) in enumerate(data):
+        for p in ref.parameters():
+            p.grad = torch.zeros_like(p)
+        for r in range(world.size):
+            loss(ref, x[r * per:(r + 1) * per], y[r * per:(r + 1) * per], takes_side(step, r)).backward()
+        ref_opt.step()
+    start = Branchy()
     with opt.gathered():
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(p, q, msg=lambda m: f"{name} vs single process: {m}")
+        assert torch.equal(model.unused.weight, start.unused.weight)     # never reached: never moved
+        assert not torch.equal(model.inp.weight, start.inp.weight)       # the layers held back did train
