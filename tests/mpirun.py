@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +31,15 @@ def mpirun(np: int, *argv: str, timeout: float = 120, env: dict | None = None,
 def run_command(cmd: list[str], env: dict, timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """A launcher command line in its own session, killed with every rank it started if it runs
     past `timeout` (an AssertionError with its output) or if the test is interrupted."""
+    t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=cwd or ROOT, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
+        if os.environ.get("MPIPAR_LAUNCH_LOG"):   # one line per launch: which test, how long (suite costs)
+            with open(os.environ["MPIPAR_LAUNCH_LOG"], "a") as f:
+                f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{time.monotonic() - t0:.1f}\t"
+                        f"{' '.join(cmd[1:4])}\n")
     except subprocess.TimeoutExpired:
         kill_group(proc)
         out, err = proc.communicate()

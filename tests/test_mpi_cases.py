@@ -11,6 +11,7 @@ Write `tests/mpi/cases_<topic>.py` (the `cases_` prefix is what this file looks 
     NP = (1, 2, 4, 8)        # rank counts: one mpirun of the file per count (required)
     TIMEOUT = 240            # optional: hard limit in seconds for one mpirun of the file (default 240)
     STALL_TIMEOUT = 60       # optional: a rank waiting this long for a message ends the job (default 60)
+    QUICK = {2: ("test_something",)}   # optional: (rank count: cases) in `pytest -m quick`
 
     def test_something(world):           # `world`: mpipar World of COMM_WORLD (tests/mpi/conftest.py)
         ...                              # plain asserts: pytest rewrites this file's, even under -O
@@ -79,6 +80,7 @@ class Case:
     name: str
     timeout: float
     error: str = ""     # the file could not be read: this pseudo-case reports why
+    quick: bool = False  # named in the file's QUICK: part of `pytest -m quick`
 
     @property
     def id(self) -> str:
@@ -116,6 +118,7 @@ def discover(folder: Path = MPI_DIR) -> list[Case]:
             if not nps or not all(isinstance(n, int) and n >= 1 for n in nps):
                 raise ValueError(f"{path.name} needs a module constant NP = (ranks, ...), got {nps!r}")
             timeout = float(_literal(tree, "TIMEOUT") or DEFAULT_TIMEOUT)
+            quick = _literal(tree, "QUICK") or {}
             fns = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
                    and n.name.startswith("test")]
             if not fns:
@@ -124,7 +127,12 @@ def discover(folder: Path = MPI_DIR) -> list[Case]:
             cases.append(Case(path, topic, 0, "discovery", DEFAULT_TIMEOUT, f"{type(e).__name__}: {e}"))
             continue
         for n in nps:
-            cases.extend(Case(path, topic, n, fn.name, timeout) for fn in fns if _min_size(fn) <= n)
+            cases.extend(Case(path, topic, n, fn.name, timeout, quick=fn.name in quick.get(n, ()))
+                         for fn in fns if _min_size(fn) <= n)
+        unknown = {(n, name) for n, names in quick.items() for name in names} - {(c.np, c.name) for c in cases}
+        if unknown:
+            cases.append(Case(path, topic, 0, "discovery", DEFAULT_TIMEOUT,
+                              f"QUICK names cases that do not exist: {sorted(unknown)}"))
     return cases
 
 
@@ -271,7 +279,8 @@ def job_for(case: Case, session, tmp_path_factory) -> Job:
     return _JOBS[key]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=pytest.mark.timeout(2 * c.timeout + 90))
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.timeout(2 * c.timeout + 90)]
+                                               + ([pytest.mark.quick] if c.quick else []))
                                   for c in CASES])
 def test_case(case: Case, request, tmp_path_factory):
     if case.error:
