@@ -31,7 +31,7 @@ def optimizer(params, args):
     previous update, and momentum 0.9 on top of that one-step delay learned about half as fast
     (measured single-process, 4 epochs: test accuracy 0.25 against 0.44 synchronous; without
     momentum at 0.05, 0.38 against 0.40)."""
-    two_bw = args.schedule == "pipedream"
+    two_bw = args.schedule.streaming     # a schedules.Schedule: pipedream, also asked for as 2bw
     lr = args.lr if args.lr is not None else (0.05 if two_bw else 0.02)
     momentum = args.momentum if args.momentum is not None else (0.0 if two_bw else 0.9)
     return torch.optim.SGD(params, lr=lr, momentum=momentum)

@@ -158,38 +158,83 @@ def stages_from_sizes(names: Sequence[str], sizes: Sequence[int]) -> list[list[s
     return out
 
 
-def parse_balance(spec: str | None, names: Sequence[str], n_stages: int,
+@dataclass(frozen=True)
+class Balance:
+    """How the layers are cut into stages, as a value parsed once (`Balance.parse`) from the
+    --balance flag or Pipeline's balance=: `kind` is 'time', 'params', 'layers', 'auto'
+    (Pipeline: 'time' when it has a sample micro-batch, else 'params'), 'sizes' (layers per
+    stage in `sizes`) or 'file' (a JSON rank map at `path`). str() gives the flag back."""
+    kind: str
+    sizes: tuple[int, ...] = ()
+    path: str = ""
+
+    WORDS = ("time", "params", "layers", "auto")
+
+    @classmethod
+    def parse(cls, spec) -> "Balance":
+        """A Balance from 'time' | 'params' | 'layers' | 'auto' | '3,3,2,2' | [3, 3, 2, 2] |
+        'FILE.json' (None or '': 'params'); a Balance is returned as it is."""
+        if isinstance(spec, Balance):
+            return spec
+        if isinstance(spec, (list, tuple)):
+            sizes, text = tuple(int(b) for b in spec), ",".join(str(int(b)) for b in spec)
+        else:
+            text = str(spec or "params")
+            if text in cls.WORDS:
+                return cls(text)
+            if text.endswith(".json"):
+                return cls("file", path=text)
+            try:
+                sizes = tuple(int(x) for x in text.split(","))
+            except ValueError:
+                raise RankMapError(f"--balance {text!r}: expected sizes like 3,3,2,2, 'layers', 'params', 'time' "
+                                   f"or a .json file") from None
+        if any(s < 0 for s in sizes):
+            raise RankMapError(f"--balance {text!r}: sizes must be non-negative")
+        return cls("sizes", sizes=sizes)
+
+    def __str__(self) -> str:
+        return {"sizes": ",".join(map(str, self.sizes)), "file": self.path}.get(self.kind, self.kind)
+
+    def count(self) -> int | None:
+        """The stages it names (sizes, a file), or None where they are computed."""
+        if self.kind == "sizes":
+            return len(self.sizes)
+        if self.kind == "file":
+            return len(load_json(self.path))
+        return None
+
+
+def parse_balance(spec: Balance | str | None, names: Sequence[str], n_stages: int,
                   param_counts: Sequence[int] | None = None,
                   layer_times: Sequence[float] | None = None, memory=None,
                   limit: float | None = None, chunks: int = 1) -> list[list[str]]:
-    """Turn a --balance value into stages (lists of layer names); validated. 'time' splits
-    `layer_times` (within `limit` bytes per stage by `memory`, see linear_partition; with
-    `chunks` > 1 per rank, by each rank's sum of its chunks, see interleaved_partition)."""
+    """Turn a Balance (or a --balance value, parsed here) into stages (lists of layer names);
+    validated. 'time' splits `layer_times` (within `limit` bytes per stage by `memory`, see
+    linear_partition; with `chunks` > 1 per rank, by each rank's sum of its chunks, see
+    interleaved_partition)."""
     if n_stages > len(names):
         raise RankMapError(f"{n_stages} pipeline stages but the model has only {len(names)} layers; "
                            f"use at most {len(names)} stages")
-    spec = spec or "params"
-    if spec == "layers":
+    balance = Balance.parse(spec)
+    kind = balance.kind
+    if kind == "layers":
         stages = stages_from_sizes(names, linear_partition([1] * len(names), n_stages))
-    elif spec == "params":
+    elif kind == "params":
         stages = stages_from_sizes(names, linear_partition(param_counts or [1] * len(names), n_stages))
-    elif spec == "time":
+    elif kind == "time":
         if layer_times is None:
             raise ConfigError("--balance time needs a profiling pass (layer_times)")
         sizes = (interleaved_partition(layer_times, n_stages // chunks, chunks, memory, limit) if chunks > 1
                  else linear_partition(layer_times, n_stages, memory, limit))
         stages = stages_from_sizes(names, sizes)
-    elif spec.endswith(".json"):
-        stages = load_json(spec)
+    elif kind == "file":
+        stages = load_json(balance.path)
+    elif kind == "sizes":
+        stages = stages_from_sizes(names, balance.sizes)
     else:
-        try:
-            sizes = [int(x) for x in spec.split(",")]
-        except ValueError:
-            raise RankMapError(f"--balance {spec!r}: expected sizes like 3,3,2,2, 'layers', 'params', 'time' "
-                               f"or a .json file") from None
-        if any(s < 0 for s in sizes):
-            raise RankMapError(f"--balance {spec!r}: sizes must be non-negative")
-        stages = stages_from_sizes(names, sizes)
+        raise RankMapError(f"--balance {balance}: expected sizes like 3,3,2,2, 'layers', 'params', 'time' "
+                           f"or a .json file ('auto' is Pipeline's, resolved before the cut)")
     validate(stages, names, n_stages)
     return stages
 

@@ -153,6 +153,7 @@ def test_names_and_chunks():
     assert schedules.get("zb-h1").name == "zb" and schedules.get("2bw").name == "pipedream"
     with pytest.raises(ConfigError, match="unknown schedule 'nope'; choose one of gpipe, 1f1b"):
         schedules.get("nope")
-    assert schedules.chunks_for("interleaved", None) == 2 and schedules.chunks_for("1f1b", None) == 1
+    assert schedules.get("interleaved").chunks == 2 and schedules.get("1f1b", None).chunks == 1
+    assert schedules.get("interleaved", 3).chunks == 3 and schedules.get(schedules.get("2bw")).streaming
     with pytest.raises(ConfigError, match="--chunks 3 needs --schedule interleaved"):
-        schedules.chunks_for("zb", 3)
+        schedules.get("zb", 3)

@@ -96,6 +96,12 @@ def parse(argv):
     p.set_defaults(**example.defaults)
     args = p.parse_args(argv)
     args.out = args.out or str(Path("runs") / example.name)
+    # parsed once, here: from now on args.schedule is a schedules.Schedule (aliases resolved, its
+    # --chunks inside; str() is its name) and args.balance a rankmap.Balance
+    from ..pipeline.schedules import get as get_schedule
+    from ..rankmap import Balance
+    args.schedule = get_schedule(args.schedule, args.chunks)
+    args.balance = Balance.parse(args.balance)
     return args, example
 
 

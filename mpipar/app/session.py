@@ -31,15 +31,16 @@ def partition(world, specs, args, grid, train, log=None):
     The ranks profile the layers on a micro-batch of the real shape (cached, see profile.py)."""
     from ..pipeline.balance import inflight_per_stage, partition as cut, shared_costs, stage_memory
     from ..pipeline.pipe import virtual_stages
-    n = virtual_stages(args.schedule, args.chunks, grid.pp, args.balance)
-    if args.balance != "time" or n == 1 or train is None:
+    from ..rankmap import Balance
+    n = virtual_stages(args.schedule, grid.pp, args.balance)
+    if args.balance.kind != "time" or n == 1 or train is None:
         return cut(specs, args.balance, n, world), None
-    cut(specs, "layers", n)          # enough layers for the stages? (said before profiling)
+    cut(specs, Balance("layers"), n)          # enough layers for the stages? (said before profiling)
     mb = max(1, min(args.batch_size, len(train)) // (grid.dp * args.microbatches))
     costs = shared_costs(specs, train.x[:mb].to(getattr(args, "device_", "cpu")), world, args.seed, log)
     inflight = inflight_per_stage(args.schedule, grid.pp, args.microbatches, n // grid.pp)
     limit = args.stage_memory_mb * 2 ** 20 if args.stage_memory_mb else None
-    stages = cut(specs, "time", n, costs=costs, memory=stage_memory(costs, inflight), limit=limit,
+    stages = cut(specs, args.balance, n, costs=costs, memory=stage_memory(costs, inflight), limit=limit,
                  chunks=n // grid.pp)
     return stages, (costs, inflight)
 
@@ -54,7 +55,7 @@ def build_trainer(topo, rankmap, example, specs, args, log=print):
     """The Pipeline and Trainer an example asks for, from the command line's flags."""
     from ..pipeline.pipe import DataParallelOptions, Pipeline
     pipe = Pipeline(specs, topo, loss_fn=example.loss(), schedule=args.schedule, microbatches=args.microbatches,
-                    chunks=args.chunks, rankmap=rankmap, recompute=args.recompute, seed=args.seed,
+                    rankmap=rankmap, recompute=args.recompute, seed=args.seed,
                     timeline=args.timeline, device=getattr(args, "device_", "cpu"),
                     data_parallel=DataParallelOptions(args.bucket_mb, args.allreduce, args.dp_check_every,
                                                         args.grad_compress, args.zero))
@@ -99,7 +100,7 @@ def compare(example, specs, train, test, args, rows, grid, log) -> None:
     from ..train.curves import plot_overlay
     sync = reference_rows(example, specs, train, test, args)
     refs = {"single process": sync}
-    if args.schedule == "pipedream":
+    if args.schedule.streaming:      # pipedream, also when asked for as 2bw
         refs = {"single process, 2BW's one-step-delayed weights": reference_rows(example, specs, train, test, args,
                                                                                two_bw=True),
                 "single process, synchronous": sync}
@@ -144,7 +145,7 @@ def reference_rows(example, specs, train, test, args, two_bw: bool = False) -> l
 def run_facts(example, args) -> dict:
     """What a checkpoint's manifest records about the run (for people, and resume warnings)."""
     return {"example": example.name, "seed": args.seed, "batch_size": args.batch_size, "epochs": args.epochs,
-            "steps": args.steps, "microbatches": args.microbatches, "schedule": args.schedule}
+            "steps": args.steps, "microbatches": args.microbatches, "schedule": args.schedule.name}
 
 
 def run_example(world, example, args) -> dict:
@@ -163,7 +164,7 @@ def run_example(world, example, args) -> dict:
     if grid.tp > 1 and not any(s.tp for s in specs):
         raise ConfigError(f"--grid {args.grid}: example {example.name} has no tensor-parallel layers, "
                           f"so tp must be 1 (examples with them: mlp, tp-mlp, tp-transformer)")
-    if args.balance != "time":   # validate the map before loading any data
+    if args.balance.kind != "time":   # validate the map before loading any data
         partition(world, specs, args, grid, None)
     train, test = example.data(args)
     per_replica = min(args.batch_size, len(train)) // grid.dp

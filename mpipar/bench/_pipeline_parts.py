@@ -1,5 +1,12 @@
 """Building blocks of the pipeline benchmark: stages that sleep instead of computing, lazily
-made micro-batches (so the batch itself does not grow RSS with m), one engine step, timing."""
+made micro-batches (so the batch itself does not grow RSS with m), one engine step, timing.
+
+The benchmark drives bare Stage/Engine objects on purpose, not a Pipeline: part (a) builds each
+rank's sleeping chunks itself, part (b) feeds micro-batches made on demand (a Pipeline takes the
+whole batch), and part (c) sets the engine against torch.distributed.pipelining's own stage and
+schedule objects. What a step does with the micro-batches is still the Pipeline's: the loss
+weights from pipe.loss_weights and the run (the streaming schedule's stream and updates
+included) by pipe.BatchRunner, the same code Pipeline.step calls."""
 from __future__ import annotations
 
 import time
@@ -8,9 +15,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..pipeline import schedules
 from ..pipeline.engine import Engine
+from ..pipeline.pipe import BatchRunner, loss_weights
 from ..pipeline.pipedream import WeightStash
+from ..pipeline.schedules import Schedule
 from ..pipeline.stage import Stage
 
 
@@ -127,29 +135,28 @@ class Lazy:
 class Pipe:
     """This rank's chunks, stages and engine for one schedule."""
 
-    def __init__(self, world, chunks: list[nn.Module], schedule: str, loss_fn=None):
+    def __init__(self, world, chunks: list[nn.Module], schedule: Schedule, loss_fn=None):
         self.world, self.p, self.s = world, world.size, world.rank
-        self.sched = schedules.get(schedule)
+        self.sched = schedule
         self.v = len(chunks)
         self.stages = [Stage(ch, self.s + c * self.p, self.p * self.v, world, loss_fn,
                              weights=WeightStash(ch) if self.sched.streaming else None)
                        for c, ch in enumerate(chunks)]
         self.engine = Engine(self.stages)
+        self.runner = BatchRunner(self.engine, self.sched, self.p, self.s, self.v)
         params = [p for ch in chunks for p in ch.parameters()]
         self.opt = torch.optim.SGD(params, lr=1e-3) if params else None
         self.batch = 0
 
     def step(self, xs, ys, step: int = 0, steps: int = 1) -> None:
-        m = len(xs)
-        acts = self.sched(self.p, m, self.s, self.v, step=step, steps=steps)
-        weights = [1.0 / m] * m
-        if self.sched.streaming:
-            self.engine.run(acts, xs, ys, weights, base=step * m, batch=self.batch,
-                            flush=step == steps - 1, on_update=self._update)
-        else:
-            if self.opt:
-                self.opt.zero_grad(set_to_none=True)
-            self.engine.run(acts, xs, ys, weights)
+        """One batch of micro-batches already cut (`step` of `steps` in the epoch: a streaming
+        schedule spans them), weighted and run as Pipeline.step runs them."""
+        sizes = [ys.rows] * len(ys) if isinstance(ys, Lazy) else [len(y) for y in ys]
+        weights = loss_weights(sizes, sum(sizes))
+        if self.opt and not self.sched.streaming:
+            self.opt.zero_grad(set_to_none=True)
+        self.runner.run(xs, ys, weights, position=(step, steps), batch=self.batch, update=self._update)
+        if not self.sched.streaming:
             self._update()
         self.batch += 1
 

@@ -28,7 +28,7 @@ from ..pipeline.balance import balance_table, inflight_per_stage, partition, sha
 from ..pipeline.pipe import Pipeline, virtual_stages
 from ..pipeline.schedules import get as get_schedule
 from ..topology import Topology, share_cores
-from ..rankmap import Grid, stages_from_sizes
+from ..rankmap import Balance, Grid, stages_from_sizes
 
 
 def every_cut(n: int, k: int):
@@ -67,20 +67,20 @@ def run_cuts(topo, specs, example, x, y, runs, args, tmp: Path) -> dict:
 
 
 def bench_example(world, name: str, args, log) -> None:
-    from ..run import parse
-    schedules = args.schedule.split(",")
+    from ..app.run import parse
+    schedules = [get_schedule(s) for s in args.schedule.split(",")]   # parsed once, here
     first = schedules[0]
-    ex_args, example = parse([name, "--schedule", first, "--microbatches", str(args.microbatches),
+    ex_args, example = parse([name, "--schedule", first.name, "--microbatches", str(args.microbatches),
                               "--batch-size", str(args.batch_size), "--log-level", "quiet"])
     specs = example.layers(ex_args)
     train, _ = example.data(ex_args)
     x, y = train.x[:args.batch_size], train.y[:args.batch_size]
     grid = Grid(pp=world.size)
     topo = Topology.build(world, grid)
-    n = virtual_stages(first, None, world.size)
+    n = virtual_stages(first, world.size)
     costs = shared_costs(specs, x[:max(1, args.batch_size // args.microbatches)], world, ex_args.seed)
     names = [s.name for s in specs]
-    chosen = {b: [len(s) for s in partition(specs, b, n, costs=costs)] for b in ("params", "layers", "time")}
+    chosen = {b: [len(s) for s in partition(specs, Balance(b), n, costs=costs)] for b in ("params", "layers", "time")}
     cuts = list(every_cut(len(specs), n))
     runs = [(first, c) for c in cuts] + [(s, chosen["time"]) for s in schedules[1:]]
     with tempfile.TemporaryDirectory(prefix="mpipar-balance-") as tmp:
@@ -88,7 +88,7 @@ def bench_example(world, name: str, args, log) -> None:
     best = min((k for k in results if k[0] == first), key=lambda k: results[k][0])
     log(f"{name}: {len(specs)} layers on {world.size} ranks, {args.microbatches} micro-batches "
         f"of {args.batch_size // args.microbatches}; step ms (median of {args.steps}, slowest rank); "
-        f"formula bubble {get_schedule(first).bubble(world.size, args.microbatches, 1):.3f}")
+        f"formula bubble {first.bubble(world.size, args.microbatches, 1):.3f}")
     log(f"{'schedule':<11} {'balance':<8} {'sizes':<12} {'step ms':>8} {'vs best':>8} {'bubble':>7} {'predicted':>9}")
     rows = [(first, b, chosen[b]) for b in ("params", "layers", "time")] + [(first, "best", list(best[1]))]
     rows += [(s, "time", chosen["time"]) for s in schedules[1:]]

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..comm import World, failure
 from ..comm.waits import BOARD
-from ..pipeline import simulate, timeline
+from ..pipeline import schedules, simulate, timeline
+from ..pipeline.pipe import split_microbatches
 from ._pipeline_parts import Lazy, Pipe, SleepLayer, dense, peak_rss_reset, rss_mb, span
 
 SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb", "pipedream"]
@@ -37,20 +38,20 @@ def efficiency(world, args, log) -> None:
         f"W {args.tb / 2:g}; interleaved: /v per chunk), p={p}; ideal = simulate.py's makespan of the same lists")
     log(f"{'schedule':<12} {'m':>4} {'measured ms':>12} {'ideal ms':>9} {'ideal/meas':>10} {'bubble ideal':>12} "
         f"{'no-bubble ms':>12} {'ideal* ms':>10} {'ideal*/meas':>9}   (*: with the compute times measured)")
-    for name in args.schedules.split(","):
-        v = 2 if name == "interleaved" else 1
+    for i, sched in enumerate(schedules.get(name) for name in args.schedules.split(",")):
+        v = sched.chunks                         # interleaved: its default 2; the others 1
         chunks = [nn.Sequential(SleepLayer(t_f / v, t_b / v)) for _ in range(v)]
         excess = calibrate_in_turn(world, [ch[0] for ch in chunks])
-        if name == args.schedules.split(",")[0]:
+        if i == 0:
             log(f"sleep calibration: a sleeping stage wakes late by F {excess[0] * 1e3:.2f} ms, B {excess[1] * 1e3:.2f} ms "
                 f"(mean over ranks); taken off its sleeps so stages cost what they claim")
-        pipe = Pipe(world, chunks, name, nn.MSELoss())
+        pipe = Pipe(world, chunks, sched, nn.MSELoss())
         for m in [int(x) for x in args.ms.split(",")]:
-            steps = args.steps if pipe.sched.streaming else 1
+            steps = args.steps if sched.streaming else 1
             # the input needs a gradient so the first stage pays its B like every other stage
             xs, ys = [torch.zeros(4, 8, requires_grad=True)] * m, [torch.zeros(4, 8)] * m
-            lists = simulate.lists_for(name, p, m, v, steps)
-            split = name == "zb"
+            lists = simulate.lists_for(sched, p, m, v, steps)
+            split = any(a.op == "W" for acts in lists for a in acts)   # zb: B and W apart
             dur = {"F": t_f, "B": t_b / 2 if split else t_b, "W": t_b / 2}
             ideal = simulate.simulate(lists, v=v, durations=dur).makespan / steps
             for i in range(steps):                 # warm-up
@@ -69,7 +70,7 @@ def efficiency(world, args, log) -> None:
             # CPU contention): what is left of measured/ideal is the engine's and the messages' share
             real = measured_durations(world, rec, v)
             ideal_real = simulate.simulate(lists, v=v, durations=real).makespan / steps
-            log(f"{name:<12} {m:>4} {best * 1e3:>12.1f} {ideal * 1e3:>9.1f} {ideal / best:>10.3f} "
+            log(f"{sched:<12} {m:>4} {best * 1e3:>12.1f} {ideal * 1e3:>9.1f} {ideal / best:>10.3f} "
                 f"{1 - m * (t_f + t_b) / ideal:>12.3f} {m * (t_f + t_b) * 1e3:>12.1f} {ideal_real * 1e3:>10.1f} "
                 f"{ideal_real / best:>9.3f}")
 
@@ -106,7 +107,7 @@ def memory(world, args, log) -> None:
     model = dense(h, 2, seed=world.rank)
     results = {}
     for name in ["1f1b", "gpipe"]:                 # 1F1B first: GPipe's high-water mark comes last
-        pipe = Pipe(world, [model], name, nn.MSELoss())
+        pipe = Pipe(world, [model], schedules.get(name), nn.MSELoss())
         pipe.step(Lazy(8, rows, h, 0), Lazy(8, rows, h, 1))   # warm up allocator and comm
         for m in [int(x) for x in args.mem_ms.split(",")]:
             pipe.engine.reset_peak()
@@ -145,8 +146,8 @@ def versus_torch(world, args, log) -> None:
     for name, theirs_cls in [("gpipe", ScheduleGPipe), ("1f1b", Schedule1F1B)]:
         ours_model = dense(h, args.layers, seed=world.rank)
         their_model = dense(h, args.layers, seed=world.rank)
-        ours = Pipe(world, [ours_model], name, loss)
-        xs, ys = list(x.tensor_split(m)), list(y.tensor_split(m))
+        ours = Pipe(world, [ours_model], schedules.get(name), loss)
+        xs, ys = split_microbatches(x, m), split_microbatches(y, m)
         stage = PipelineStage(their_model, world.rank, p, torch.device("cpu"))
         sched = theirs_cls(stage, n_microbatches=m, loss_fn=loss)
         opt = torch.optim.SGD(their_model.parameters(), lr=1e-3)

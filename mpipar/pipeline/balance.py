@@ -9,7 +9,8 @@ import torch
 
 from ..errors import ConfigError
 from ..model import param_counts
-from ..rankmap import parse_balance
+from ..rankmap import Balance, parse_balance
+from .schedules import Schedule
 
 
 def shared_costs(specs, sample: torch.Tensor, world=None, seed: int = 0, log=None) -> list:
@@ -68,7 +69,7 @@ def stage_memory(costs, inflight):
     return lambda j, a, b: state[b] - state[a] + inflight[j] * (saved[b] - saved[a])
 
 
-def inflight_per_stage(schedule: str, p: int, m: int, v: int) -> list[int]:
+def inflight_per_stage(schedule: Schedule, p: int, m: int, v: int) -> list[int]:
     """Micro-batches whose activations virtual stage j holds at once (the simulator's peak per
     rank, shared by that rank's v chunks)."""
     from .simulate import run
@@ -76,7 +77,7 @@ def inflight_per_stage(schedule: str, p: int, m: int, v: int) -> list[int]:
     return [-(-peak[j % p] // v) for j in range(p * v)]
 
 
-def balance_table(stages, costs, schedule: str, p: int, m: int, v: int, inflight) -> tuple[str, float, float]:
+def balance_table(stages, costs, schedule: Schedule, p: int, m: int, v: int, inflight) -> tuple[str, float, float]:
     """The chosen balance as people read it -- per virtual stage its layers, forward+backward
     ms per micro-batch, share of the total and estimated memory -- and the step time and bubble
     the simulator predicts for the schedule with these costs. Returns (text, predicted seconds,
@@ -107,25 +108,24 @@ def balance_table(stages, costs, schedule: str, p: int, m: int, v: int, inflight
     return "\n".join(rows), result.makespan, result.bubble
 
 
-def partition(specs, balance, n_stages: int, world=None, sample: torch.Tensor | None = None,
+def partition(specs, balance: Balance | str | list, n_stages: int, world=None, sample: torch.Tensor | None = None,
               seed: int = 0, costs=None, memory=None, limit: float | None = None,
               chunks: int = 1) -> list[list[str]]:
-    """Layers per virtual stage. `balance`: 'time' (the slowest stage as fast as it can be, by
-    each layer's forward+backward time on the micro-batch `sample`, measured once by the ranks
-    and cached; within `limit` bytes per stage by `memory`, see stage_memory; with `chunks` > 1
-    per rank, by each rank's sum of its chunks), 'params' (even
-    parameter counts), 'layers', sizes like [3, 3, 2, 2] or '3,3,2,2', or a JSON file.
+    """Layers per virtual stage. `balance` (a Balance, or what Balance.parse takes): 'time' (the
+    slowest stage as fast as it can be, by each layer's forward+backward time on the micro-batch
+    `sample`, measured once by the ranks and cached; within `limit` bytes per stage by `memory`,
+    see stage_memory; with `chunks` > 1 per rank, by each rank's sum of its chunks), 'params'
+    (even parameter counts), 'layers', sizes like [3, 3, 2, 2] or '3,3,2,2', or a JSON file.
     `costs`: shared_costs already measured."""
     names = [s.name for s in specs]
-    if isinstance(balance, (list, tuple)):
-        balance = ",".join(str(int(b)) for b in balance)
+    balance = Balance.parse(balance)
     times = None
-    if balance == "time" and n_stages > 1:
-        parse_balance("layers", names, n_stages)   # enough layers for the stages? (before profiling)
+    if balance.kind == "time" and n_stages > 1:
+        parse_balance(Balance("layers"), names, n_stages)   # enough layers for the stages? (before profiling)
         if costs is None and sample is None:
             raise ConfigError("balance='time' profiles the layers on a micro-batch: pass sample=x")
         costs = costs or shared_costs(specs, sample, world, seed)
         times = [c.seconds for c in costs]
-    elif balance == "time":
+    elif balance.kind == "time":
         return [names]
     return parse_balance(balance, names, n_stages, param_counts(specs), times, memory, limit, chunks)

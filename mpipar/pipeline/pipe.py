@@ -24,11 +24,12 @@ from torch import nn
 from ..data_parallel.buckets import DEFAULT_BUCKET_MB
 from ..errors import ConfigError, RankMapError
 from ..model import LayerSpec, build_stage, check_unique
-from ..rankmap import RankMap, load_json
+from ..rankmap import Balance, RankMap
 from . import schedules, timeline
 from .balance import partition
 from .engine import Engine
 from .pipedream import WeightStash
+from .schedules import Schedule
 from .stage import Stage
 
 
@@ -53,18 +54,14 @@ def specs_of(model) -> list[LayerSpec]:
     return specs
 
 
-def virtual_stages(schedule: str, chunks: int | None, pp: int, balance=None) -> int:
-    """p*v, validating `chunks` against the schedule and an explicit balance against p*v."""
-    v = schedules.chunks_for(schedule, chunks)
+def virtual_stages(schedule: Schedule, pp: int, balance: Balance | None = None) -> int:
+    """p*v for a parsed schedule (v = its chunks) on pp ranks, validating an explicit balance
+    (sizes, a file) against p*v."""
+    v = schedule.chunks
     n = pp * v
-    spec = balance if isinstance(balance, str) else ""
-    given = len(balance) if isinstance(balance, (list, tuple)) else None
-    if spec and spec[0].isdigit():
-        given = len(spec.split(","))
-    elif spec.endswith(".json"):
-        given = len(load_json(spec))
+    given = balance.count() if balance is not None else None
     if v > 1 and given is not None and given != n:
-        raise RankMapError(f"--balance {spec or balance} gives {given} stages, but --schedule {schedule} with {v} "
+        raise RankMapError(f"--balance {balance} gives {given} stages, but --schedule {schedule} with {v} "
                            f"chunks per rank on pp={pp} needs p*v = {n} virtual stages (rank s holds stages s, "
                            f"s+{pp}, ...); give {n} sizes or change --chunks")
     return n
@@ -85,9 +82,75 @@ def recompute_here(flag, s: int, p: int) -> bool:
     return s in wanted
 
 
+def microbatch_count(n: int, m: int) -> int:
+    """Micro-batches (backward passes) a batch of n samples runs as: m, fewer when n < m, and
+    one (the empty batch) when n = 0."""
+    return max(1, min(m, n))
+
+
 def split_microbatches(x, m: int) -> list:
     """m micro-batches (sizes differ by at most one; fewer when the batch is smaller than m)."""
-    return list(x.tensor_split(min(m, len(x)))) if len(x) else [x]
+    return list(x.tensor_split(microbatch_count(len(x), m))) if len(x) else [x]
+
+
+def loss_weights(sizes: Sequence[int], global_n: int) -> list[float]:
+    """Each micro-batch's loss weight: its share of the GLOBAL batch (len(mb) / global_n). The
+    weighted losses sum to the global batch's mean, so data-parallel replicas SUM their
+    gradients, even when their shards differ in size."""
+    return [k / global_n for k in sizes]
+
+
+def split_batch(x, y, m: int, global_n: int) -> tuple[list, list, list[float]]:
+    """One batch as the engine takes it: (x's micro-batches, y's, their loss weights)."""
+    xs, ys = split_microbatches(x, m), split_microbatches(y, m)
+    return xs, ys, loss_weights([len(c) for c in ys], global_n)
+
+
+class BatchRunner:
+    """Runs one batch's micro-batches (already cut and weighted) through an Engine: this rank's
+    list of the schedule, the data-parallel reduction around it, and for a streaming schedule
+    (pipedream) the stream across the steps of an epoch, whose OPT actions run `update`.
+    Pipeline.step drives it; the pipeline benchmark drives it over bare stages."""
+
+    def __init__(self, engine: Engine, schedule: Schedule, p: int, s: int, v: int):
+        self.engine, self.schedule, self.p, self.s, self.v = engine, schedule, p, s, v
+        self._stream_start, self._next_step, self._stream_m = 0, -1, 0
+
+    def run(self, xs: Sequence, ys: Sequence, weights: Sequence[float], on_output=None,
+            position: tuple[int, int] = (0, 1), batch: int = 0, update: Callable[[], None] | None = None,
+            dp=None) -> None:
+        """`position` = (step, steps) in the epoch (a stream spans them), `batch` the batch
+        number (weight versions), `dp` the DataParallel that reduces the gradients (or None).
+        A streaming schedule runs `update` at its OPT actions; otherwise the caller steps the
+        optimizer after this returns (gradients reduced over dp by then)."""
+        m = len(xs)
+        if not self.schedule.streaming:
+            if dp is not None:
+                dp.begin_step(m)
+            self.engine.run(self.schedule(self.p, m, self.s, self.v), xs, ys, weights, on_output)
+            if dp is not None:
+                dp.finish()
+            return
+        step, steps = position
+        if step != self._next_step:      # a stream starts: at step 0, or mid-epoch after a resume
+            self._stream_start, self._stream_m = step, m
+        elif m != self._stream_m:        # every rank sees the same m, so every rank raises here
+            raise ConfigError(f"schedule {self.schedule.name} streams micro-batches across the steps of an "
+                              f"epoch, so every batch must split into {self._stream_m} micro-batches, but step "
+                              f"{step} has {m}; use a --batch-size that divides the training set")
+        self._next_step = step + 1
+        k, n = step - self._stream_start, steps - self._stream_start
+
+        def synced_update():
+            if dp is not None:
+                dp.begin_step(m)
+                dp.finish()
+            if update is not None:
+                update()
+
+        acts = self.schedule(self.p, m, self.s, self.v, step=k, steps=n)
+        self.engine.run(acts, xs, ys, weights, on_output, base=k * m, batch=batch, flush=k == n - 1,
+                        on_update=synced_update)
 
 
 class Pipeline:
@@ -95,16 +158,17 @@ class Pipeline:
 
     Arguments: `model` (nn.Sequential or LayerSpecs), `topo` (mpipar.init's Topology; default:
     every rank a stage), `loss_fn(out, target)` (a mean over the batch), `schedule` (gpipe |
-    1f1b | interleaved | zb | pipedream), `microbatches`, `chunks` (interleaved, default 2),
-    `balance` ('auto': 'time' when a micro-batch `sample` is given, else 'params'; see
-    partition), `sample`, `recompute` (True, or pp ranks),
+    1f1b | eager-1f1b | interleaved | zb | pipedream, or a schedules.Schedule), `microbatches`,
+    `chunks` (interleaved, default 2), `balance` (a rankmap.Balance or what Balance.parse takes;
+    'auto': 'time' when a micro-batch `sample` is given, else 'params'; see partition), `sample`,
+    `recompute` (True, or pp ranks),
     `seed` (LayerSpec initialisation), `timeline` (path for a trace of the executed schedule),
     `data_parallel` (DataParallelOptions for dp > 1), `device` ('cpu', 'cuda': GPU local rank %
     GPUs on the host, 'auto': cuda when there is one, or a torch.device).
     """
 
-    def __init__(self, model, topo=None, *, loss_fn: Callable | None = None, schedule: str = "gpipe",
-                 microbatches: int = 1, chunks: int | None = None, balance="auto",
+    def __init__(self, model, topo=None, *, loss_fn: Callable | None = None, schedule: str | Schedule = "gpipe",
+                 microbatches: int = 1, chunks: int | None = None, balance: Balance | str | list = "auto",
                  sample: torch.Tensor | None = None, recompute=False, seed: int = 0,
                  timeline: str | None = None, data_parallel: DataParallelOptions | None = None,
                  rankmap: RankMap | None = None, device="cpu"):
@@ -119,16 +183,17 @@ class Pipeline:
         specs = specs_of(model)
         check_unique(specs)
         p, s = topo.grid.pp, topo.pp_rank
+        self.schedule = schedules.get(schedule, chunks)     # names parsed here, once; values from here on
+        balance = Balance.parse(balance)
         if rankmap is None:
-            if balance == "auto":
-                balance = "time" if sample is not None else "params"
-            n = virtual_stages(schedule, chunks, p, balance)
+            if balance.kind == "auto":
+                balance = Balance("time" if sample is not None else "params")
+            n = virtual_stages(self.schedule, p, balance)
             rankmap = RankMap(topo.grid, partition(specs, balance, n, topo.world, sample, seed, chunks=n // p))
         if len(rankmap.stages) % p:
             raise RankMapError(f"the rank map has {len(rankmap.stages)} stages, not a multiple of pp={p}")
         self.rankmap, self.specs = rankmap, specs
         self.p, self.s, self.v = p, s, len(rankmap.stages) // p
-        self.schedule = schedules.get(schedule)
         self.schedule.check(p, self.microbatches, self.v)   # before any training, on every rank
         # tp > 1: layers with a tensor-parallel builder hold this rank's shard, and their
         # collectives run on the tp sub-communicator inside every F and B
@@ -151,14 +216,14 @@ class Pipeline:
         self.dp = None
         o = data_parallel or DataParallelOptions()
         self.zero = o.zero if topo.grid.dp > 1 else 0
-        self.sharded = None               # the ShardedOptimizer make_optimizer built, if any
+        self.sharded = None               # the ShardedOptimizer step() begins (make_optimizer's or the Trainer's)
         if self.zero:
             if o.zero not in (1, 2, 3):
                 raise ConfigError(f"--zero {o.zero}: stages 1 (optimizer state sharded), 2 (+ gradients) and "
                                   f"3 (+ parameters) exist")
             if self.streaming or self.tp_group is not None or self.device.type != "cpu":
                 raise ConfigError(f"--zero {o.zero} runs with synchronous schedules, tp=1 and CPU tensors so far, not "
-                                  f"--schedule {schedule} with tp={topo.grid.tp} on {self.device}")
+                                  f"--schedule {self.schedule} with tp={topo.grid.tp} on {self.device}")
             if o.zero == 3 and self.schedule.name == "zb":
                 raise ConfigError("--zero 3 gathers a layer's weights once for its whole backward; --schedule zb "
                                   "splits a backward in two: use 1f1b, eager-1f1b, gpipe or interleaved")
@@ -171,7 +236,7 @@ class Pipeline:
             self.dp = DataParallel(self.module, topo.dp_world, bucket_mb=o.bucket_mb, op="sum",
                                    check_every=o.check_every, algorithm=o.algorithm,
                                    grad_compress=o.grad_compress)
-        self._stream_start, self._next_step, self._stream_m = 0, -1, 0
+        self.runner = BatchRunner(self.engine, self.schedule, p, s, self.v)
         self.recorder = None
         self.timeline_path = timeline
         if timeline:
@@ -231,66 +296,45 @@ class Pipeline:
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
     # -- training -------------------------------------------------------------------------
-    def step(self, x: torch.Tensor, y, global_n: int | None = None) -> float | None:
+    def passes(self, n: int) -> int:
+        """Backward passes (micro-batches) step() runs for a batch of n samples."""
+        return microbatch_count(n, self.microbatches)
+
+    def step(self, x: torch.Tensor, y, global_n: int | None = None, *, on_output=None,
+             position: tuple[int, int] = (0, 1), batch: int = 0,
+             update: Callable[[], None] | None = None) -> float | None:
         """Forward and backward of one batch over its micro-batches; gradients accumulate into
         this rank's parameters as loss.backward() would (zero them, then step your optimizer).
         With dp > 1, x and y are this replica's shard and `global_n` the global batch size
-        (default: the shards' sizes summed over dp). Returns the mean loss over this rank's
-        samples on the last stage, None on the others."""
-        if self.streaming:
+        (default: the shards' sizes summed over dp); each micro-batch's loss is weighted by its
+        share of it. `on_output(out, y)` sees each micro-batch's output on the last stage with
+        its targets (metrics). A streaming schedule (pipedream) updates the weights inside its
+        lists: it needs `update()`, the optimizer step its OPT actions run, and `position` =
+        (step, steps) in the epoch and `batch` (the batch number) to span the steps; with the
+        others the caller steps after this returns. Returns the mean loss over this rank's
+        samples on the last stage (None on the others, and when `on_output` takes the outputs)."""
+        if self.streaming and update is None:
             raise ConfigError(f"schedule {self.schedule.name} updates the weights inside its lists; "
-                              f"train it with mpipar.Trainer (or run_batch with an update function)")
+                              f"train it with mpipar.Trainer (or step(..., update=your optimizer step))")
         n = len(x)
         if global_n is None:
             global_n = n if self.topo.grid.dp == 1 else int(self.topo.dp_world.allgather_floats([n]).sum())
         x, y = self.place(x, y)
-        xs, ys = split_microbatches(x, self.microbatches), split_microbatches(y, self.microbatches)
-        weights = [len(c) / global_n for c in ys]
+        xs, ys, weights = split_batch(x, y, self.microbatches, global_n)
+        if self.sharded is not None and not self.streaming:   # ZeRO stages 2, 3 reduce a gradient once its
+            self.sharded.begin_step(len(xs))                   # passes are in
         total = [0.0]
-        if self.sharded is not None:       # ZeRO stages 2, 3 reduce a gradient once its passes are in
-            self.sharded.begin_step(len(xs))
-
-        def on_out(mb, out):
-            if self.loss_fn is not None:
-                total[0] += float(self.loss_fn(out.detach(), ys[mb])) * len(ys[mb])
-
-        self.run_batch(xs, ys, weights, on_out)
-        return total[0] / max(n, 1) if self.is_last else None
-
-    def run_batch(self, xs: Sequence[torch.Tensor], ys: Sequence, weights: Sequence[float], on_output=None,
-                  step: int = 0, steps: int = 1, batch: int = 0, update: Callable[[], None] | None = None) -> None:
-        """One batch through the pipeline, already cut into micro-batches with loss weights.
-        A streaming schedule runs `update` itself (at its OPT actions); otherwise the caller
-        steps the optimizer after this returns (gradients reduced over dp by then)."""
-        m = len(xs)
+        if on_output is not None:
+            def on_out(mb, out):
+                on_output(out, ys[mb])
+        else:
+            def on_out(mb, out):
+                if self.loss_fn is not None:
+                    total[0] += float(self.loss_fn(out.detach(), ys[mb])) * len(ys[mb])
         if self.recorder is not None:
             self.recorder.begin_step()
-        if not self.streaming:
-            if self.dp is not None:
-                self.dp.begin_step(m)
-            self.engine.run(self.schedule(self.p, m, self.s, self.v), xs, ys, weights, on_output)
-            if self.dp is not None:
-                self.dp.finish()
-            return
-        if step != self._next_step:      # a stream starts: at step 0, or mid-epoch after a resume
-            self._stream_start, self._stream_m = step, m
-        elif m != self._stream_m:        # every rank sees the same m, so every rank raises here
-            raise ConfigError(f"schedule {self.schedule.name} streams micro-batches across the steps of an "
-                              f"epoch, so every batch must split into {self._stream_m} micro-batches, but step "
-                              f"{step} has {m}; use a --batch-size that divides the training set")
-        self._next_step = step + 1
-        k, n = step - self._stream_start, steps - self._stream_start
-
-        def synced_update():
-            if self.dp is not None:
-                self.dp.begin_step(m)
-                self.dp.finish()
-            if update is not None:
-                update()
-
-        acts = self.schedule(self.p, m, self.s, self.v, step=k, steps=n)
-        self.engine.run(acts, xs, ys, weights, on_output, base=k * m, batch=batch, flush=k == n - 1,
-                        on_update=synced_update)
+        self.runner.run(xs, ys, weights, on_out, position, batch, update, dp=self.dp)
+        return total[0] / max(n, 1) if self.is_last and on_output is None else None
 
     def place(self, x, y=None):
         """(x, y) on this rank's device where this rank reads them: x on the first stage, the

@@ -21,7 +21,7 @@ single-process training nor itself at another m (use GroupNorm/LayerNorm, or m =
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..errors import ConfigError
@@ -122,14 +122,22 @@ def forward_only(p: int, m: int, s: int, v: int = 1) -> list[Action]:
 
 @dataclass(frozen=True)
 class Schedule:
-    """A schedule with what it needs: `sched(p, m, s, v=1, step=0, steps=1)` checks and builds."""
+    """A schedule as a value, parsed once from its name (`get`): the name with aliases resolved,
+    how it builds its lists (`sched(p, m, s, v=1, step=0, steps=1)` checks and builds), whether
+    it streams, and `chunks`, the model chunks per rank (v) it runs with. str() is its name."""
     name: str
     build: Callable[..., list[Action]]
     bubble: Callable[[int, int, int], float]   # (p, m, v) -> idle fraction with unit F, B, W
     needs: Callable[[int, int, int], str | None] = lambda p, m, v: None
     chunked: bool = False       # uses v > 1 model chunks per rank
     streaming: bool = False     # its lists span steps (OPT inside; see pipedream.py)
-    default_chunks: int = 1
+    chunks: int = 1             # v: the --chunks flag, or (in the registry) the schedule's default
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __format__(self, spec: str) -> str:
+        return format(self.name, spec)
 
     def check(self, p: int, m: int, v: int = 1) -> None:
         """ConfigError (one line, what to change) when (p, m, v) do not fit this schedule."""
@@ -174,7 +182,7 @@ def _register() -> dict[str, Schedule]:
         Schedule("1f1b", one_f_one_b, _flat),
         Schedule("eager-1f1b", eager_1f1b, _flat),
         Schedule("interleaved", interleaved, lambda p, m, v: (p - 1) / (v * m + p - 1),
-                 _interleaved_needs, chunked=True, default_chunks=2),
+                 _interleaved_needs, chunked=True, chunks=2),
         Schedule("zb", zero_bubble_h1, _zb_bubble),
         Schedule("pipedream", pipedream_2bw, _flat, pipedream_needs, streaming=True),
     ]
@@ -186,20 +194,22 @@ ALIASES = {"eager1f1b": "eager-1f1b", "zb-h1": "zb", "zbh1": "zb", "1F1B": "1f1b
            "2bw": "pipedream", "pipedream-2bw": "pipedream"}
 
 
-def get(name: str) -> Schedule:
-    try:
-        return SCHEDULES[ALIASES.get(name, name)]
-    except KeyError:
-        raise ConfigError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}") from None
-
-
-def chunks_for(name: str, chunks: int | None) -> int:
-    """v for a schedule and the --chunks flag (None: the schedule's default)."""
-    sched = get(name)
-    if chunks is None:
-        return sched.default_chunks
+def get(schedule: str | Schedule, chunks: int | None = None) -> Schedule:
+    """The Schedule value of a name (aliases resolved: '2bw' is pipedream) or of a value already
+    parsed (returned as it is), running `chunks` model chunks per rank (the --chunks flag; None:
+    the value's own, for a name the schedule's default). Parse once where the name comes in (the
+    command line, the Pipeline constructor) and pass the value on."""
+    if isinstance(schedule, Schedule):
+        sched = schedule
+    else:
+        try:
+            sched = SCHEDULES[ALIASES.get(schedule, schedule)]
+        except KeyError:
+            raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}") from None
+    if chunks is None or chunks == sched.chunks:
+        return sched
     if chunks < 1:
         raise ConfigError(f"--chunks {chunks}: give a positive number of model chunks per rank")
     if chunks > 1 and not sched.chunked:
-        raise ConfigError(f"--chunks {chunks} needs --schedule interleaved ({name} runs one chunk per rank)")
-    return chunks
+        raise ConfigError(f"--chunks {chunks} needs --schedule interleaved ({sched.name} runs one chunk per rank)")
+    return replace(sched, chunks=chunks)

@@ -19,7 +19,6 @@ import torch
 from ..callbacks import Callback
 from ..data_parallel.zero import ShardedOptimizer, gathered
 from ..errors import ConfigError
-from ..pipeline.pipe import split_microbatches
 from .batches import size_of, sized_batches
 from .clip import clip_global_norm
 from .metrics import MetricsFile, Tally, error_metric, format_row, summarize
@@ -59,6 +58,8 @@ class Trainer:
         self.params = pipe.parameters()
         self.param_order = pipe.parameter_order()
         self.optimizer, self.scheduler = optimizer, scheduler
+        if isinstance(optimizer, ShardedOptimizer):   # ZeRO: the pipeline's step tells it the passes
+            pipe.sharded = optimizer
         self.callbacks: list[Callback] = []   # loss scaling, checkpoints, gradient edits (callbacks.py)
         self.step_count = 0
         self.step_seconds: list[float] = []
@@ -66,30 +67,27 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor, tally: Tally | None = None,
                    position: tuple[int, int] = (0, 1), global_n: int | None = None) -> None:
-        """One batch; `position` = (step, steps) in the epoch (a streaming schedule spans them);
-        `global_n`: samples in the global batch when x is this data-parallel rank's shard of it."""
+        """One batch through the Pipeline's step (it splits, weights and runs the micro-batches);
+        `position` = (step, steps) in the epoch (a streaming schedule spans them); `global_n`:
+        samples in the global batch when x is this data-parallel rank's shard of it."""
         t0 = time.perf_counter()
-        m = self.pipe.microbatches
-        x, y = self.pipe.place(x, y)
-        xs, ys = split_microbatches(x, m), split_microbatches(y, m)
-        weights = [len(c) / (global_n or len(y)) for c in ys]   # mean over the global batch
         if self.config.inject_error and self.config.inject_error == (self.topo.world.rank, self.step_count):
             raise RuntimeError(f"injected error at step {self.step_count} (--inject-error)")
-        if self.optimizer and not self.pipe.streaming:
-            self.optimizer.zero_grad(set_to_none=True)
-            if isinstance(self.optimizer, ShardedOptimizer):   # stage 2 reduces a gradient once final
-                self.optimizer.begin_step(len(xs))
-        on_out = (lambda mb, out: tally.add(out, ys[mb])) if tally is not None else None
+        passes = self.pipe.passes(len(x))
+        on_out = tally.add if tally is not None else None
         if self.pipe.streaming:     # 2BW updates mid-list (OPT): arm the callbacks right before each update
             def update():
                 for cb in self.callbacks:
-                    cb.before_step(self, len(xs))
+                    cb.before_step(self, passes)
                 self.apply_update()
-            self.pipe.run_batch(xs, ys, weights, on_out, *position, batch=self.step_count, update=update)
+            self.pipe.step(x, y, global_n, on_output=on_out, position=position, batch=self.step_count,
+                           update=update)
         else:
+            if self.optimizer:
+                self.optimizer.zero_grad(set_to_none=True)
             for cb in self.callbacks:
-                cb.before_step(self, len(xs))
-            self.pipe.run_batch(xs, ys, weights, on_out, *position, batch=self.step_count)
+                cb.before_step(self, passes)
+            self.pipe.step(x, y, global_n, on_output=on_out, position=position, batch=self.step_count)
             self.apply_update()
         self.step_count += 1
         self.step_seconds.append(time.perf_counter() - t0)

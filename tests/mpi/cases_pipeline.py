@@ -38,7 +38,7 @@ def build(world, argv, out, example=None):
     grid = Grid.parse(args.grid, world.size)
     specs = ex.layers(args)
     stages = parse_balance(args.balance, [s.name for s in specs],
-                           virtual_stages(args.schedule, args.chunks, grid.pp, args.balance), param_counts(specs))
+                           virtual_stages(args.schedule, grid.pp, args.balance), param_counts(specs))
     trainer = build_trainer(Topology.build(world, grid), RankMap(grid, stages), ex, specs, args, QUIET)
     return trainer, args, ex, specs
 
