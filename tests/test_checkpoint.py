@@ -3,6 +3,7 @@ corrupted shards fall back to the previous checkpoint), weights_only loading (no
 keep-K, re-keying optimizer state by layer name across partitions, bit-identical resume, the
 auto interval. The 4-rank cases (resume, fallback, resharding, async) are tests/mpi/cases_checkpoint.py."""
 import pickle
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -318,19 +319,22 @@ def test_auto_interval_keeps_saving_near_the_budget():
     assert fixed.due(10) and not fixed.due(11) and not fixed.adapt(1.0, 0.001)
 
 
-def test_resume_with_tensor_parallel_shards_on_8_ranks(tmp_path):
-    """pp=2 x dp=2 x tp=2: each tp rank writes its own shard; stopping after 2 epochs and
-    resuming to 3 gives the same parameters, bit for bit, as 3 uninterrupted epochs."""
+def test_resume_with_tensor_parallel_shards(tmp_path):
+    """pp=2 x tp=2: each tp rank writes its own shard; a run of 3 epochs checkpoints as it goes,
+    the newest checkpoints are then removed as if it had died in epoch 3, and resuming to 3
+    epochs gives the same parameters, bit for bit, as the 3 uninterrupted epochs."""
     from mpirun import mpirun
-    run = ["-m", "mpipar.run", "mlp", "--grid", "pp=2,dp=2,tp=2", "--microbatches", "2", "--schedule", "1f1b",
-           "--steps", "12"]
-    ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "5"]
-    for argv in ([*run, "--epochs", "3", "--out", str(tmp_path / "a"), "--save-params", str(tmp_path / "pa")],
-                 [*run, *ck, "--epochs", "2", "--out", str(tmp_path / "b")],
-                 [*run, *ck, "--epochs", "3", "--out", str(tmp_path / "c"), "--save-params", str(tmp_path / "pc")]):
-        p = mpirun(8, *argv, timeout=180)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "resumed from" in p.stdout and "tp=2" in p.stdout
+    run = ["-m", "mpipar.run", "mlp", "--grid", "pp=2,tp=2", "--microbatches", "2", "--schedule", "1f1b",
+           "--steps", "12", "--epochs", "3", "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "5"]
+    p = mpirun(4, *run, "--out", str(tmp_path / "a"), "--save-params", str(tmp_path / "pa"), timeout=180)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    steps = store.step_dirs(tmp_path / "ck")           # newest first
+    for _, folder in steps[:-1]:                        # died after the oldest one kept
+        shutil.rmtree(folder)
+    p = mpirun(4, *run, "--out", str(tmp_path / "c"), "--save-params", str(tmp_path / "pc"), timeout=180)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"resumed from {steps[-1][1].name}" in p.stdout and "tp=2" in p.stdout, p.stdout[-2000:]
+    assert steps[-1][0] < 36, steps                    # an earlier step than the end: training resumed
     for s in (0, 1):
         a = torch.load(tmp_path / "pa" / f"stage{s}.pt", weights_only=True)
         c = torch.load(tmp_path / "pc" / f"stage{s}.pt", weights_only=True)
@@ -361,7 +365,6 @@ def test_zero_stage2_resumes_bit_identical_and_on_another_dp_size(tmp_path):
     _, whole = newest_full_state(tmp_path / "ck")           # the parts merge into the whole model
     want = torch.load(tmp_path / "pa" / "stage0.pt", weights_only=True)
     assert {k: v.shape for k, v in whole.items()} == {k: v.shape for k, v in want.items()}
-    import shutil
     shutil.copytree(tmp_path / "ck", tmp_path / "ck3")
     for np_, grid, folder, out, stage in ((2, "dp=2", "ck", "pc", "2"), (3, "dp=3", "ck3", "pd", "3")):
         p = mpirun(np_, *base, "--zero", stage, "--grid", grid, "--checkpoint-dir", str(tmp_path / folder), "--epochs", "3",

@@ -1,6 +1,7 @@
-"""pipeline-gcn-cora with real micro-batches: Cora cut into sub-graphs (mpipar/data/cora_parts.py)
+"""pipeline-gcn-cora with real micro-batches: Cora cut into sub-graphs (mpipar/app/datasets/cora_parts.py)
 is a dataset of samples, so 4 stages with 1F1B micro-batches (and a pp x dp grid) train exactly
-as one process does. The partition itself is checked without MPI."""
+as one process does (tests/mpi/cases_parity.py: cora-*). The partition itself is checked here,
+without MPI."""
 import numpy as np
 import pytest
 import torch
@@ -9,7 +10,6 @@ from mpipar.app.datasets.cora import load_cora
 from mpipar.app.datasets.cora_parts import TEST, TRAIN, cora_parts, normalized_adjacency, pack, partition
 from mpipar.errors import DataError
 from mpipar.train.metrics import IGNORE
-from parity import check_parity
 
 torch.set_num_threads(1)
 
@@ -91,22 +91,3 @@ def test_small_graph_by_hand():
 def test_parts_that_split_the_labels_unevenly_are_refused():
     with pytest.raises(DataError, match=r"--parts 3: 140 train and 1000 test nodes do not split evenly"):
         cora_parts(parts=3)
-
-
-# Dropout off: each rank draws its own masks, so only dropout-free runs can equal one process.
-# lr 1e-3: RMSprop divides by the root mean square, which turns the float rounding of summing
-# micro-batches (not of MPI: two micro-batches in one process do the same) on a near-zero
-# gradient element into an lr-sized step; at the default lr 0.01 one weight of 45856 drifts
-# 1.1e-5 in 5 steps, measured, at 1e-3 all stay within 2e-7.
-SHORT = ["--epochs", "6", "--dropout", "0", "--lr", "0.001"]
-
-
-def test_four_stages_1f1b_microbatches_equal_single_process(tmp_path):
-    out = check_parity(tmp_path, 4, ["pipeline-gcn-cora", "--schedule", "1f1b", "--microbatches", "2", *SHORT])
-    assert "(pp=4 dp=1 tp=1)" in out and "2 micro-batch(es) per batch" in out and "test accuracy" in out
-
-
-def test_pp2_dp2_grid_equals_single_process(tmp_path):
-    """Replicas take 2 sub-graphs each, cut into 2 micro-batches of one."""
-    out = check_parity(tmp_path, 4, ["pipeline-gcn-cora", "--grid", "pp=2,dp=2", "--microbatches", "2", *SHORT])
-    assert "(pp=2 dp=2 tp=1)" in out

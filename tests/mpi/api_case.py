@@ -1,11 +1,8 @@
-"""One public-API training run on N ranks, as a user writes it: `python api_case.py OUT CASE`.
-Each rank writes its layers' final parameters to OUT/params-<rank>.pt (tp shards gathered);
-tests/test_api.py trains the same model single-process and compares (assert_close).
-
-The model and data live here so the test builds exactly the same ones."""
-import sys
+"""The public-API training runs of tests/mpi/cases_api.py, each as a user writes it (init,
+Pipeline, make_optimizer, batches or Trainer, state_dict), and the single-process training of the
+same model, seed and batches it is compared with. The model and data live here so both sides
+build exactly the same ones."""
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -94,9 +91,11 @@ def user_model(topo, case):
     return reference_model()
 
 
-def main(out: Path, case: str) -> None:
+def train(case: str, world) -> dict:
+    """The case trained through the public API on `world`; this rank's layers' final parameters
+    under single-process names (tp shards gathered; ZeRO stage 3: gathered over the replicas)."""
     ranks, grid, schedule, m, chunks, batch, kind = CASES[case]
-    topo = mpipar.init(grid=grid, stall_timeout=60)
+    topo = mpipar.init(grid=grid, stall_timeout=0, world=world)   # the harness's watchdog is running
     if topo.world.size != ranks:
         raise SystemExit(f"case {case} runs on {ranks} ranks, not {topo.world.size}")
     zero = 3 if case.endswith("zero3") else 0     # parameters, gradients, optimizer state sharded over dp
@@ -117,8 +116,26 @@ def main(out: Path, case: str) -> None:
                 opt.step()
     with opt.gathered() if zero else nullcontext():    # ZeRO stage 3: the parameters whole (collective)
         state = {k: v.clone() for k, v in pipe.state_dict().items()}   # tp > 1: a collective over tp
-    torch.save(state, out / f"params-{topo.rank}.pt")   # every replica and shard: each is checked
+    pipe.close()
+    return state
 
 
-if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+def reference(case: str) -> dict:
+    """Single-process training: whole batches in the order mpipar.batches walks them."""
+    from mpipar.train.batches import epoch_batches
+    from mpipar.train.reference import train_reference
+    from mpipar.train.trainer import TrainConfig
+    _, _, schedule, _, _, batch, _ = CASES[case]
+    model = tp_reference_model() if case.endswith("user-tp") else reference_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = data()
+    if schedule == "pipedream":   # the 2BW rule, the oracle of train/reference.py
+        cfg = TrainConfig(epochs=STEPS_EPOCHS, batch_size=batch, seed=0, task="regression")
+        split = type("S", (), {"x": x, "y": y})
+        return train_reference(model, nn.MSELoss(), opt, split, cfg, two_bw=True).state_dict()
+    for epoch in range(STEPS_EPOCHS):
+        for idx in epoch_batches(len(x), batch, 0, epoch):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.state_dict()

@@ -1,0 +1,76 @@
+"""The command line's parallel modes against single-process training of the same model, seed and
+batches (tests/parity.py: every rank's saved parameters, each replica and tensor-parallel shard,
+and the reported losses), in one mpirun job per rank count: each case parses a command line as
+`python -m mpipar.run` does and runs it on this job's World. Data parallelism composed with pipeline
+stages, pp x dp x tp with the stage boundary between a column- and a row-parallel layer, ZeRO
+stages 1-3 through the Trainer, the GCN on Cora cut into sub-graphs, the QM9 GNN on pp x dp.
+`python -m mpipar.run` as a process of its own is checked for parity by test_run, test_dp and
+test_pipeline."""
+import os
+
+import pytest
+
+from mpipar.app.run import parse
+from mpipar.app.session import run_example
+from parity import check_saved, saving
+
+NP = (3, 4, 8)
+TIMEOUT = 420
+QUICK = {4: ("test_equals_single_process",)}
+
+PP2 = ["--balance", "4,4", "--microbatches", "2", "--schedule", "1f1b"]
+ZERO = ["--steps", "30", "--epochs", "1", "--clip-grad", "0.05"]
+# Cora: dropout off (each rank draws its own masks, so only dropout-free runs can equal one
+# process); lr 1e-3: RMSprop divides by the root mean square, which turns the float rounding of
+# summing micro-batches (not of MPI: two micro-batches in one process do the same) on a near-zero
+# gradient element into an lr-sized step; at the default lr 0.01 one weight of 45856 drifts 1.1e-5
+# in 5 steps, measured, at 1e-3 all stay within 2e-7.
+CORA = ["--epochs", "6", "--dropout", "0", "--lr", "0.001"]
+QM9 = ["--max-molecules", "800", "--hidden", "16", "--depth", "2", "--batch-size", "32"]
+
+CONFIGS = {   # name: (ranks, argv, what the run must also print)
+    "pp2xdp2": (4, ["mlp", "--grid", "pp=2,dp=2", "--balance", "4,4", "--microbatches", "2", "--steps", "20",
+                    "--epochs", "1", "--bucket-mb", "0.05"], ["pp=2 dp=2"]),
+    # pp=2 x dp=2 x tp=2: sharded activations cross the pipeline (--balance 3,5), 1F1B, clipping
+    # by the global norm (shards summed over tp, replicated gradients counted once)
+    "pp2xdp2xtp2": (8, ["mlp", "--grid", "pp=2,dp=2,tp=2", "--balance", "3,5", "--microbatches", "2",
+                        "--schedule", "1f1b", "--steps", "20", "--epochs", "1", "--clip-grad", "0.05"],
+                    ["pp=2 dp=2 tp=2"]),
+    # --zero 1|2|3: Adam's state (2: and the gradients, reduced per bucket once both micro-batches
+    # have accumulated; 3: and the parameters, gathered per layer) sharded over the replicas, an
+    # uneven last batch on 3 replicas, clipping by the global norm over stages and shards
+    "zero1-dp3": (3, ["mlp", "--grid", "dp=3", "--zero", "1", *ZERO], ["ZeRO stage 1 over", "pp=1 dp=3"]),
+    "zero1-pp2xdp2": (4, ["mlp", "--grid", "pp=2,dp=2", "--zero", "1", *ZERO, *PP2], ["ZeRO stage 1 over", "pp=2 dp=2"]),
+    "zero2-pp2xdp2": (4, ["mlp", "--grid", "pp=2,dp=2", "--zero", "2", *ZERO, *PP2], ["ZeRO stage 2 over", "pp=2 dp=2"]),
+    "zero3-pp2xdp2": (4, ["mlp", "--grid", "pp=2,dp=2", "--zero", "3", *ZERO, *PP2], ["ZeRO stage 3 over", "pp=2 dp=2"]),
+    "cora-pp4-1f1b": (4, ["pipeline-gcn-cora", "--schedule", "1f1b", "--microbatches", "2", *CORA],
+                      ["(pp=4 dp=1 tp=1)", "2 micro-batch(es) per batch", "test accuracy"]),
+    # replicas take 2 sub-graphs each, cut into 2 micro-batches of one
+    "cora-pp2xdp2": (4, ["pipeline-gcn-cora", "--grid", "pp=2,dp=2", "--microbatches", "2", *CORA],
+                     ["(pp=2 dp=2 tp=1)"]),
+    "qm9-pp2xdp2": (4, ["hybrid-dp-gnn-qm9", "--epochs", "1", "--steps", "20", *QM9],
+                    ["(pp=2 dp=2 tp=1)", "mean-predictor baseline", " D (train MAE"]),
+}
+
+
+def _size() -> int:
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if var in os.environ:
+            return int(os.environ[var])
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_size()
+
+
+@pytest.mark.parametrize("name", [k for k, (n, _, _) in CONFIGS.items() if n == _size()])
+def test_equals_single_process(world, name, mpi_tmp_path, capsys):
+    _, argv, needles = CONFIGS[name]
+    out = mpi_tmp_path / name
+    args, example = parse(saving(out, argv))
+    capsys.readouterr()
+    run_example(world, example, args)
+    world.barrier()                         # every rank's parameters are on disk
+    check_saved(out, world.size, argv, ranks=[world.rank])
+    if world.rank == 0:
+        printed = capsys.readouterr().out
+        missing = [n for n in needles if n not in printed]
+        assert not missing, f"{name}: the run did not print {missing}\n{printed[-2000:]}"
