@@ -58,6 +58,8 @@ def user_env() -> dict:
     """The submitter's environment without MPI settings: the scripts must bring their own."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PRTE_", "PMIX_", "SLURM_"))}
 
+TWO_EPOCHS = ["--epochs", "2", "--steps", "10"]   # two metrics rows to compare, in seconds not a minute
+
 
 @pytest.fixture(scope="module")
 def jobs(cluster, tmp_path_factory):
@@ -72,8 +74,8 @@ def jobs(cluster, tmp_path_factory):
 
     quick = ["--epochs", "1", "--steps", "4"]
     return {
-        "mpirun": submit("mpirun", "mpipar.sbatch", "mlp", "--epochs", "2"),
-        "srun": submit("srun", "mpipar.sbatch", "mlp", "--epochs", "2", sbatch=["--export=ALL,MPIPAR_LAUNCHER=srun"]),
+        "mpirun": submit("mpirun", "mpipar.sbatch", "mlp", *TWO_EPOCHS),
+        "srun": submit("srun", "mpipar.sbatch", "mlp", *TWO_EPOCHS, sbatch=["--export=ALL,MPIPAR_LAUNCHER=srun"]),
         "pipeline": submit("pipeline", "pipeline.sbatch", "mlp", *quick, sbatch=["-N1", "-n2"]),
         "data-parallel": submit("data-parallel", "data-parallel.sbatch", "mlp", *quick, sbatch=["-N1", "-n2"]),
         "tensor-parallel": submit("tensor-parallel", "tensor-parallel.sbatch", "mlp", *quick, sbatch=["-N1", "-n2"]),
@@ -109,7 +111,7 @@ def same_metrics(a: list[dict], b: list[dict]) -> None:
 
 
 def test_sbatch_mlp_matches_direct_mpirun(cluster, jobs, tmp_path):
-    direct = mpirun(4, "-m", "mpipar.run", "mlp", "--epochs", "2", "--out", str(tmp_path), timeout=170)
+    direct = mpirun(4, "-m", "mpipar.run", "mlp", *TWO_EPOCHS, "--out", str(tmp_path), timeout=170)
     assert direct.returncode == 0, direct.stderr[-3000:]
     log = completed(cluster, jobs["mpirun"])
     assert "4 ranks on 1 host(s)" in log and "via mpirun" in log and "summary: mlp on 4 ranks" in log, log
