@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from cluster import netns
 from mpirun import ENV, ROOT, mpirun
 
@@ -15,6 +17,7 @@ def bench(np_, *argv, timeout=180):
     return p.stdout
 
 
+@pytest.mark.quick
 def test_p2p_prints_ours_over_raw_per_size():
     out = bench(2, "p2p", "--max-mib", "1", "--repeats", "1")
     rows = [l for l in out.splitlines() if re.match(r"\s+\d+ (KiB|MiB)\s", l)]

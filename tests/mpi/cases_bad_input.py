@@ -15,7 +15,7 @@ from mpipar.errors import MpiparError
 NP = (2, 4)
 TIMEOUT = 240
 STALL_TIMEOUT = 30
-QUICK = {2: ("test_refused_with_one_line",)}
+
 
 ROOT = Path(__file__).resolve().parents[2]
 BAD = {   # name: (ranks, argv, what the line says)

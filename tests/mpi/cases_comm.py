@@ -10,6 +10,7 @@ from mpipar.errors import ShapeError
 
 NP = (2, 3)      # ranks 0 and 1 talk; on 3, rank 2 only joins the collectives
 TIMEOUT = 120
+QUICK = {2: ("test_blocking_send_recv_of_every_dtype_and_shape", "test_nonblocking_both_ways_into_a_preposted_receive")}
 
 torch.set_num_threads(1)
 

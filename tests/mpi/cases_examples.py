@@ -13,7 +13,7 @@ from mpipar.app.session import run_example
 
 NP = (2, 3, 4)            # the ranks column of the table
 TIMEOUT = 420
-QUICK = {2: ("test_short_form",)}
+
 
 
 def _size() -> int:

@@ -16,7 +16,7 @@ from parity import check_saved, saving
 
 NP = (3, 4, 8)
 TIMEOUT = 420
-QUICK = {4: ("test_equals_single_process",)}
+
 
 PP2 = ["--balance", "4,4", "--microbatches", "2", "--schedule", "1f1b"]
 ZERO = ["--steps", "30", "--epochs", "1", "--clip-grad", "0.05"]
