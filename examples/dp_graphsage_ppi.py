@@ -9,7 +9,7 @@ the rows (data_parallel/partitioned.py, MPI_Alltoallv on a communicator of its o
 backward sends the fetched rows' gradients back as sparse rows, summed at the owner before its
 SparseAdam step. The summary reports the bytes moved per step against a dense all-reduce of the
 table; `--dense-table-grad` runs the replicated alternative. With --table-dropout 0 the result
-equals single-process training (tests/test_graph_examples.py).
+equals single-process training (tests/mpi/cases_graphs.py).
 """
 from mpipar.app.registry import variant
 

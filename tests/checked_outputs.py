@@ -5,7 +5,7 @@ and tests/test_examples.py (the table itself, and one example through `python -m
 
 Examples not in CUSTOM also train the same steps single-process (--compare): the largest
 train-loss gap it reports must be float rounding. pipeline-gcn-cora is the exception (its dropout
-draws differ per rank); its accuracy is checked in tests/test_graph_examples.py. Examples in
+draws differ per rank); its accuracy is checked in tests/mpi/cases_graphs.py. Examples in
 CUSTOM keep their parity checks in their own test modules, so they run without --compare."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "examples" / "README.md"
 
 # Examples whose parity with single-process training is checked by their own test modules
-# (test_run, test_tensor, test_transformer_split, test_graph_examples, test_async_ps, test_ppi):
+# (test_run, test_tensor, cases_transformer_runs, cases_graphs, cases_parity, test_async_ps, test_ppi):
 # here only their short form's output is checked, without --compare.
 CUSTOM = {"async-gcn-cora", "hybrid-dp-gnn-qm9", "mlp", "split-cnn", "tp-mlp", "tp-transformer",
           "transformer-split", "hybrid-gnn-qm9", "graphsage-ppi", "dp-graphsage-ppi"}

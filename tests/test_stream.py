@@ -1,14 +1,12 @@
 """The streaming phase of the temperature LSTMs: the timestamped stream generator, the prequential
-loop's order (forecast before the truth is learnt), the stream fed exactly like the test windows,
-and 2-rank runs (pipeline and data parallel) whose stream line, plot and saved forecasts show that
-online updates happen and that forecasts precede them."""
+loop's order (forecast before the truth is learnt), the stream fed exactly like the test windows.
+The 2-rank runs (pipeline and data parallel) whose stream line, plot and saved forecasts show that
+online updates happen and that forecasts precede them run in one shared mpirun job:
+tests/mpi/cases_stream.py."""
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import math
-import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,7 +17,6 @@ from mpipar.app.datasets.stream import groups, prequential, stream
 from mpipar.app.datasets.temperature import load_temperature_stream
 from mpipar.errors import ConfigError
 from mpipar.app.registry import path_of
-from mpirun import mpirun
 
 
 def example_module():
@@ -92,62 +89,3 @@ def test_stream_flags_checked_and_zero_skips():
         with pytest.raises(ConfigError):
             mod.check_stream(trainer, argparse.Namespace(**{**vars(ok), **bad}))
     assert mod.after_fit(None, None, None, argparse.Namespace(stream_steps=0), print) is None
-
-
-# -- 2-rank runs ----------------------------------------------------------------------------------
-SHORT = ["--epochs", "1", "--steps", "3", "--hidden", "8", "--depth", "2", "--stream-steps", "40",
-         "--online-batch", "4"]
-LINE = re.compile(r"^stream: (\d+) readings from (\S+ \S+) to (\S+ \S+), online forecast RMSE (\S+) vs last-value "
-                  r"(\S+) \((\S+)x\), frozen model (\S+) \((\d+) online steps", re.M)
-
-
-def run(tmp_path, name, *extra):
-    p = mpirun(2, "-m", "mpipar.run", name, *SHORT, *extra, "--out", str(tmp_path), timeout=240)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    m = LINE.search(p.stdout)
-    assert m, p.stdout[-2000:]
-    rec = json.loads((tmp_path / "stream.json").read_text())
-    assert (tmp_path / "stream.png").stat().st_size > 10_000
-    return m, rec, p.stdout
-
-
-def rmse(a, b):
-    return math.sqrt(np.mean((np.array(a) - np.array(b)) ** 2))
-
-
-@pytest.fixture(scope="module")
-def mp_run(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("mp"), "viz-mp-lstm-temperature")
-
-
-def test_mp_stream_line_plot_and_online_updates(mp_run):
-    m, rec, out = mp_run
-    assert int(m.group(1)) == rec["readings"] == 40 and int(m.group(8)) == rec["updates"] == 9
-    assert all(a < b for a, b in zip(rec["timestamp"], rec["timestamp"][1:]))
-    assert rmse(rec["online"], rec["actual"]) == pytest.approx(rec["rmse_online"])
-    assert rmse(rec["last_value"], rec["actual"]) == pytest.approx(rec["rmse_last_value"])
-    assert float(m.group(4)) == pytest.approx(rec["rmse_online"], abs=6e-4)
-    assert float(m.group(5)) == pytest.approx(rec["rmse_last_value"], abs=6e-4)
-    assert float(m.group(7)) == pytest.approx(rec["rmse_frozen"], abs=6e-4)
-    # the first group is forecast before any online update: exactly the frozen model's forecasts;
-    # later groups come from an updated model
-    assert rec["online"][:4] == rec["frozen"][:4]
-    assert rec["online"][4:] != rec["frozen"][4:] and rec["rmse_online"] != rec["rmse_frozen"]
-    assert "stream RMSE" in next(ln for ln in out.splitlines() if ln.startswith("summary:"))
-
-
-def test_dp_stream_shares_each_online_batch_like_one_replica(tmp_path, mp_run):
-    """Two replicas, each training on half of every online batch (gradients averaged), make the same
-    online forecasts as the pipeline training on the whole batch, up to float rounding."""
-    _, mp, _ = mp_run
-    _, dp, _ = run(tmp_path, "viz-dp-lstm-temperature", "--batch-size", "64")
-    assert dp["actual"] == mp["actual"] and dp["frozen"][:4] == dp["online"][:4]
-    np.testing.assert_allclose(dp["frozen"], mp["frozen"], rtol=0, atol=1e-4)
-    np.testing.assert_allclose(dp["online"], mp["online"], rtol=0, atol=1e-3)
-    assert dp["online"] != dp["frozen"]
-
-
-def test_learning_rate_zero_gives_the_frozen_forecasts_exactly(tmp_path):
-    _, rec, _ = run(tmp_path, "viz-mp-lstm-temperature", "--online-lr", "0")
-    assert rec["online_lr"] == 0 and rec["updates"] == 9
-    assert rec["online"] == rec["frozen"] and rec["rmse_online"] == rec["rmse_frozen"]
