@@ -139,3 +139,15 @@ def reference(case: str) -> dict:
             nn.functional.mse_loss(model(x[idx]), y[idx]).backward()
             opt.step()
     return model.state_dict()
+
+
+def check(case: str, world) -> None:
+    """The case trained on `world` equals single-process training on this rank (assert_close),
+    and the ranks together hold every layer."""
+    import torch.testing
+    got, want = train(case, world), reference(case)
+    assert set(got) <= set(want) and got, (sorted(got), sorted(want))
+    for k, v in got.items():
+        torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{case} rank {world.rank}: {k}: {m}")
+    names = world.comm.allgather(sorted(got))
+    assert set().union(*map(set, names)) == set(want), (names, sorted(want))

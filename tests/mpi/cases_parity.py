@@ -12,6 +12,7 @@ import pytest
 
 from mpipar.app.run import parse
 from mpipar.app.session import run_example
+from api_case import CASES as API_CASES, check as check_api
 from parity import check_saved, saving
 
 NP = (3, 4, 8)
@@ -74,3 +75,11 @@ def test_equals_single_process(world, name, mpi_tmp_path, capsys):
         printed = capsys.readouterr().out
         missing = [n for n in needles if n not in printed]
         assert not missing, f"{name}: the run did not print {missing}\n{printed[-2000:]}"
+
+
+@pytest.mark.mpi(min_size=8)
+@pytest.mark.parametrize("case", [c for c, spec in API_CASES.items() if spec[0] == _size() == 8])
+def test_public_api_on_8_ranks_equals_single_process(world, case):
+    """tests/mpi/cases_api.py's pp=2 x dp=2 x tp=2 case (a user's own TP module), in this file's
+    8-rank job rather than one of its own."""
+    check_api(case, world)
