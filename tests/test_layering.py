@@ -55,23 +55,8 @@ def test_every_node_has_a_layer():
 
 
 def test_no_import_cycle():
-    g = graph()
-    state, stack = {}, []
-
-    def visit(v):
-        state[v] = "open"
-        stack.append(v)
-        for w in sorted(g.get(v, ())):
-            if state.get(w) == "open":
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(w):] + [w]))
-            if w not in state:
-                visit(w)
-        stack.pop()
-        state[v] = "done"
-
-    for v in sorted(g):
-        if v not in state:
-            visit(v)
+    found = cycles(graph())
+    assert not found, "import cycle: " + found[0]
 
 
 def test_imports_only_go_down_the_layers():
@@ -150,14 +135,10 @@ def file_graph() -> dict[str, dict[str, int]]:
     return {module_name(f): file_imports(f) for f in sorted(ROOT.rglob("*.py"))}
 
 
-def file_cycles(g: dict[str, dict[str, int]]) -> list[str]:
-    """Each import cycle found (one per edge that closes one), as 'a (a.py:LINE) -> b ... -> a'."""
+def cycles(g: dict, where=lambda a, b: "") -> list[str]:
+    """Each import cycle of graph `g` (node -> the nodes it imports) found, one per edge that closes
+    one, as 'a -> b ... -> a' with `where(a, b)` after each node; the shortest first."""
     state, stack, found = {}, [], []
-
-    def where(a: str, b: str) -> str:
-        path = ROOT.parent.joinpath(*a.split("."))
-        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
-        return f"{path.relative_to(ROOT.parent)}:{g[a][b]}"
 
     def visit(v):
         state[v] = "open"
@@ -165,7 +146,7 @@ def file_cycles(g: dict[str, dict[str, int]]) -> list[str]:
         for w in sorted(g.get(v, ())):
             if w == v or state.get(w) == "open":
                 ring = stack[stack.index(w):] + [w]
-                found.append(" -> ".join(f"{a} ({where(a, b)})" for a, b in zip(ring, ring[1:])) + f" -> {w}")
+                found.append(" -> ".join(f"{a}{where(a, b)}" for a, b in zip(ring, ring[1:])) + f" -> {w}")
             elif w not in state:
                 visit(w)
         stack.pop()
@@ -174,7 +155,17 @@ def file_cycles(g: dict[str, dict[str, int]]) -> list[str]:
     for v in sorted(g):
         if v not in state:
             visit(v)
-    return sorted(found, key=lambda c: (c.count(" -> "), c))   # the shortest first
+    return sorted(found, key=lambda c: (c.count(" -> "), c))
+
+
+def file_cycles(g: dict[str, dict[str, int]]) -> list[str]:
+    """Each import cycle between files, as 'a (a.py:LINE) -> b ... -> a'."""
+    def where(a: str, b: str) -> str:
+        path = ROOT.parent.joinpath(*a.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        return f" ({path.relative_to(ROOT.parent)}:{g[a][b]})"
+
+    return cycles(g, where)
 
 
 def test_file_graph_sees_lazy_and_relative_imports():

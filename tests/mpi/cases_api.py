@@ -7,25 +7,16 @@ Dataset read by DataLoader workers, pp x dp x tp with a user's own module holdin
 parallel layers, and pp x dp under ZeRO stage 3 (pipe.make_optimizer). All cases of one rank count
 share one mpirun job (the 8-rank one, tests/mpi/cases_parity.py's); tests/test_api.py shows the
 tolerance would catch a wrong weighting."""
-import os
-
 import pytest
 
 from api_case import CASES, check
+import job
 
 NP = (1, 2, 4)     # the 8-rank case (pp x dp x tp, a user's TP module) shares cases_parity.py's 8-rank job
 TIMEOUT = 240
 QUICK = {4: ("test_public_api_equals_single_process",)}
 
 
-def _size() -> int:
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if var in os.environ:
-            return int(os.environ[var])
-    from mpi4py import MPI
-    return MPI.COMM_WORLD.Get_size()
-
-
-@pytest.mark.parametrize("case", [c for c, spec in CASES.items() if spec[0] == _size()])
+@pytest.mark.parametrize("case", [c for c, spec in CASES.items() if spec[0] == job.size()])
 def test_public_api_equals_single_process(world, case):
     check(case, world)

@@ -11,6 +11,7 @@ import pytest
 from mpipar.app.run import parse
 from mpipar.app.session import run_example
 from mpipar.errors import MpiparError
+import job
 
 NP = (2, 4)
 TIMEOUT = 240
@@ -41,16 +42,7 @@ BAD = {   # name: (ranks, argv, what the line says)
 }
 
 
-def _size() -> int:
-    import os
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if var in os.environ:
-            return int(os.environ[var])
-    from mpi4py import MPI
-    return MPI.COMM_WORLD.Get_size()
-
-
-@pytest.mark.parametrize("name", [k for k, (n, _, _) in BAD.items() if n == _size()])
+@pytest.mark.parametrize("name", [k for k, (n, _, _) in BAD.items() if n == job.size()])
 def test_refused_with_one_line(world, name, mpi_tmp_path):
     _, argv, needle = BAD[name]
     with pytest.raises(MpiparError) as e:

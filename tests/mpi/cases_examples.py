@@ -3,29 +3,18 @@ count: each case parses the example's command line as `python -m mpipar.run` doe
 this job's World, then rank 0 checks what it printed and wrote (tests/checked_outputs.py: the
 table's metric, and single-process parity with --compare). `python -m mpipar.run` itself, as a
 process of its own, is run by tests/test_examples.py and tests/test_run.py."""
-import os
-
 import pytest
 
 from checked_outputs import TABLE, argv_of, check_short_form
 from mpipar.app.run import parse
 from mpipar.app.session import run_example
+import job
 
 NP = (2, 3, 4)            # the ranks column of the table
 TIMEOUT = 420
 
 
-
-def _size() -> int:
-    """This job's size at collection (the parameters differ per rank count)."""
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MPI_LOCALNRANKS"):
-        if var in os.environ:
-            return int(os.environ[var])
-    from mpi4py import MPI
-    return MPI.COMM_WORLD.Get_size()
-
-
-@pytest.mark.parametrize("name", sorted(n for n, row in TABLE.items() if row.ranks == _size()))
+@pytest.mark.parametrize("name", sorted(n for n, row in TABLE.items() if row.ranks == job.size()))
 def test_short_form(world, name, mpi_tmp_path, capsys):
     out = mpi_tmp_path / name
     args, example = parse(argv_of(name, out))

@@ -6,7 +6,6 @@ partitioned table equals single-process training (its 1-rank comparison run: in-
 accuracy the README states. (Moved from tests/test_graph_examples.py; QM9 hybrid pp=2 x dp=2
 against single-process training: tests/mpi/cases_parity.py, qm9-pp2xdp2.)"""
 import json
-import os
 import re
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 from mpipar.app.run import parse
 from mpipar.app.session import reference_model, run_example
+import job
 
 NP = (2, 3, 4)
 TIMEOUT = 420
@@ -21,15 +21,6 @@ TIMEOUT = 420
 torch.set_num_threads(1)
 QM9_SMALL = ["--max-molecules", "800", "--hidden", "16", "--depth", "2", "--batch-size", "32"]
 PPI_SMALL = ["--epochs", "1", "--steps", "3", "--pairs", "2000", "--eval-nodes", "500"]
-
-
-def _size() -> int:
-    """This job's size at collection (the parameters differ per rank count)."""
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MPI_LOCALNRANKS"):
-        if var in os.environ:
-            return int(os.environ[var])
-    from mpi4py import MPI
-    return MPI.COMM_WORLD.Get_size()
 
 
 def run_ok(world, out, capsys, *argv):
@@ -113,6 +104,6 @@ CASES = {   # name: (ranks, check)
 }
 
 
-@pytest.mark.parametrize("name", [k for k, (n, _) in CASES.items() if n == _size()])
+@pytest.mark.parametrize("name", [k for k, (n, _) in CASES.items() if n == job.size()])
 def test_graph_example(world, name, mpi_tmp_path, capsys):
     CASES[name][1](world, mpi_tmp_path / name, capsys)

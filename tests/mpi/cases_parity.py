@@ -6,14 +6,13 @@ stages, pp x dp x tp with the stage boundary between a column- and a row-paralle
 stages 1-3 through the Trainer, the GCN on Cora cut into sub-graphs, the QM9 GNN on pp x dp.
 `python -m mpipar.run` as a process of its own is checked for parity by test_run, test_dp and
 test_pipeline."""
-import os
-
 import pytest
 
 from mpipar.app.run import parse
 from mpipar.app.session import run_example
 from api_case import CASES as API_CASES, check as check_api
 from parity import check_saved, saving
+import job
 
 NP = (3, 4, 8)
 TIMEOUT = 420
@@ -54,15 +53,7 @@ CONFIGS = {   # name: (ranks, argv, what the run must also print)
 }
 
 
-def _size() -> int:
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if var in os.environ:
-            return int(os.environ[var])
-    from mpi4py import MPI
-    return MPI.COMM_WORLD.Get_size()
-
-
-@pytest.mark.parametrize("name", [k for k, (n, _, _) in CONFIGS.items() if n == _size()])
+@pytest.mark.parametrize("name", [k for k, (n, _, _) in CONFIGS.items() if n == job.size()])
 def test_equals_single_process(world, name, mpi_tmp_path, capsys):
     _, argv, needles = CONFIGS[name]
     out = mpi_tmp_path / name
@@ -78,7 +69,7 @@ def test_equals_single_process(world, name, mpi_tmp_path, capsys):
 
 
 @pytest.mark.mpi(min_size=8)
-@pytest.mark.parametrize("case", [c for c, spec in API_CASES.items() if spec[0] == _size() == 8])
+@pytest.mark.parametrize("case", [c for c, spec in API_CASES.items() if spec[0] == job.size() == 8])
 def test_public_api_on_8_ranks_equals_single_process(world, case):
     """tests/mpi/cases_api.py's pp=2 x dp=2 x tp=2 case (a user's own TP module), in this file's
     8-rank job rather than one of its own."""

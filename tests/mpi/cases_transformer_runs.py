@@ -4,13 +4,12 @@ World, then rank 0 gathers the stages' saved parameters and compares them with t
 trained in one process (plain with micro-batches and greedy samples, clipped by the global norm
 over 4 stages, bf16) and checks what the run printed. (Moved from tests/test_transformer_split.py;
 the pipeline loss scaler across stages: tests/mpi/cases_transformer_split.py.)"""
-import os
-
 import pytest
 import torch
 
 from mpipar.app.run import parse
 from mpipar.app.session import reference_model, run_example
+import job
 
 NP = (2, 4)
 TIMEOUT = 240
@@ -19,15 +18,6 @@ QUICK = {2: ("test_equals_single_process",)}
 torch.set_num_threads(1)
 SMALL = ["--max-number", "999", "--batch-size", "32", "--epochs", "1", "--steps", "20", "--d-model", "32",
          "--ff", "64"]
-
-
-def _size() -> int:
-    """This job's size at collection (the parameters differ per rank count)."""
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MPI_LOCALNRANKS"):
-        if var in os.environ:
-            return int(os.environ[var])
-    from mpi4py import MPI
-    return MPI.COMM_WORLD.Get_size()
 
 
 def pipeline_params(world, tmp, capsys, argv):
@@ -106,6 +96,6 @@ CASES = {   # name: (ranks, check)
 }
 
 
-@pytest.mark.parametrize("name", [k for k, (n, _) in CASES.items() if n == _size()])
+@pytest.mark.parametrize("name", [k for k, (n, _) in CASES.items() if n == job.size()])
 def test_equals_single_process(world, name, mpi_tmp_path, capsys):
     CASES[name][1](world, mpi_tmp_path / name, capsys)
