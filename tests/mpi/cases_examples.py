@@ -6,8 +6,6 @@ process of its own, is run by tests/test_examples.py and tests/test_run.py."""
 import pytest
 
 from checked_outputs import TABLE, argv_of, check_short_form
-from mpipar.app.run import parse
-from mpipar.app.session import run_example
 import job
 
 NP = (2, 3, 4)            # the ranks column of the table
@@ -15,11 +13,8 @@ TIMEOUT = 420
 
 
 @pytest.mark.parametrize("name", sorted(n for n, row in TABLE.items() if row.ranks == job.size()))
-def test_short_form(world, name, mpi_tmp_path, capsys):
+def test_short_form(world, name, mpi_tmp_path):
     out = mpi_tmp_path / name
-    args, example = parse(argv_of(name, out))
-    capsys.readouterr()
-    run_example(world, example, args)
-    world.barrier()
+    printed = job.run(world, argv_of(name, out))
     if world.rank == 0:    # the reporting rank: its output and metrics.jsonl
-        check_short_form(name, capsys.readouterr().out, out)
+        check_short_form(name, printed, out)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mpipar.app.run import parse
-from mpipar.app.session import reference_model, run_example
+from mpipar.app.session import reference_model
 import job
 
 NP = (2, 3, 4)
@@ -23,42 +23,38 @@ QM9_SMALL = ["--max-molecules", "800", "--hidden", "16", "--depth", "2", "--batc
 PPI_SMALL = ["--epochs", "1", "--steps", "3", "--pairs", "2000", "--eval-nodes", "500"]
 
 
-def run_ok(world, out, capsys, *argv):
+def run_ok(world, out, *argv):
     """Run argv (`--out out`) on `world`; on rank 0 check metrics.jsonl and return the summary line
     it printed (None on the other ranks)."""
-    args, example = parse([*argv, "--out", str(out)])
-    capsys.readouterr()
-    run_example(world, example, args)
-    world.barrier()
+    printed = job.run(world, [*argv, "--out", str(out)])
     if world.rank != 0:
         return None
-    printed = capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(r["samples_per_s"] > 0 for r in rows)
     return next(ln for ln in printed.splitlines() if ln.startswith("summary:"))
 
 
-def qm9_model_parallel_reports_mae(world, tmp, capsys):
-    line = run_ok(world, tmp, capsys, "hybrid-gnn-qm9", "--epochs", "1", "--steps", "3", *QM9_SMALL)
+def qm9_model_parallel_reports_mae(world, tmp):
+    line = run_ok(world, tmp, "hybrid-gnn-qm9", "--epochs", "1", "--steps", "3", *QM9_SMALL)
     if line is not None:
         assert "(pp=2 dp=1 tp=1)" in line and "test MAE" in line and "baseline" in line, line
 
 
-def graphsage_hybrid_grid_reports_f1_and_synthetic(world, tmp, capsys):
+def graphsage_hybrid_grid_reports_f1_and_synthetic(world, tmp):
     """SAGE layers split over 2 stages, each replicated twice (the table gradient goes dense for the ring)."""
-    line = run_ok(world, tmp, capsys, "graphsage-ppi", "--grid", "pp=2,dp=2", *PPI_SMALL)
+    line = run_ok(world, tmp, "graphsage-ppi", "--grid", "pp=2,dp=2", *PPI_SMALL)
     if line is not None:
         assert "micro-F1" in line and "epochs/s" in line and "SYNTHETIC" in line, line
 
 
-def dp_graphsage_reports_f1_and_synthetic(world, tmp, capsys):
-    line = run_ok(world, tmp, capsys, "dp-graphsage-ppi", *PPI_SMALL)
+def dp_graphsage_reports_f1_and_synthetic(world, tmp):
+    line = run_ok(world, tmp, "dp-graphsage-ppi", *PPI_SMALL)
     if line is not None:
         assert "(pp=1 dp=2 tp=1)" in line and "micro-F1" in line and "SYNTHETIC" in line, line
         assert "graph partitioned over 2 replicas" in line and "MiB per step per rank" in line, line
 
 
-def partitioned_graphsage_equals_single_process(world, tmp, capsys):
+def partitioned_graphsage_equals_single_process(world, tmp):
     """dp-graphsage-ppi with the graph partitioned over 3 replicas (each owning a third of the
     nodes' features and table rows, the rest fetched by message, table gradients returned to
     their owners): with table dropout off (its masks are drawn per rank), every parameter after
@@ -66,7 +62,7 @@ def partitioned_graphsage_equals_single_process(world, tmp, capsys):
     micro-F1 is within 0.01 of the single-process run's (graphsage-ppi on 1 rank: rank 0 alone)."""
     argv = ["dp-graphsage-ppi", *PPI_SMALL, "--steps", "10", "--table-dropout", "0", "--hidden", "64"]
     save = tmp / "params"
-    line = run_ok(world, tmp / "dp", capsys, *argv, "--save-params", str(save))
+    line = run_ok(world, tmp / "dp", *argv, "--save-params", str(save))
     if world.rank != 0:
         return
     ranks = [torch.load(save / f"rank{r}.pt", weights_only=True) for r in range(3)]
@@ -78,16 +74,16 @@ def partitioned_graphsage_equals_single_process(world, tmp, capsys):
         torch.testing.assert_close(got[k], ref[k], msg=lambda m: f"{k}: {m}")
     from mpi4py import MPI
     from mpipar.comm import World
-    alone = run_ok(World(MPI.COMM_SELF, name="alone"), tmp / "one", capsys, "graphsage-ppi", *argv[1:])
+    alone = run_ok(World(MPI.COMM_SELF, name="alone"), tmp / "one", "graphsage-ppi", *argv[1:])
     f1 = [float(re.search(r"micro-F1 ([\d.]+)", s).group(1)) for s in (line, alone)]
     assert abs(f1[0] - f1[1]) <= 0.01, (line, alone)
 
 
-def pipeline_gcn_cora_reaches_the_readme_accuracy(world, tmp, capsys):
+def pipeline_gcn_cora_reaches_the_readme_accuracy(world, tmp):
     """The README's "test accuracy ≈ 0.81" for pipeline-gcn-cora with its defaults (100 epochs,
     4 sub-graphs, 4 micro-batches; here 2 stages, 1F1B): the mean test accuracy of the last 10
     epochs is within 0.02 of it (measured 0.803-0.817 over 8 runs; dropout draws are unseeded)."""
-    summary = run_ok(world, tmp, capsys, "pipeline-gcn-cora", "--schedule", "1f1b")
+    summary = run_ok(world, tmp, "pipeline-gcn-cora", "--schedule", "1f1b")
     if summary is None:
         return
     rows = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
@@ -105,5 +101,5 @@ CASES = {   # name: (ranks, check)
 
 
 @pytest.mark.parametrize("name", [k for k, (n, _) in CASES.items() if n == job.size()])
-def test_graph_example(world, name, mpi_tmp_path, capsys):
-    CASES[name][1](world, mpi_tmp_path / name, capsys)
+def test_graph_example(world, name, mpi_tmp_path):
+    CASES[name][1](world, mpi_tmp_path / name)

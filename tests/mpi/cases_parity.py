@@ -8,8 +8,6 @@ stages 1-3 through the Trainer, the GCN on Cora cut into sub-graphs, the QM9 GNN
 test_pipeline."""
 import pytest
 
-from mpipar.app.run import parse
-from mpipar.app.session import run_example
 from api_case import CASES as API_CASES, check as check_api
 from parity import check_saved, saving
 import job
@@ -54,16 +52,12 @@ CONFIGS = {   # name: (ranks, argv, what the run must also print)
 
 
 @pytest.mark.parametrize("name", [k for k, (n, _, _) in CONFIGS.items() if n == job.size()])
-def test_equals_single_process(world, name, mpi_tmp_path, capsys):
+def test_equals_single_process(world, name, mpi_tmp_path):
     _, argv, needles = CONFIGS[name]
     out = mpi_tmp_path / name
-    args, example = parse(saving(out, argv))
-    capsys.readouterr()
-    run_example(world, example, args)
-    world.barrier()                         # every rank's parameters are on disk
+    printed = job.run(world, saving(out, argv))   # every rank's parameters are on disk after it
     check_saved(out, world.size, argv, ranks=[world.rank])
     if world.rank == 0:
-        printed = capsys.readouterr().out
         missing = [n for n in needles if n not in printed]
         assert not missing, f"{name}: the run did not print {missing}\n{printed[-2000:]}"
 

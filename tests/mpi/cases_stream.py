@@ -5,8 +5,6 @@ them; data parallel makes the pipeline's forecasts; --online-lr 0 gives the froz
 (Moved from tests/test_stream.py, which keeps the generator and prequential-loop checks.)"""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import re
@@ -15,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpipar.app.run import parse
-from mpipar.app.session import run_example
+import job
+
 
 NP = (2,)
 TIMEOUT = 240
@@ -40,14 +38,9 @@ def shared_dir(world, tmp_path_factory, name):
 def run(world, out, name, *extra):
     """Run the example on `world` (`--out out`); on rank 0 return (the stream line's match, stream.json,
     what it printed), on the other ranks None."""
-    args, example = parse([name, *SHORT, *extra, "--out", str(out)])
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):   # what the run prints (module fixtures have no capsys)
-        run_example(world, example, args)
-    world.barrier()
+    stdout = job.run(world, [name, *SHORT, *extra, "--out", str(out)])
     if world.rank != 0:
         return None
-    stdout = printed.getvalue()
     m = LINE.search(stdout)
     assert m, stdout[-2000:]
     rec = json.loads((out / "stream.json").read_text())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mpipar.app.run import parse
-from mpipar.app.session import reference_model, run_example
+from mpipar.app.session import reference_model
 import job
 
 NP = (2, 4)
@@ -20,20 +20,17 @@ SMALL = ["--max-number", "999", "--batch-size", "32", "--epochs", "1", "--steps"
          "--ff", "64"]
 
 
-def pipeline_params(world, tmp, capsys, argv):
+def pipeline_params(world, tmp, argv):
     """Run argv on `world` saving every stage's parameters; on rank 0 return (the stages' parameters,
     what the run printed), on the other ranks None."""
     save = tmp / "params"
-    args, example = parse([*argv, "--save-params", str(save), "--out", str(tmp / "out")])
-    capsys.readouterr()
-    run_example(world, example, args)
-    world.barrier()                         # every stage's parameters are on disk
+    printed = job.run(world, [*argv, "--save-params", str(save), "--out", str(tmp / "out")])
     if world.rank != 0:
         return None
     got = {}
     for f in sorted(save.glob("stage*.pt")):
         got.update(torch.load(f, weights_only=True))
-    return got, capsys.readouterr().out
+    return got, printed
 
 
 def reference_params(argv, **override):
@@ -49,10 +46,10 @@ def assert_same(got, ref):
         torch.testing.assert_close(got[k], ref[k], msg=lambda m: f"{k}: {m}")
 
 
-def two_stage_parity_with_microbatches_and_greedy_samples(world, tmp, capsys):
+def two_stage_parity_with_microbatches_and_greedy_samples(world, tmp):
     argv = ["transformer-split", *SMALL, "--amp", "off", "--clip-grad", "0", "--microbatches", "2",
             "--samples", "3", "--balance", "6,6"]
-    ran = pipeline_params(world, tmp, capsys, argv)   # 20 steps
+    ran = pipeline_params(world, tmp, argv)   # 20 steps
     if ran is None:
         return
     got, out = ran
@@ -65,9 +62,9 @@ def two_stage_parity_with_microbatches_and_greedy_samples(world, tmp, capsys):
     assert " lr " in out
 
 
-def two_stage_bf16_parity(world, tmp, capsys):
+def two_stage_bf16_parity(world, tmp):
     argv = ["transformer-split", *SMALL, "--amp", "bf16", "--samples", "-1"]
-    ran = pipeline_params(world, tmp, capsys, argv)
+    ran = pipeline_params(world, tmp, argv)
     if ran is None:
         return
     got, out = ran
@@ -75,10 +72,10 @@ def two_stage_bf16_parity(world, tmp, capsys):
     assert_same(got, reference_params(argv))
 
 
-def four_stage_clip_is_global(world, tmp, capsys):
+def four_stage_clip_is_global(world, tmp):
     argv = ["transformer-split", *SMALL, "--batch-size", "16", "--amp", "off", "--clip-grad", "0.05",
             "--samples", "-1", "--balance", "3,3,3,3"]
-    ran = pipeline_params(world, tmp, capsys, argv)
+    ran = pipeline_params(world, tmp, argv)
     if ran is None:
         return
     got, out = ran
@@ -97,5 +94,5 @@ CASES = {   # name: (ranks, check)
 
 
 @pytest.mark.parametrize("name", [k for k, (n, _) in CASES.items() if n == job.size()])
-def test_equals_single_process(world, name, mpi_tmp_path, capsys):
-    CASES[name][1](world, mpi_tmp_path / name, capsys)
+def test_equals_single_process(world, name, mpi_tmp_path):
+    CASES[name][1](world, mpi_tmp_path / name)
