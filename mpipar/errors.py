@@ -1,4 +1,6 @@
 """Errors users can act on: each one's message is a single line that says what to change."""
+import shlex
+import sys
 
 
 class MpiparError(Exception):
@@ -11,6 +13,14 @@ class ConfigError(MpiparError):
 
 class RankMapError(ConfigError):
     """The layer -> stage partition or the pp x dp x tp grid is invalid."""
+
+    @classmethod
+    def ranks(cls, needs: str, ranks: int, have: int) -> "RankMapError":
+        """`needs` (what needs `ranks` ranks) in a job of `have`. A job of one rank was most likely
+        started with plain `python`: then the fix is the mpirun line that starts it right."""
+        fix = (f"launch it with `mpirun -np {ranks} {shlex.join(sys.orig_argv)}`" if have == 1
+               else "change -np or the grid")
+        return cls(f"{needs}, but the job has {have}; {fix}")
 
 
 class DataError(MpiparError):

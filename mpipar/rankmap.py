@@ -48,9 +48,8 @@ class Grid:
             vals[key] = int(val)
         g = cls(**vals)
         if g.size != world_size:
-            raise RankMapError(
-                f"--grid {text!r} needs pp*dp*tp = {g.pp}*{g.dp}*{g.tp} = {g.size} ranks, "
-                f"but the job has {world_size}; change -np or the grid")
+            raise RankMapError.ranks(f"--grid {text!r} needs pp*dp*tp = {g.pp}*{g.dp}*{g.tp} = {g.size} ranks",
+                                     g.size, world_size)
         return g
 
     def coords(self, rank: int) -> tuple[int, int, int]:

@@ -67,9 +67,10 @@ def share_cores(world: World, hosts: list[str], wait: str = "auto") -> None:
 def init(grid: Grid | str | None = None, *, stall_timeout: float = 120.0, wait: str = "auto",
          world: World | None = None, debug: bool = False) -> Topology:
     """Start MPI (unless running), make any rank's uncaught exception end the whole job with one
-    line naming the rank, start the stall watchdog (`stall_timeout` s; 0: off), share the host's
-    cores among its ranks, and split the ranks into the grid: 'pp=2,dp=2,tp=1', 'dp' (every
-    rank a replica), a Grid, or None (every rank a pipeline stage)."""
+    line naming the rank and the caller's file:line where it started (`debug`: the traceback
+    too), start the stall watchdog (`stall_timeout` s; 0: off), share the host's cores among its
+    ranks, and split the ranks into the grid: 'pp=2,dp=2,tp=1', 'dp' (every rank a replica), a
+    Grid, or None (every rank a pipeline stage)."""
     from .comm import failure
     world = world or World()
     failure.install(world.host, debug=debug)
@@ -79,5 +80,5 @@ def init(grid: Grid | str | None = None, *, stall_timeout: float = 120.0, wait: 
     g = grid if isinstance(grid, Grid) else Grid.parse(grid, world.size)
     if g.size != world.size:
         from .errors import RankMapError
-        raise RankMapError(f"grid pp={g.pp} dp={g.dp} tp={g.tp} needs {g.size} ranks, but the job has {world.size}")
+        raise RankMapError.ranks(f"grid pp={g.pp} dp={g.dp} tp={g.tp} needs {g.size} ranks", g.size, world.size)
     return Topology.build(world, g)

@@ -3,7 +3,9 @@ parses and runs a command line as `python -m mpipar.run` does, on this job's Wor
 rank must raise the same one-line error (ranks that agree on the refusal never wait on each
 other). That such an error ends a real job with that line, once, is what tests/test_run.py's
 launches show (a representative of each way a job ends: one rank raising, every rank raising,
-a wrong shape between ranks, a missing example or dataset, a failed profile, no GPU)."""
+a wrong shape between ranks, a missing example or dataset, a failed profile, no GPU). The last
+case: ranks that fail alike agree on who prints the one line (mpipar.comm.failure.Notes)."""
+import time
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,28 @@ def test_refused_with_one_line(world, name, mpi_tmp_path):
         run_example(world, example, args)
     line = f"{type(e.value).__name__}: {e.value}"
     assert needle in line and "\n" not in line, line
+
+
+@pytest.mark.parametrize("failing", ["every rank", "the upper half"])
+def test_ranks_failing_alike_print_one_line(world, failing):
+    """failure.Notes over MPI, as report_and_abort uses them (without the abort): of the ranks that
+    fail alike, the lowest prints, naming the others, and the others stay quiet; every note
+    arrives (drained here, so the communicator is freed empty)."""
+    from mpipar.comm import failure
+    ranks = list(range(world.size) if failing == "every rank" else range(world.size // 2, world.size))
+    comm = world.comm.Dup()
+    notes = failure.Notes(comm.Get_rank(), comm)
+    if world.rank in ranks:
+        got = notes.decide(7, hold=0.5)
+        if got[0]:
+            notes.tell(notes.REPORTED, 7)
+        assert got == ((True, ranks[1:]) if world.rank == ranks[0] else (False, [])), got
+    expected = {r: (notes.REPORTED if r == ranks[0] else notes.FAILED, 7) for r in ranks if r != world.rank}
+    deadline = time.monotonic() + 20
+    while any(notes.heard.get(r) != note for r, note in expected.items()) and time.monotonic() < deadline:
+        notes.listen()
+        time.sleep(0.01)
+    assert {r: notes.heard.get(r) for r in expected} == expected
+    for _, request in notes.sent:
+        request.Wait()
+    comm.Free()
