@@ -9,7 +9,7 @@ Write `tests/mpi/cases_<topic>.py` (the `cases_` prefix is what this file looks 
     import pytest
 
     NP = (1, 2, 4, 8)        # rank counts: one mpirun of the file per count (required)
-    TIMEOUT = 240            # optional: hard limit in seconds for one mpirun of the file (default 240)
+    TIMEOUT = 240            # optional: this file's share, in seconds, of its job's hard limit (default 240)
     STALL_TIMEOUT = 60       # optional: a rank waiting this long for a message ends the job (default 60)
     QUICK = {2: ("test_something",)}   # optional: (rank count: cases) in `pytest -m quick`
 
@@ -32,17 +32,20 @@ rank.
 
 What happens
 ------------
-For each (file, N) the first of its tests runs ONE job,
-    mpirun -np N python -m mpi4py -m pytest --with-mpi tests/mpi/cases_<topic>.py
-(only the selected cases when -k or node ids picked some), under a hard timeout (TIMEOUT; then
-the job's whole process group is killed); the file's other tests read its results. On every
-rank tests/mpi/conftest.py records each case's outcome and traceback in a JSON-lines file. A
-test here passes only if its case passed on every rank; otherwise it shows the failing ranks'
-tracebacks (and which ranks passed). An uncaught error aborts all ranks (python -m mpi4py); a
-rank left waiting for a failed peer is ended by mpipar's stall watchdog (or, if it waits where
-the watchdog does not look, by the barrier after the case); the case that was running then fails
-with the job's output tail, and the cases after it run in a fresh job (up to MAX_RELAUNCHES
-times, within 2 x TIMEOUT in all). The first test of each job prints the job's timing (-rP).
+For each rank count N the first of its tests runs ONE job for every case file that has N in its
+NP (a job's start costs N imports of torch and pytest: on 2 cores ~5 s at N=4),
+    mpirun -np N python -m mpi4py -m pytest --with-mpi tests/mpi/cases_<a>.py tests/mpi/cases_<b>.py ...
+(only the selected cases when -k, -m or node ids picked some), under a hard timeout (the sum of
+those files' TIMEOUTs; then the job's whole process group is killed); the other tests read its
+results. On every rank tests/mpi/conftest.py records each case's outcome and traceback in a
+JSON-lines file. A test here passes only if its case passed on every rank; otherwise it shows
+the failing ranks' tracebacks (and which ranks passed). An uncaught error aborts all ranks
+(python -m mpi4py); a rank left waiting for a failed peer is ended by mpipar's stall watchdog (the
+largest STALL_TIMEOUT of the job's files; or, if it waits where the watchdog does not look, by
+the barrier after the case); the case that was running then fails with the job's output tail,
+and the cases after it run in a fresh job (up to MAX_RELAUNCHES times, within 2 x the timeout in
+all). Cases of different files share a process: a case that changes process-wide state (torch's
+default dtype, thread count) restores it. The first test of each job prints the job's timing (-rP).
 
 By hand, from the repository root (one-machine settings: tests/mpirun.py ENV):
     . .venv/bin/activate
@@ -62,7 +65,6 @@ import pytest
 from mpirun import MPI_DIR, ROOT, mpirun
 
 DEFAULT_TIMEOUT = 240.0
-MAX_RELAUNCHES = 3
 TAIL = 4000
 # inner pytest: no shared cache, no pytest-timeout (the job has its own), output that also reaches
 # mpirun's (so a rank's last words before an abort are in the job's output tail)
@@ -139,7 +141,9 @@ def discover(folder: Path = MPI_DIR) -> list[Case]:
 CASES = discover()
 
 
-# -- one job per (file, np) ---------------------------------------------------------------------
+# -- one job per rank count ----------------------------------------------------------------------
+
+MAX_RELAUNCHES = 3 + len({c.path for c in CASES})   # a job may hold every file's cases
 
 @dataclass
 class Verdict:
@@ -147,24 +151,32 @@ class Verdict:
     message: str
 
 
+def _key(case: Case) -> str:
+    """A case as pytest names it without parameters: `tests/mpi/cases_dp.py::test_x`."""
+    return f"{case.path.relative_to(ROOT).as_posix()}::{case.name}"
+
+
+def _timeout(cases) -> float:
+    return sum({c.path: c.timeout for c in cases}.values())
+
+
 @dataclass
 class Job:
-    path: Path
     np: int
-    names: list[str]
-    timeout: float
+    cases: list[Case]     # the selected cases of this rank count, in file order
     root: Path
     verdicts: dict[str, Verdict] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
 
     def run(self) -> None:
-        rel = self.path.relative_to(ROOT).as_posix()
-        todo, launch, deadline = list(self.names), 0, time.monotonic() + 2 * self.timeout
-        everything = self.names == [c.name for c in CASES if c.path == self.path and c.np == self.np]
+        timeout = _timeout(self.cases)
+        todo, launch, deadline = [_key(c) for c in self.cases], 0, time.monotonic() + 2 * timeout
+        everything = set(todo) == {_key(c) for c in CASES if c.np == self.np and not c.error}
+        files = list(dict.fromkeys(k.split("::")[0] for k in todo))
         while todo:
             out = self.root / f"launch{launch}"
-            limit = min(self.timeout, deadline - time.monotonic())
-            args = [rel] if (launch == 0 and everything) else [f"{rel}::{name}" for name in todo]
+            limit = min(timeout, deadline - time.monotonic())
+            args = files if (launch == 0 and everything) else todo
             t0 = time.monotonic()
             try:
                 p = mpirun(self.np, "-m", "mpi4py", "-m", "pytest", "--with-mpi", *INNER_OPTIONS, *args,
@@ -174,23 +186,23 @@ class Job:
             except AssertionError as e:    # tests/mpirun.py: hung past the limit, group killed
                 rc, tail = None, str(e)[-2 * TAIL:]
             ranks = read_records(out, self.np)
-            self.log.append(f"launch {launch}: {len(args) if args != [rel] else 'all'} case(s), "
+            self.log.append(f"launch {launch}: {'all' if args is files else len(args)} case(s), "
                             f"{'hung, killed' if rc is None else f'exit {rc}'} after {time.monotonic() - t0:.1f} s")
             finished = all(any(r["event"] == "end" for r in recs) for recs in ranks)
             started = set()
-            for name in todo:
-                v = judge(name, ranks, tail)
+            for key in todo:
+                v = judge(key, ranks, tail)
                 if v is not None:
-                    self.verdicts[name] = v
-                    started.add(name)
-            todo = [n for n in todo if n not in started]
+                    self.verdicts[key] = v
+                    started.add(key)
+            todo = [k for k in todo if k not in started]
             collect_error = next((r for recs in ranks for r in recs if r["event"] == "collect-error"), None)
             if collect_error or finished or not started or launch >= MAX_RELAUNCHES \
                     or deadline - time.monotonic() < 30:
                 why = (f"collection failed on rank {collect_error['rank']}:\n{collect_error['longrepr']}"
                        if collect_error else "the job ended without starting this case")
-                for name in todo:
-                    self.verdicts[name] = Verdict("failed", f"not run: {why}\n{tail}")
+                for key in todo:
+                    self.verdicts[key] = Verdict("failed", f"not run: {why}\n{tail}")
                 return
             launch += 1    # the job died inside a case: run the cases after it in a fresh job
 
@@ -211,13 +223,15 @@ def read_records(out: Path, np_: int) -> list[list[dict]]:
 
 
 def _function(nodeid: str) -> str:
-    return nodeid.split("::", 1)[1].split("[", 1)[0] if "::" in nodeid else nodeid
+    """`tests/mpi/cases_x.py::test_y[p]` -> `tests/mpi/cases_x.py::test_y` (a case's _key)."""
+    return nodeid.split("[", 1)[0]
 
 
-def judge(name: str, ranks: list[list[dict]], tail: str) -> Verdict | None:
+def judge(key: str, ranks: list[list[dict]], tail: str) -> Verdict | None:
     """The case's verdict from every rank's records; None if no rank started it."""
-    starts = [{r["nodeid"] for r in recs if r["event"] == "start" and _function(r["nodeid"]) == name} for recs in ranks]
-    dones = [{r["nodeid"]: r for r in recs if r["event"] == "done" and _function(r["nodeid"]) == name}
+    name = key.split("::", 1)[1]
+    starts = [{r["nodeid"] for r in recs if r["event"] == "start" and _function(r["nodeid"]) == key} for recs in ranks]
+    dones = [{r["nodeid"]: r for r in recs if r["event"] == "done" and _function(r["nodeid"]) == key}
              for recs in ranks]
     if not any(starts):
         return None
@@ -262,30 +276,34 @@ def _ranks(qs) -> str:
     return ", ".join(map(str, qs))
 
 
-_JOBS: dict[tuple[Path, int], Job] = {}
+_JOBS: dict[int, Job] = {}
 
 
 def job_for(case: Case, session, tmp_path_factory) -> Job:
-    key = (case.path, case.np)
-    if key not in _JOBS:
+    if case.np not in _JOBS:
         selected = [it.callspec.params["case"] for it in session.items
                     if getattr(it, "callspec", None) and isinstance(it.callspec.params.get("case"), Case)]
-        names = [c.name for c in selected if (c.path, c.np) == key]
-        job = Job(case.path, case.np, names, case.timeout, tmp_path_factory.mktemp(f"{case.topic}-np{case.np}"))
-        _JOBS[key] = job
+        cases = [c for c in selected if c.np == case.np and not c.error]
+        job = Job(case.np, cases, tmp_path_factory.mktemp(f"np{case.np}"))
+        _JOBS[case.np] = job
         t0 = time.monotonic()
         job.run()
-        print(f"{case.topic}[{case.np}]: {len(names)} case(s) in {time.monotonic() - t0:.1f} s; " + "; ".join(job.log))
-    return _JOBS[key]
+        topics = ", ".join(dict.fromkeys(c.topic for c in cases))
+        print(f"[{case.np}] ranks: {len(cases)} case(s) of {topics} in {time.monotonic() - t0:.1f} s; "
+              + "; ".join(job.log))
+    return _JOBS[case.np]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.timeout(2 * c.timeout + 90)]
+GROUP_TIMEOUT = {n: _timeout([c for c in CASES if c.np == n]) for n in {c.np for c in CASES}}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.timeout(2 * GROUP_TIMEOUT[c.np] + 90)]
                                                + ([pytest.mark.quick] if c.quick else []))
                                   for c in CASES])
 def test_case(case: Case, request, tmp_path_factory):
     if case.error:
         pytest.fail(f"{case.path.relative_to(ROOT)}: {case.error}", pytrace=False)
-    v = job_for(case, request.session, tmp_path_factory).verdicts.get(case.name)
+    v = job_for(case, request.session, tmp_path_factory).verdicts.get(_key(case))
     if v is None:
         pytest.fail(f"{case.id}: the harness has no result for this case", pytrace=False)
     if v.outcome == "passed":
@@ -293,5 +311,5 @@ def test_case(case: Case, request, tmp_path_factory):
     if v.outcome == "skipped":
         pytest.skip(v.message)
     if v.outcome != "passed":
-        job = _JOBS[(case.path, case.np)]
+        job = _JOBS[case.np]
         pytest.fail(f"{case.id}:\n{v.message}\n\n(the job: {'; '.join(job.log)})", pytrace=False)

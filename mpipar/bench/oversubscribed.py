@@ -7,7 +7,7 @@ Not run under mpirun: it is the launcher. Each row is one job of the mlp example
 MPI_Wait, so the MPI's own busy-polling decides how fast the rank it waits for can run; `--wait
 poll` is mpipar's default on an oversubscribed host (test, then sleep: the core is free anyway).
 
-    python -m mpipar.bench oversubscribed [--np 4] [--steps 40] [--repeats 2]
+    python -m mpipar.bench oversubscribed [--np 4] [--steps 40] [--repeats 2] [--waits spin,poll]
 """
 from __future__ import annotations
 
@@ -54,10 +54,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--repeats", type=int, default=2, help="runs per cell; the best is kept")
     p.add_argument("--timeout", type=float, default=300, help="a run slower than this counts as NaN")
+    p.add_argument("--waits", default="spin,poll", help="the rows: how ranks wait (comma-separated: spin, poll)")
     a = p.parse_args(argv)
     if any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")):
         print("bench oversubscribed is the launcher: run it without mpirun", file=sys.stderr)
         return 2
+    if not set(a.waits.split(",")) <= {"spin", "poll"}:
+        p.error(f"--waits {a.waits}: expected spin, poll or spin,poll")
     mpi = find()
     cores = os.cpu_count() or 1
     print(f"{mpi.name}: mlp (pp={a.np}) on {a.np} ranks, {cores} cores, {a.steps} steps x 2 epochs; "
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
           + " ".join(f"{k}={v}" for k, v in OVERSUBSCRIBED_ENV[mpi.kind].items()), flush=True)
     print(f"{'wait':<6} {'no-yield':>10} {'yield':>10} {'yield/no-yield':>15}")
     with tempfile.TemporaryDirectory(prefix="mpipar-oversub-") as tmp:
-        for wait in ("spin", "poll"):
+        for wait in a.waits.split(","):
             cells = {}
             for yield_ in (False, True):
                 runs = [job(mpi, a.np, a.steps, wait, yield_, Path(tmp) / f"{wait}{yield_}{i}", a.timeout)
