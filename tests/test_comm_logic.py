@@ -64,3 +64,27 @@ def test_cuda_query_absent_symbol_means_not_cuda_aware(tmp_path):
     # the real library, asked once MPI has started (MPICH exits if asked before MPI_Init)
     p = mpirun(1, "-c", "from mpipar.comm import World; print('cuda support', World().cuda_support)")
     assert p.returncode == 0 and p.stdout.split("cuda support ")[1].strip() in ("0", "1"), p.stderr
+
+
+def test_a_rank_that_was_stopped_does_not_blame_its_peer():
+    """Issue 30 #9: a rank SIGSTOPped for 20 s, once continued, found its wait 20 s old and reported
+    its peer as stalled. The watchdog's clock counts a wait only while the process runs."""
+    from mpipar.comm import failure
+    from mpipar.comm.waits import BOARD, Waiting
+    dog = failure.Watchdog(timeout=5.0, host="h", poll=0.5)
+    before = BOARD.current
+    try:
+        dog.last = 100.0
+        BOARD.current = w = Waiting("RECV {tag} from", 1, since=100.0)
+        assert dog.overdue(100.5) == (w, 0.5)
+        assert dog.overdue(120.5) == (w, 0.0)          # stopped for 20 s: the wait starts again
+        assert dog.overdue(121.0) == (w, 0.5)
+        t = 121.0
+        while t < 126.5:                               # a peer silent while this rank runs: reported
+            t += 0.5
+            _, waited = dog.overdue(t)
+        assert waited > dog.timeout
+        BOARD.current = w2 = Waiting("RECV {tag} from", 2, since=126.5)   # a new wait: its own clock
+        assert dog.overdue(127.0) == (w2, 0.5)
+    finally:
+        BOARD.current = before

@@ -212,20 +212,33 @@ def install(host: str, debug: bool = False) -> None:
 
 
 class Watchdog(threading.Thread):
-    """Aborts the job when this rank's current wait lasts longer than `timeout` seconds."""
+    """Aborts the job when this rank's current wait lasts longer than `timeout` seconds while
+    this process runs. A process that was itself stopped (SIGSTOP, a debugger) finds, once
+    continued, every wait long overdue: its peers' silence meanwhile is its own doing, so a gap
+    between two of the watchdog's ticks restarts the wait's clock instead of blaming the peer
+    (the peers, which did wait on it, name it)."""
 
     def __init__(self, timeout: float, host: str, poll: float = 0.5):
         super().__init__(name="mpipar-watchdog", daemon=True)
         self.timeout, self.host, self.poll = timeout, host, min(poll, max(timeout / 4, 0.05))
+        self.last = time.monotonic()
+        self.resumed: tuple[object, float] = (None, 0.0)   # (the wait, when this process came back in it)
+
+    def overdue(self, now: float):
+        """(the current wait, how long it has lasted while this process ran); (None, 0.0): none."""
+        gap, self.last = now - self.last, now
+        w = BOARD.current
+        if w is None:
+            return None, 0.0
+        if gap > 2 * self.poll + 1.0:          # the process was not running between two ticks
+            self.resumed = (w, now)
+        return w, now - (self.resumed[1] if self.resumed[0] is w else w.since)
 
     def run(self) -> None:
         rank = MPI.COMM_WORLD.Get_rank()
         while True:
             time.sleep(self.poll)
-            w = BOARD.current
-            if w is None:
-                continue
-            waited = time.monotonic() - w.since
+            w, waited = self.overdue(time.monotonic())
             if waited > self.timeout:
                 peer = f" rank {w.peer}" if w.peer >= 0 else " from the other ranks"
                 sys.stderr.write(
