@@ -157,3 +157,34 @@ def test_balance_table_predicts_the_simulated_bubble():
     text, seconds, bubble = balance_table(stages, costs, "1f1b", 2, 8, 1, inflight_per_stage("1f1b", 2, 8, 1))
     assert "bubble 0.111" in text and bubble == pytest.approx(1 / 9)   # equal stages: (p-1)/(m+p-1)
     assert seconds == pytest.approx((8 + 1) * 0.006)
+
+
+def weighted_stages(stages, specs):
+    from mpipar.model import param_counts
+    weighted = {s.name for s, c in zip(specs, param_counts(specs)) if c}
+    return [bool(weighted & set(st)) for st in stages]
+
+
+def sequential_specs(*layers):
+    return [LayerSpec(str(i), lambda layer=layer: layer) for i, layer in enumerate(layers)]
+
+
+@pytest.mark.parametrize("balance, k", [("params", 3), ("params", 4), ("layers", 4), ("time", 4)])
+def test_a_computed_cut_gives_every_stage_weights_when_there_are_enough(balance, k):
+    """Issue 29: a stage of activations only has nothing for its rank's optimizer; with at least as
+    many layers with weights as stages, every stage gets one (each kind alone leaves a stage without)."""
+    specs = sequential_specs(nn.Tanh(), nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4), nn.ReLU(), nn.Dropout(),
+                             nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    costs = [LayerCost(s.name, w, 0, 0) for s, w in zip(specs, [3, 1, 3, 1, 3, 3, 1, 3, 1])]
+    stages = partition(specs, balance, k, costs=costs)
+    assert [n for st in stages for n in st] == [s.name for s in specs] and len(stages) == k
+    assert all(weighted_stages(stages, specs)), stages
+
+
+def test_a_cut_the_user_gives_or_one_with_too_few_weighted_layers_stands():
+    """README (d)'s 5 layers (3 with weights) on 4 stages keep a Tanh-only stage (Pipeline.parameters()
+    hands it a placeholder); explicit sizes are never changed."""
+    specs = sequential_specs(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+    stages = partition(specs, "params", 4)
+    assert len(stages) == 4 and weighted_stages(stages, specs).count(False) == 1
+    assert partition(specs, [1, 1, 3], 3) == [["0"], ["1"], ["2", "3", "4"]]

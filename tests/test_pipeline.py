@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from mpipar.errors import ConfigError
+from mpipar.errors import ConfigError, ShapeError
+from mpipar.pipeline.pipe import Pipeline
 from mpipar.pipeline.stage import Stage
 from mpipar.rankmap import Grid, RankMap
 from mpipar.app.run import parse
@@ -117,3 +118,141 @@ def test_pipeline_cifar_interleaved_on_4_ranks_equals_single_process(tmp_path):
     out = check_parity(tmp_path, 4, ["pipeline-cifar", "--schedule", "interleaved", "--microbatches", "4",
                                      "--epochs", "1", "--steps", "3", "--n-train", "256", "--width", "8"])
     assert "schedule interleaved" in out and "conv1 + " in out, out[-2000:]
+
+
+# -- issue 29: what Pipeline refuses, and what it takes (one rank, in process) ----------------------
+def one_rank():
+    return Topology.build(World(), Grid(1))
+
+
+class SkipSequential(nn.Sequential):
+    """A Sequential subclass with its own forward (a skip connection): not its children in a row."""
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class ResMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+
+    def forward(self, x):
+        return x + self.inner(x)
+
+
+def hooked():
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.register_forward_hook(lambda m, inp, out: out * 2)
+    return model
+
+
+def shared():
+    layer = nn.Linear(4, 4)
+    return nn.Sequential(layer, nn.Tanh(), layer)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: SkipSequential(nn.Linear(4, 4), nn.Tanh()), "SkipSequential is an nn.Sequential with its own forward.*"
+                                                         "write the model as an nn.Sequential of blocks"),
+    (ResMLP, "ResMLP is an nn.Module whose forward it cannot split: write the model as an nn.Sequential of blocks"),
+    (hooked, "Sequential has forward hooks.*put them on a child"),
+    (shared, "lists the same module at two places.*give each place its own module")],
+    ids=["subclass-forward", "not-sequential", "hooks", "shared"])
+def test_pipeline_refuses_a_model_it_would_split_into_another(build, message):
+    """Today's split of these runs something else than model(x) (a skip dropped: 2.34 away)."""
+    with pytest.raises(ConfigError, match=message) as e:
+        Pipeline(build(), one_rank(), loss_fn=nn.MSELoss())
+    assert "\n" not in str(e.value)
+
+
+def test_the_skip_as_one_block_of_a_sequential_equals_the_model():
+    """The fix the refusal names: the block with the skip stays one child, its forward intact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ResMLP(), nn.Linear(4, 2))
+    x = torch.randn(5, 4, dtype=torch.float64)
+    model.double()
+    torch.testing.assert_close(Pipeline(model, one_rank()).predict(x), model(x), rtol=0, atol=0)
+
+
+def squeezing_mse(out, y):
+    return nn.functional.mse_loss(out.squeeze(-1), y)
+
+
+def pairs_loss(out, y):
+    """Like examples/graphsage_ppi.py's LinkLoss: reads only the output, targets of another shape."""
+    return out.pow(2).mean()
+
+
+@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.functional.mse_loss, nn.L1Loss(),
+                                     lambda out, y: ((out - y) ** 2).mean()],
+                         ids=["MSELoss", "mse_loss", "L1Loss", "own"])
+def test_an_output_and_targets_the_loss_would_broadcast_are_refused(loss_fn):
+    torch.manual_seed(0)
+    pipe = Pipeline(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)), one_rank(), loss_fn=loss_fn,
+                    microbatches=2)
+    x, y = torch.randn(16, 3), torch.randn(16)
+    with pytest.raises(ShapeError, match=r"output of shape \(8, 1\) and targets of shape \(8,\).*y\.unsqueeze\(-1\)"):
+        pipe.step(x, y)
+
+
+@pytest.mark.parametrize("head, loss_fn, target", [
+    (nn.Linear(8, 5), nn.CrossEntropyLoss(), lambda g: torch.randint(0, 5, (16,), generator=g)),
+    (nn.Linear(8, 1), squeezing_mse, lambda g: torch.randn(16, generator=g, dtype=torch.float64)),
+    (nn.Linear(8, 3), pairs_loss, lambda g: torch.randn(16, 1, generator=g, dtype=torch.float64))],
+    ids=["cross-entropy", "own-squeeze", "targets-unused"])
+def test_shapes_a_loss_reads_as_meant_pass_and_equal_single_process(head, loss_fn, target):
+    """Class indices against logits, and losses that reshape (or ignore) the targets themselves:
+    the step's loss, the global batch's loss and every gradient equal one process's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), head).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 3, generator=g, dtype=torch.float64), target(g)
+    loss_of = loss_fn(model(x), y)
+    loss_of.backward()
+    want = float(loss_of.detach())
+    ref = [q.grad.clone() for q in model.parameters()]
+    model.zero_grad()
+    pipe = Pipeline(model, one_rank(), loss_fn=loss_fn, microbatches=4)
+    loss = pipe.step(x, y)
+    torch.testing.assert_close(loss, want)
+    assert pipe.global_loss() == loss                        # one replica: its batch is the global one
+    for got, exp in zip((q.grad for q in pipe.parameters()), ref):
+        torch.testing.assert_close(got, exp)
+
+
+def test_a_stage_without_parameters_hands_the_optimizer_a_placeholder(tmp_path):
+    """A rank whose stage holds only a Tanh (README (d) on 4 ranks): torch.optim.Adam(pipe.parameters())
+    builds and steps, no state_dict shows the placeholder, and a checkpoint saves and resumes with it."""
+    from mpipar import Checkpoint
+    pipe = Pipeline(nn.Sequential(nn.Tanh()), one_rank(), loss_fn=nn.MSELoss())
+    params = pipe.parameters()
+    assert len(params) == 1 and params[0].numel() == 0 and not pipe.state_dict()
+    opt = torch.optim.Adam(params, lr=1e-3)
+    said = []
+    ck = Checkpoint(tmp_path / "ck", pipe, opt, every=4, log=said.append)
+    assert ck.resume() == 0
+    for step in range(1, 6):
+        opt.zero_grad()
+        opt.step()
+        ck.step(step)
+    ck.close()
+    again = Checkpoint(tmp_path / "ck", pipe, torch.optim.Adam(pipe.parameters(), lr=1e-3), every=4, log=said.append)
+    assert again.resume() == 4
+
+
+def test_a_resume_in_a_users_loop_says_the_step_without_epochs(tmp_path):
+    """A user's loop counts steps: "step 3", never "epoch 1, 3 batches into it" (it knows no epochs)."""
+    from mpipar import Checkpoint
+    pipe = Pipeline(nn.Sequential(nn.Linear(3, 2)), one_rank(), loss_fn=nn.MSELoss())
+    opt = torch.optim.SGD(pipe.parameters(), lr=0.1)
+    ck = Checkpoint(tmp_path / "ck", pipe, opt, every=3, log=lambda *a: None)
+    for step in range(1, 5):
+        opt.zero_grad()
+        pipe.step(torch.randn(4, 3), torch.randn(4, 2))
+        opt.step()
+        ck.step(step)
+    ck.close()
+    said = []
+    assert Checkpoint(tmp_path / "ck", pipe, opt, every=3, log=said.append).resume() == 3
+    assert said[-1].startswith("checkpoint: resumed from step-000000003 (step 3) written with"), said[-1]

@@ -77,7 +77,8 @@ def optimizer_by_name(optimizer, names: list[str]) -> dict:
     """{"state": {param name: {key: value}}, "groups": [{hyperparameters, "params": [names]}]}."""
     sd = optimizer.state_dict()
     state = {names[i]: s for i, s in sd["state"].items()}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+    groups = [{**{k: v for k, v in g.items() if k != "params"},   # beyond the names: Pipeline.parameters()'s
+               "params": [names[i] for i in g["params"] if i < len(names)]}   # placeholder (no state, no name)
               for g in sd["param_groups"]]
     return {"state": state, "groups": groups}
 

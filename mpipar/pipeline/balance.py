@@ -3,13 +3,14 @@ ranks, cached), the cut that makes the slowest stage as fast as it can be within
 and the table that shows the user the balance and what the simulator predicts for it."""
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
 
 from ..errors import ConfigError
 from ..model import param_counts
-from ..rankmap import Balance, parse_balance
+from ..rankmap import Balance, interleaved_partition, linear_partition, parse_balance, stages_from_sizes
 from .schedules import Schedule
 
 
@@ -116,7 +117,8 @@ def partition(specs, balance: Balance | str | list, n_stages: int, world=None, s
     `sample`, measured once by the ranks and cached; within `limit` bytes per stage by `memory`,
     see stage_memory; with `chunks` > 1 per rank, by each rank's sum of its chunks), 'params'
     (even parameter counts), 'layers', sizes like [3, 3, 2, 2] or '3,3,2,2', or a JSON file.
-    `costs`: shared_costs already measured."""
+    `costs`: shared_costs already measured. A computed cut that leaves a stage without
+    parameters is made again by weighted_cut when the model has a layer with weights per stage."""
     names = [s.name for s in specs]
     balance = Balance.parse(balance)
     times = None
@@ -128,4 +130,28 @@ def partition(specs, balance: Balance | str | list, n_stages: int, world=None, s
         times = [c.seconds for c in costs]
     elif balance.kind == "time":
         return [names]
-    return parse_balance(balance, names, n_stages, param_counts(specs), times, memory, limit, chunks)
+    counts = param_counts(specs)
+    stages = parse_balance(balance, names, n_stages, counts, times, memory, limit, chunks)
+    weighted = {n for n, c in zip(names, counts) if c}
+    if (balance.kind in ("sizes", "file") or all(weighted & set(st) for st in stages)
+            or len(weighted) < n_stages):
+        return stages    # the user's own cut; every stage with weights; or too few layers with weights
+    weights = {"params": counts, "layers": [1] * len(names), "time": times}[balance.kind]
+    return weighted_cut(names, counts, weights, n_stages, memory if times else None, limit, chunks if times else 1)
+
+
+def weighted_cut(names, counts, weights, n_stages: int, memory=None, limit: float | None = None,
+                 chunks: int = 1) -> list[list[str]]:
+    """The cut over units that each hold parameters -- a layer with weights and the layers
+    without any after it (those before the first join it) -- so that every stage's optimizer
+    has something to step (a stage without any gets Pipeline.parameters()'s placeholder).
+    Needs at least n_stages layers with weights; `weights`, `memory`, `limit` and `chunks` as in
+    rankmap.linear_partition and interleaved_partition, per layer."""
+    starts = [i for i, c in enumerate(counts) if c]
+    bounds = [0] + starts[1:] + [len(names)]
+    unit = [sum(weights[a:b]) for a, b in zip(bounds, bounds[1:])]
+    held = (lambda j, a, b: memory(j, bounds[a], bounds[b])) if memory else None
+    sizes = (interleaved_partition(unit, n_stages // chunks, chunks, held, limit) if chunks > 1
+             else linear_partition(unit, n_stages, held, limit))
+    at = [0, *itertools.accumulate(sizes)]
+    return stages_from_sizes(names, [bounds[b] - bounds[a] for a, b in zip(at, at[1:])])

@@ -46,12 +46,37 @@ class DataParallelOptions:
 
 def specs_of(model) -> list[LayerSpec]:
     """LayerSpecs from an nn.Sequential (its children, already built) or a LayerSpec list."""
-    if isinstance(model, nn.Sequential):
+    if isinstance(model, nn.Module):
+        check_splittable(model)
         return [LayerSpec(name, build=lambda child=child: child) for name, child in model.named_children()]
     specs = list(model)
     if not all(isinstance(s, LayerSpec) for s in specs):
         raise ConfigError(f"Pipeline takes an nn.Sequential or a list of LayerSpecs, not {type(model).__name__}")
     return specs
+
+
+SPLIT_FIX = ("write the model as an nn.Sequential of blocks (a block with a skip connection stays one child, "
+             "its forward intact) or a list of mpipar.LayerSpec")
+
+
+def check_splittable(model: nn.Module) -> None:
+    """Pipeline runs a model's children one after the other, which is the model itself only for
+    nn.Sequential's own forward: anything else (a subclass's forward, a module that is not a
+    Sequential, hooks, a child listed twice) would be split into something else, so it is refused."""
+    kind = type(model).__name__
+    if not isinstance(model, nn.Sequential):
+        raise ConfigError(f"Pipeline splits an nn.Sequential between its children; {kind} is an nn.Module "
+                          f"whose forward it cannot split: {SPLIT_FIX}")
+    if type(model).forward is not nn.Sequential.forward:
+        raise ConfigError(f"{kind} is an nn.Sequential with its own forward, which Pipeline would not run (it "
+                          f"runs the children one after the other): {SPLIT_FIX}")
+    if model._forward_hooks or model._forward_pre_hooks:
+        raise ConfigError(f"{kind} has forward hooks, which Pipeline would not run (it runs the children one "
+                          f"after the other): put them on a child, or {SPLIT_FIX}")
+    children = list(model)
+    if len({id(c) for c in children}) != len(children):
+        raise ConfigError(f"{kind} lists the same module at two places (shared weights); pipeline stages cannot "
+                          f"share a layer: give each place its own module")
 
 
 def virtual_stages(schedule: Schedule, pp: int, balance: Balance | None = None) -> int:
@@ -237,6 +262,8 @@ class Pipeline:
                                    check_every=o.check_every, algorithm=o.algorithm,
                                    grad_compress=o.grad_compress)
         self.runner = BatchRunner(self.engine, self.schedule, p, s, self.v)
+        self.placeholder = nn.Parameter(torch.zeros(0, device=self.device))   # see parameters()
+        self.last_loss = None             # the last step's (sum of its samples' losses, global batch size)
         self.recorder = None
         self.timeline_path = timeline
         if timeline:
@@ -257,7 +284,14 @@ class Pipeline:
         return self.schedule.streaming
 
     def parameters(self) -> list[nn.Parameter]:
-        """This rank's trainable parameters (hand them to your optimizer)."""
+        """This rank's trainable parameters (hand them to your optimizer). A stage without any
+        (more stages than layers with weights, or a rank map that cuts so) gives one empty
+        placeholder instead: torch's optimizers refuse an empty list, and its step changes nothing
+        (it never gets a gradient and is in no state_dict)."""
+        return self.trainable() or [self.placeholder]
+
+    def trainable(self) -> list[nn.Parameter]:
+        """This rank's trainable parameters as they are (empty on a stage without any)."""
         return [q for q in self.module.parameters() if q.requires_grad]
 
     def make_optimizer(self, optimizer, **kwargs):
@@ -267,6 +301,11 @@ class Pipeline:
         Clipping by the global norm: opt.step(clip=...) (the norm spans replicas and stages)."""
         if not self.zero:
             return optimizer(self.parameters(), **kwargs)
+        if not self.trainable():
+            layers = ", ".join(f"{name} ({type(layer).__name__})" for name, layer in self.module.named_children())
+            raise ConfigError(f"pipeline stage {self.s} (rank {self.topo.world.rank}) holds no parameters (layers "
+                              f"{layers}), so ZeRO has nothing to shard there: use fewer pipeline stages than the "
+                              f"model has layers with weights, or a balance that gives every stage one")
         from ..data_parallel.zero import ShardedOptimizer
         self.sharded = ShardedOptimizer(self.parameters(), self.topo.dp_world, optimizer, norm_worlds=(self.topo.pp_world,),
                                         stage=self.zero, units=self.units(), **kwargs)
@@ -312,7 +351,8 @@ class Pipeline:
         lists: it needs `update()`, the optimizer step its OPT actions run, and `position` =
         (step, steps) in the epoch and `batch` (the batch number) to span the steps; with the
         others the caller steps after this returns. Returns the mean loss over this rank's
-        samples on the last stage (None on the others, and when `on_output` takes the outputs)."""
+        samples on the last stage (None on the others, and when `on_output` takes the outputs);
+        the whole global batch's: global_loss()."""
         if self.streaming and update is None:
             raise ConfigError(f"schedule {self.schedule.name} updates the weights inside its lists; "
                               f"train it with mpipar.Trainer (or step(..., update=your optimizer step))")
@@ -334,7 +374,20 @@ class Pipeline:
         if self.recorder is not None:
             self.recorder.begin_step()
         self.runner.run(xs, ys, weights, on_out, position, batch, update, dp=self.dp)
+        self.last_loss = (total[0], global_n) if on_output is None and self.loss_fn is not None else None
         return total[0] / max(n, 1) if self.is_last and on_output is None else None
+
+    def global_loss(self) -> float | None:
+        """The mean loss over the whole global batch of the last step() on the last stage (None
+        on the others): step() returns this replica's shard's mean, this sums every replica's
+        share of the global batch (with dp > 1 an all-gather over the last stage's replicas:
+        call it on every rank; the other stages return without communicating)."""
+        if not self.is_last or self.last_loss is None:
+            return None
+        total, global_n = self.last_loss
+        if self.topo.grid.dp > 1:
+            total = float(self.topo.dp_world.allgather_floats([total]).sum())
+        return total / max(global_n, 1)
 
     def place(self, x, y=None):
         """(x, y) on this rank's device where this rank reads them: x on the first stage, the

@@ -7,10 +7,45 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn import functional as F
 
 from ..comm.messages import describe
 from ..comm.messages import Kind, tag
 from ..errors import ShapeError
+
+
+# losses that compare output and target element by element: any difference in shape broadcasts
+ELEMENTWISE_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss,
+                      nn.SoftMarginLoss, nn.KLDivLoss, nn.PoissonNLLLoss)
+ELEMENTWISE_FUNCTIONS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.binary_cross_entropy,
+                         F.binary_cross_entropy_with_logits, F.soft_margin_loss, F.kl_div, F.poisson_nll_loss)
+
+
+def check_loss_shapes(loss_fn, out, target) -> None:
+    """Refuse an output and targets that the loss would broadcast into another loss (e.g. (16, 1)
+    against (16,): a 16 x 16 mean, with only torch's warning). An elementwise loss needs equal
+    shapes; any other loss is refused floating tensors of as many elements in other shapes only
+    when its value changes once the output takes the targets' shape (it broadcasts them rather
+    than reshaping them itself). Class indices against logits ((B, C) against (B,) integers) pass."""
+    if not (isinstance(out, torch.Tensor) and isinstance(target, torch.Tensor)) or out.shape == target.shape:
+        return
+    if not (isinstance(loss_fn, ELEMENTWISE_LOSSES) or loss_fn in ELEMENTWISE_FUNCTIONS):
+        if not (out.is_floating_point() and target.is_floating_point()) or out.numel() != target.numel():
+            return
+        with torch.no_grad():
+            as_given = loss_fn(out, target)
+            try:
+                reshaped = loss_fn(out.reshape(target.shape), target)
+            except (RuntimeError, IndexError, ValueError):
+                return        # it needs the output's own shape: it reads the two as it means to
+        if torch.equal(torch.as_tensor(as_given), torch.as_tensor(reshaped)):
+            return
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    o, t = tuple(out.shape), tuple(target.shape)
+    fix = ("y.unsqueeze(-1) for the targets, or out.squeeze(-1) at the model's end" if o == t + (1,) else
+           "y.squeeze(-1) for the targets" if t == o + (1,) else "reshape the targets or the output")
+    raise ShapeError(f"the loss {name} gets an output of shape {o} and targets of shape {t}, which it would "
+                     f"broadcast into another loss: give them the same shape ({fix})")
 
 
 @dataclass
@@ -78,6 +113,7 @@ class Stage:
         return h, ys
 
     def _loss(self, out, target, weight):
+        check_loss_shapes(self.loss_fn, out, target)
         return self.loss_fn(out, target) * weight
 
     def forward(self, mb: int, x: torch.Tensor, target=None, weight: float = 1.0,

@@ -86,7 +86,7 @@ class Checkpoint:
             rankmap = RankMap(self.topo.grid, [layers] * self.topo.grid.pp)
         say = log if log is not None else (print if self.topo.world.rank == 0 else (lambda *a, **k: None))
         self._ck = Checkpointer(root, self.topo, rankmap, every, keep, background, None, say,
-                                {"every": every})
+                                {"every": every}, epochs=None)     # a loop of steps: no epochs to speak of
 
     def resume(self) -> int:
         """Load the newest verified checkpoint (the same on every rank; collective) into the
