@@ -2,9 +2,14 @@
 single-process training with the same global batch, and a model built differently on one rank
 ending the job with one clear line instead of a hang. Composition with pipeline stages and tensor
 parallelism, and ZeRO 1-3 through the Trainer: tests/mpi/cases_parity.py; DataParallel and its
-buckets: tests/mpi/cases_dp.py (both run case by case by tests/test_mpi_cases.py)."""
+buckets: tests/mpi/cases_dp.py; ZeRO in a user's loop: tests/mpi/cases_zero.py (both run case by
+case by tests/test_mpi_cases.py). In one process: batches(start=) continuing an epoch, a stall
+report naming the collective the user called, and ZeRO refusing to guess a gradient convention."""
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch import nn
 
 from mpirun import mpirun
 from parity import check_parity
@@ -27,3 +32,83 @@ def test_dp4_equals_single_process_with_the_same_global_batch(tmp_path):
     out = check_parity(tmp_path, 4, ["mlp", "--grid", "dp=4", "--steps", "20", "--epochs", "1",
                                "--dp-check-every", "5", "--grad-compress", "bf16"])
     assert "pp=1 dp=4" in out
+
+
+class Pairs(torch.utils.data.Dataset):
+    """A map-style Dataset (not held tensors): batches() goes through a DataLoader for it."""
+
+    def __init__(self, n):
+        self.x, self.y = torch.arange(n * 2.0).reshape(n, 2), torch.arange(n)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["tensors", "dataset"])
+def test_batches_start_continues_the_epoch_with_the_same_shards(held):
+    """After a resume at global batch 3 of an epoch, batches(start=3) gives every dp rank exactly
+    the shards an uninterrupted epoch gives it from batch 3 on (a short last batch included)."""
+    from mpipar import batches
+    data = Pairs(30) if not held else torch.utils.data.TensorDataset(torch.arange(60.0).reshape(30, 2), torch.arange(30))
+    for dp_rank in range(3):
+        topo = SimpleNamespace(dp_rank=dp_rank, grid=SimpleNamespace(dp=3))
+        whole = list(batches(data, 8, topo, epoch=2))
+        rest = list(batches(data, 8, topo, epoch=2, start=3))
+        assert len(whole) == 4 and len(rest) == 1 and len(rest[0][1]) == 2     # 30 = 3 x 8 + 6: 2/2/2
+        for (x, y), (xw, yw) in zip(rest, whole[3:]):
+            assert torch.equal(x, xw) and torch.equal(y, yw)
+        assert list(batches(data, 8, topo, epoch=2, start=4)) == []
+    from mpipar.errors import ConfigError
+    with pytest.raises(ConfigError, match="start=-1"):
+        next(batches(data, 8, start=-1))
+
+
+def test_a_stall_report_names_the_collective_the_user_called():
+    from mpipar.comm.waits import BOARD, Waiting
+    assert Waiting("SHM all-gather on dp", -1, 0.0).describe() == "SHM all-gather on dp"
+    with BOARD.inside("ShardedOptimizer.gathered(), which every rank of dp (4 ranks) must call"):
+        start = BOARD._begin("SHM all-gather on dp", -1, None)
+        assert BOARD.current.describe() == ("SHM all-gather on dp [in ShardedOptimizer.gathered(), which every "
+                                            "rank of dp (4 ranks) must call]")
+        BOARD._end(start)
+    assert BOARD.within is None
+
+
+def test_a_rank_in_another_collective_is_named():
+    """Every rank entering gathered() first shows it is in the same call: a rank elsewhere (here
+    rank 2, in another allgather) is named, with the fix, instead of being paired silently."""
+    from mpipar.data_parallel.buckets import digest
+    from mpipar.data_parallel.zero3 import collective
+    from mpipar.errors import ConfigError
+
+    class TwoCalls:
+        name, size, rank = "dp", 3, 0
+        world_rank_of = staticmethod(lambda r: r + 4)
+
+        def allgather_floats(self, values):
+            import numpy as np
+            return np.array([[values[0]], [values[0]], [digest("elsewhere")]])
+
+    with pytest.raises(ConfigError) as e:
+        with collective(TwoCalls(), "ShardedOptimizer.gathered()"):
+            pass
+    assert str(e.value) == ("rank 4 called ShardedOptimizer.gathered() while rank(s) 6 of dp called another "
+                            "collective: ShardedOptimizer.gathered() is collective, every rank of dp must call it")
+
+
+def test_zero_used_directly_weighs_replicas_by_samples_and_refuses_to_guess():
+    """The one convention: ShardedOptimizer(model, ...) weighs each replica by the samples its
+    forward saw (op 'mean'); a Pipeline's optimizer (built with norm_worlds) sums what the
+    Pipeline weighted; bare parameters with nothing to count on are refused with the fix."""
+    from mpipar.comm.world import World
+    from mpipar.data_parallel.zero import ShardedOptimizer
+    from mpipar.errors import ConfigError
+    world = World.alone()
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    assert ShardedOptimizer(model, world, torch.optim.SGD, lr=0.1).op == "mean"
+    assert ShardedOptimizer(model.parameters(), world, torch.optim.SGD, norm_worlds=(world,), op="sum", lr=0.1).op == "sum"
+    with pytest.raises(ConfigError, match=r"pass the model itself \(ShardedOptimizer\(model, topo, \.\.\.\)\)"):
+        ShardedOptimizer(model.parameters(), world, torch.optim.SGD, lr=0.1)

@@ -201,15 +201,19 @@ def main(argv) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--wait", default="poll", choices=["spin", "poll"],
                     help="how our ranks wait: MPI_Wait (spins) or test + short sleeps (comm BOARD.poll)")
-    ap.add_argument("--poll-us", type=float, default=10.0, help="sleep between tests with --wait poll")
+    ap.add_argument("--poll-us", type=float, default=10.0, help="first sleep between tests with --wait poll")
+    ap.add_argument("--poll-cap-us", type=float, default=0.0,
+                    help="with --wait poll: a wait's sleeps double up to this (0: no backoff)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     world = World()
     failure.install(world.host)
     if args.wait == "poll":
-        BOARD.use_polling(args.poll_us * 1e-6)
+        BOARD.use_polling(args.poll_us * 1e-6, args.poll_cap_us * 1e-6)
     log = (lambda *a: print(*a, flush=True)) if world.rank == 0 else (lambda *a: None)
-    log(f"mpipar.bench pipeline: {world.size} ranks, waits: {args.wait}, load average {load_average()}")
+    waits = args.wait if args.wait == "spin" else f"poll {args.poll_us:g} us" + (
+        f" doubling to {args.poll_cap_us:g} us" if args.poll_cap_us > args.poll_us else "")
+    log(f"mpipar.bench pipeline: {world.size} ranks, waits: {waits}, load average {load_average()}")
     if args.part in ("a", "all"):
         efficiency(world, args, log)
     if args.part in ("b", "all"):

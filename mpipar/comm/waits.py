@@ -22,13 +22,13 @@ class Waiting:
     peer: int       # world rank we wait on (-1: collective)
     since: float    # time.monotonic() when the wait began
     tag: int | None = None
+    within: str | None = None   # the collective a user called that this wait is part of
 
     def describe(self) -> str:
         """The wait as a stall report shows it, e.g. "RECV ACT mb=7 from" (formatted lazily:
         the hot path only stores the tag)."""
-        if self.tag is None:
-            return self.what
-        return self.what.replace("{tag}", label(self.tag))
+        what = self.what if self.tag is None else self.what.replace("{tag}", label(self.tag))
+        return f"{what} [in {self.within}]" if self.within else what
 
 
 @dataclass
@@ -45,20 +45,43 @@ class WaitBoard:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     poll: float | None = None   # seconds: test and sleep instead of spinning in MPI (opt-in, for
                                 # hosts with more ranks than cores); None: MPI_Wait
+    poll_cap: float = 0.0       # a wait's sleeps double from `poll` up to this (use_polling)
+    within: str | None = None   # set by `inside`
 
-    def use_polling(self, seconds: float | None) -> None:
-        """Wait by test + sleep(`seconds`) instead of spinning in MPI (None: spin again).
-        Linux rounds a sleep up by the thread's timer slack (50 us by default), which would
-        dominate a short poll, so polling also asks for a 1 us slack."""
+    @contextmanager
+    def inside(self, collective: str):
+        """Stall reports of the waits in this block name `collective` too (the call the user made,
+        e.g. "ShardedOptimizer.gathered(), which every rank of dp must call")."""
+        before, self.within = self.within, collective
+        try:
+            yield
+        finally:
+            self.within = before
+
+    def use_polling(self, seconds: float | None, cap: float | None = None) -> None:
+        """Wait by test + sleep instead of spinning in MPI (None: spin again): first sleeps of
+        `seconds`, doubling within one wait up to `cap` (default: `seconds`, no backoff). Every
+        wake-up of a waiting rank takes the core from a rank that computes, so a long wait backs
+        off, while a short one still ends within `seconds` of its message. Linux rounds a sleep up
+        by the thread's timer slack (50 us by default), which would dominate a short poll, so
+        polling also asks for a 1 us slack."""
         self.poll = seconds
         if seconds is not None:
+            self.poll_cap = max(seconds, cap or 0.0)
             _tight_timer_slack()
+
+    def _sleeps(self):
+        """The sleeps of one polling wait: poll, 2 poll, 4 poll, ... up to poll_cap."""
+        pause = self.poll
+        while True:
+            yield pause
+            pause = min(2 * pause, self.poll_cap)
 
     def _begin(self, what: str, peer: int, tag: int | None) -> float:
         if staging._PENDING:   # staged device sends reach MPI before this process blocks on anything
             staging.flush()
         start = time.monotonic()
-        self.current = Waiting(what, peer, start, tag)
+        self.current = Waiting(what, peer, start, tag, self.within)
         return start
 
     def _end(self, start: float) -> None:
@@ -86,8 +109,9 @@ class WaitBoard:
         start = self._begin(what, peer, tag)
         try:
             if self.poll is not None:
+                sleeps = self._sleeps()
                 while not request.Test():
-                    time.sleep(self.poll)
+                    time.sleep(next(sleeps))
                 return True
             return request.Wait()
         finally:
@@ -99,8 +123,9 @@ class WaitBoard:
         start = self._begin(what, peer, tag)
         try:
             if self.poll is not None:
+                sleeps = self._sleeps()
                 while not _Request.Testall(requests):
-                    time.sleep(self.poll)
+                    time.sleep(next(sleeps))
             else:
                 _Request.Waitall(requests)
         finally:

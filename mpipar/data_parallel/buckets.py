@@ -11,7 +11,13 @@ completed, waits for all, and points each `.grad` at its slice of the reduced bu
 
 Each bucket ends with one flag per parameter (1 when this rank has a gradient for it), reduced
 with the gradients: a parameter no rank used keeps `.grad = None`, as in single-process
-training, while one used on some ranks only gets their (zero-padded) contribution everywhere."""
+training, while one used on some ranks only gets their (zero-padded) contribution everywhere.
+
+op 'mean' is the one gradient convention of DataParallel and ShardedOptimizer in a user's loop:
+each replica's loss is a mean over its own samples, and its gradient is weighted by its share of
+the global batch (SampleCounter counts the samples), so the result is the global batch's mean
+gradient even when shards differ in size (2/2/1/1). A Pipeline weights its losses by that share
+itself and sums (op 'sum')."""
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import MpiparError
+from ..errors import ConfigError, MpiparError
 from .plan import Handle, Plan
 from .reduce import AUTO_SEQ, make_plan
 
@@ -94,6 +100,44 @@ def check_identical(world, tensors: Sequence[torch.Tensor], what: str) -> None:
             f"data-parallel replicas diverged: {what} on rank(s) {', '.join(map(str, bad))} differ "
             f"from rank {world.world_rank_of(0)} (checksums {int(sums[0])} vs "
             f"{', '.join(str(int(sums[r])) for r in range(world.size) if sums[r] != sums[0])})")
+
+
+# -------------------------------------------------------------------------------------------------
+# Sample counts: the weights of op 'mean'. A replica whose loss averaged n_r of the global batch's
+# N samples contributes n_r/N of its gradient; its gradient is scaled by n_r before the sum and the
+# sum divided by N after, so N (one small exchange) is needed only once the reduction is done.
+# -------------------------------------------------------------------------------------------------
+class SampleCounter:
+    """Samples `module`'s forward has seen since the last reset: the leading dimension of its first
+    tensor argument, in forwards that build a graph (so no_grad evaluation does not count)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.n = 0
+        self.hook = module.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs) -> None:
+        if not torch.is_grad_enabled():
+            return
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is not None:
+            self.n += int(first.shape[0]) if first.dim() else 1
+
+    def reset(self) -> None:
+        self.n = 0
+
+    def remove(self) -> None:
+        self.hook.remove()
+
+
+def checked_total(total: float, who: str) -> float:
+    """The global batch's sample count, which op 'mean' divides by; none at all is a usage error."""
+    if total <= 0:
+        raise ConfigError(
+            f"{who} saw no samples on any replica this step, so it cannot weight their gradients: it counts "
+            f"the leading dimension of the first tensor passed to the model's forward (with grad enabled) "
+            f"since the last sync; run the forward through that model, and sync once per backward "
+            f"(or pass op='sum' and weight each replica's loss by its share of the global batch yourself)")
+    return total
 
 
 # -------------------------------------------------------------------------------------------------
@@ -202,6 +246,7 @@ class Bucket:
     members: list[int]                 # parameter indices, in the order they sit in `flat`
     offsets: list[int]
     flat: torch.Tensor                 # gradients, then one "has a gradient" flag per member
+    grads: torch.Tensor                # flat's gradient part
     flags: torch.Tensor
     plan: Plan | None = None           # the bucket's all-reduce, prepared once
     waiting: set = field(default_factory=set)
@@ -209,12 +254,19 @@ class Bucket:
 
 
 class GradBuckets:
-    """All-reduces the gradients of `params` over `world` in buckets (op 'avg' or 'sum')."""
+    """All-reduces the gradients of `params` over `world` in buckets: op 'sum', 'avg', or 'mean'
+    (weighted by `samples()`, this replica's sample count: see SampleCounter)."""
 
     def __init__(self, world, params: Sequence[torch.nn.Parameter], bucket_mb: float = DEFAULT_BUCKET_MB,
                  op: str = "avg", overlap: bool = True, names: Sequence[str] | None = None,
-                 background: bool = True, algorithm: str = "auto", wire: torch.dtype | None = None):
+                 background: bool = True, algorithm: str = "auto", wire: torch.dtype | None = None,
+                 samples=None):
+        if op == "mean" and samples is None:
+            raise ValueError("op 'mean' weights each replica by its samples: pass samples=")
         self.world, self.op, self.overlap = world, op, overlap
+        self.samples = samples if op == "mean" and world.size > 1 else None   # one replica: weight 1
+        self.count: int | None = None       # this replica's samples this step, read once
+        self.unreduced = False              # a gradient arrived since the last finish()
         self.params = [p for p in params if p.requires_grad]
         self.names = list(names) if names is not None else [f"param{i}" for i in range(len(self.params))]
         plan = plan_buckets([(p.numel(), p.dtype) for p in self.params], int(bucket_mb * 2 ** 20))
@@ -231,7 +283,8 @@ class GradBuckets:
             # device gradient is copied in by _stage and its reduced slice copied back by finish)
             flat = torch.zeros(total + len(members), dtype=first.dtype,
                                pin_memory=not first.is_cpu and torch.cuda.is_available())
-            bucket = Bucket(b, members, offsets, flat, flat[total:], make_plan(world, flat, op, algorithm, wire=wire))
+            bucket = Bucket(b, members, offsets, flat, flat[:total], flat[total:],
+                            make_plan(world, flat, "sum" if op == "mean" else op, algorithm, wire=wire))
             self.buckets.append(bucket)
             for k, (i, off) in enumerate(zip(members, offsets)):
                 self.slot[i] = (bucket, off, k)
@@ -257,6 +310,7 @@ class GradBuckets:
 
     def _hook(self, i: int):
         def on_grad(p: torch.Tensor) -> None:
+            self.unreduced = True
             if not self.active:
                 return
             self.seen[i] += 1
@@ -286,6 +340,10 @@ class GradBuckets:
         bucket.waiting.discard(i)
 
     def _launch(self, bucket: Bucket, background: bool = True) -> None:
+        if self.samples is not None:              # op 'mean': n_r x this replica's mean gradient
+            if self.count is None:                # read once a step: every bucket the same weight
+                self.count = self.samples()
+            bucket.grads.mul_(self.count)
         bucket.handle = bucket.plan.start(AUTO_SEQ + bucket.index)
         if self.thread and background and not bucket.handle.done:
             self.thread.add(bucket.handle)
@@ -307,6 +365,11 @@ class GradBuckets:
                 self._launch(b, background=False)
         for b in self.buckets:
             b.handle.wait()
+        if self.samples is not None and self.buckets:   # the sum of n_r x gradient, over N
+            total = checked_total(float(self.world.allgather_floats([self.count])[:, 0].sum()), "DataParallel")
+            for b in self.buckets:
+                b.grads.div_(total)
+        self.count, self.unreduced = None, False
         for b in self.buckets:
             used = (b.flags != 0).tolist()
             for i, off, u in zip(b.members, b.offsets, used):

@@ -1,42 +1,67 @@
 """DataParallel: one replica of a module per data-parallel rank, kept identical.
 
 At construction the replicas prove they have the same gradient layout, then take dp rank 0's
-parameters and buffers. Each step, gradients are averaged (or summed) with our ring, bucketed
-and overlapped with backward (buckets.py); in debug mode every N steps the replicas prove their
+parameters and buffers. Each step their gradients are combined with our ring, bucketed and
+overlapped with backward (buckets.py); in debug mode every N steps the replicas prove their
 parameters are bit-identical. It attaches to a module rather than wrapping it, so state_dict
 keys stay those of the single-process model.
 
-    dp = DataParallel(model, topo)          # a Topology (its dp sub-world) or any World
-    loss.backward(); dp.finish(); opt.step()
+The gradient convention (the same as ShardedOptimizer's and Pipeline's): each replica's loss is
+a mean over its own samples, and after the sync every replica holds the gradient of the mean over
+the GLOBAL batch -- each replica weighted by its share of it, so shards of different sizes (a
+short last batch split 2/2/1/1) train exactly as one process would. The shares are counted from
+the model's forward (buckets.SampleCounter), with or without mpipar.batches. op='sum' instead
+sums: for callers that weight each replica's loss by its share themselves (Pipeline does).
 
-`begin_step()` before backward lets buckets reduce while backward still runs (overlap);
-without it, finish() reduces everything after backward. grad_compress='bf16'|'fp16' sends
-float32 gradients across hosts as that type, summing in float32 (compress.py; one host: no-op).
-A Pipeline on a grid with dp > 1 makes its own (summing gradients of losses weighted by the
-global batch: exact for uneven shards).
+    dp = DataParallel(model, topo)                          # a Topology (its dp sub-world) or any World
+    opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.1))   # step() syncs first
+    loss.backward(); opt.step()
+    # or by hand: loss.backward(); dp.finish(); opt.step()
+
+A step of any optimizer over the module's parameters with gradients that were never synced is
+refused with one line (a global optimizer step pre-hook), so a forgotten finish() cannot let the
+replicas drift apart. `begin_step()` before backward lets buckets reduce while backward still
+runs (overlap); without it, finish() reduces everything after backward. grad_compress='bf16'|
+'fp16' sends float32 gradients across hosts as that type, summing in float32 (compress.py).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import nn
 
-from .buckets import DEFAULT_BUCKET_MB, GradBuckets, check_identical
+from ..errors import ConfigError
+from .buckets import DEFAULT_BUCKET_MB, GradBuckets, SampleCounter, check_identical
 from .compress import wire_dtype
 from .partitioned import is_partitioned
 
 
+class UnsyncedGradientsError(ConfigError):
+    """An optimizer was about to step on data-parallel gradients that were never synchronised."""
+
+
 class DataParallel:
     def __init__(self, module: nn.Module, dp_world, bucket_mb: float = DEFAULT_BUCKET_MB,
-                 op: str = "avg", check_every: int = 0, overlap: bool = True, background: bool = True,
+                 op: str = "mean", check_every: int = 0, overlap: bool = True, background: bool = True,
                  algorithm: str = "auto", grad_compress: str | None = None):
+        if op not in ("mean", "sum"):
+            raise ConfigError(f"DataParallel op={op!r}: 'mean' (each replica's loss a mean over its samples) "
+                              f"or 'sum' (each replica's loss already weighted by its share of the global batch)")
         dp_world = getattr(dp_world, "dp_world", dp_world)   # a Topology: its replicas' World
         self.module, self.world, self.check_every = module, dp_world, check_every
+        self.counter = counter = SampleCounter(module) if op == "mean" else None
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad and not is_partitioned(p)]
+        self.params = {id(p) for _, p in named}
         self.buckets = GradBuckets(dp_world, [p for _, p in named], bucket_mb, op, overlap,
                                    names=[n for n, _ in named], background=background, algorithm=algorithm,
-                                   wire=wire_dtype(grad_compress))
+                                   wire=wire_dtype(grad_compress),
+                                   samples=(lambda: counter.n) if counter else None)
         self.steps = 0
+        self.wrapped = weakref.WeakKeyDictionary()   # optimizer -> self.steps when it last stepped
         broadcast_state(module, dp_world)
+        watch(self)
 
     def describe(self) -> str:
         """Which all-reduce each gradient bucket runs, e.g. '3 bucket(s), 2.4 MiB: shm x3 over 2 ranks'."""
@@ -46,15 +71,30 @@ class DataParallel:
         algos = ", ".join(f"{a} x{k}" for a, k in used.items())
         return f"{len(self.buckets.buckets)} bucket(s), {nbytes / 2**20:.1f} MiB: {algos} over {self.world.size} ranks"
 
+    def optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """`opt` itself, from now on syncing the gradients when it steps (unless finish() already
+        did since its last step): data parallelism that cannot be half-used. Collective: every
+        replica steps alike."""
+        if not self._steps_on(opt):
+            raise ConfigError(f"dp.optimizer({type(opt).__name__}): that optimizer steps none of the parameters "
+                              f"of the module DataParallel keeps in sync; build it from model.parameters()")
+        self.wrapped[opt] = self.steps
+        return opt
+
     def begin_step(self, backward_passes: int = 1) -> None:
-        """Call before the step's backward(s): `backward_passes` = micro-batches run backward."""
+        """Call before the step's backward(s): `backward_passes` = micro-batches run backward
+        (op 'mean': weight each micro-batch's mean loss by its share of this replica's samples,
+        as gradient accumulation does in one process)."""
         self.buckets.begin_step(backward_passes)
 
     def finish(self) -> None:
-        """Call after backward, before optimizer.step(): gradients are then reduced everywhere."""
+        """Call after backward, before optimizer.step(): gradients are then the global batch's
+        mean (op 'mean'; 'sum': summed) on every replica. Collective."""
         if not self.buckets.active:
             self.buckets.begin_step(1)
         self.buckets.finish()
+        if self.counter:
+            self.counter.reset()
         if self.check_every and self.steps % self.check_every == 0:
             self.check_replicas()
         self.steps += 1
@@ -68,6 +108,42 @@ class DataParallel:
 
     def remove(self) -> None:
         self.buckets.remove()
+        if self.counter:
+            self.counter.remove()
+        LIVE.discard(self)
+
+    # -- before any optimizer's step ------------------------------------------------------------
+    def _steps_on(self, opt) -> bool:
+        return any(id(p) in self.params for group in opt.param_groups for p in group["params"])
+
+    def before_step(self, opt) -> None:
+        """A wrapped optimizer syncs first; any step on gradients still unsynced is refused."""
+        if opt in self.wrapped:
+            if self.wrapped[opt] == self.steps:      # no finish() since its last step
+                self.finish()
+            self.wrapped[opt] = self.steps
+        if self.buckets.unreduced and self._steps_on(opt):
+            raise UnsyncedGradientsError(
+                f"{type(opt).__name__}.step() would apply gradients that were never "
+                f"synchronised over the {self.world.size} data-parallel replica(s) on {self.world.name}, so they "
+                f"would drift apart: call dp.finish() after backward, or let the optimizer do it: "
+                f"opt = dp.optimizer(torch.optim.{type(opt).__name__}(...))")
+
+
+LIVE: "weakref.WeakSet[DataParallel]" = weakref.WeakSet()
+HOOK = []   # the global optimizer step pre-hook, registered with the first DataParallel
+
+
+def watch(dp: DataParallel) -> None:
+    """Every optimizer step in this process first passes the live DataParallels' before_step."""
+    if not HOOK:
+        HOOK.append(register_optimizer_step_pre_hook(before_any_step))
+    LIVE.add(dp)
+
+
+def before_any_step(opt, args, kwargs) -> None:
+    for dp in list(LIVE):
+        dp.before_step(opt)
 
 
 @torch.no_grad()

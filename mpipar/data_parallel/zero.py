@@ -21,11 +21,16 @@ others are refused with one line. Clipping by the global norm is exact in exact 
 the squared norms of the owned segments are summed over the replicas (and over `norm_worlds`,
 e.g. the pipeline's other stages) before scaling.
 
-    opt = ShardedOptimizer(model.parameters(), topo.dp_world, torch.optim.Adam, stage=2, lr=1e-3)
-    # stage 3: ShardedOptimizer(..., stage=3, units=list(model))  -- gathered one unit at a time
-    opt.zero_grad(); opt.begin_step(passes=1)   # stage 2: backward passes before the gradients are final
-    loss.backward()            # local gradients: replicas SUM them (scale the loss)
-    opt.step(clip=1.0)         # (reduce-scatter,) clip, step the owned segment, all-gather
+The gradient convention is DataParallel's (wrapper.py): each replica's loss is a mean over its
+own samples and the step uses the global batch's mean gradient, each replica weighted by its
+share of the samples (op 'mean'); a Pipeline's optimizer sums (op 'sum'), as the Pipeline
+weights its micro-batches' losses by their share itself.
+
+    opt = ShardedOptimizer(model, topo, torch.optim.Adam, stage=2, lr=1e-3)
+    # stage 3: the model's children gathered one at a time (or units=[...])
+    opt.zero_grad(); opt.begin_step(passes=1)   # stages 2, 3: backward passes before the gradients are final
+    loss.backward()            # loss: a mean over this replica's samples
+    opt.step(clip=1.0)         # (reduce-scatter,) weigh, clip, step the owned segment, all-gather
 """
 from __future__ import annotations
 
@@ -36,8 +41,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .buckets import SampleCounter, checked_total
 from .reduce import all_gather, reduce_scatter, segment_of
-from .zero3 import ShardedParameters
+from .wrapper import broadcast_state
+from .zero3 import ShardedParameters, collective
 
 BUCKET_MB = 25   # stage 2: gradients reduced per bucket of about this many MiB
 
@@ -53,14 +60,42 @@ def gathered(optimizer, write_back: bool = False):
 
 
 class ShardedOptimizer:
-    """`optimizer(shard, **kwargs)` stepping this replica's segment of the flat parameters."""
+    """`optimizer(shard, **kwargs)` stepping this replica's segment of the flat parameters.
+
+    `params`: the model (an nn.Module: stage 3's units default to its children) or its
+    parameters; `dp_world`: a Topology (its dp replicas) or a World. `op`, the gradient
+    convention, as DataParallel's: 'mean' -- each replica's loss is a mean over its own samples,
+    counted from the forward of the model (or of units[0]), and the step uses the global batch's
+    mean gradient, each replica weighted by its share (exact on uneven shards); the replicas then
+    start from rank 0's weights. 'sum' -- each replica's loss is already weighted by its share
+    of the global batch, as a Pipeline weights its micro-batches: gradients are summed (what
+    Pipeline.make_optimizer and ShardedOptimizer.like build)."""
 
     def __init__(self, params, dp_world, optimizer=torch.optim.Adam, norm_worlds=(), stage: int = 1,
-                 bucket_mb: float = BUCKET_MB, units=None, **kwargs):
+                 bucket_mb: float = BUCKET_MB, units=None, op: str = "mean", **kwargs):
         if not (isinstance(optimizer, type) and issubclass(optimizer, ELEMENTWISE)):
             name = getattr(optimizer, "__name__", type(optimizer).__name__)
             raise ConfigError(f"ZeRO shards the optimizer state by segment, which needs an elementwise step; "
                               f"{name} is not one of {', '.join(c.__name__ for c in ELEMENTWISE)}")
+        dp_world = getattr(dp_world, "dp_world", dp_world)     # a Topology: its replicas' World
+        module = params if isinstance(params, nn.Module) else None
+        if module is not None:
+            params = module.parameters()
+            if units is None and stage == 3:
+                units = list(module.children()) or [module]
+        if op not in ("mean", "sum"):
+            raise ConfigError(f"ShardedOptimizer op={op!r}: 'mean' (each replica's loss a mean over its samples) "
+                              f"or 'sum' (each replica's loss already weighted by its share of the global batch)")
+        self.op, self.counter, self.count = op, None, None
+        if op == "mean":
+            if module is None and not units:
+                raise ConfigError("ShardedOptimizer weights each replica's gradient by the samples its loss "
+                                  "averaged, counted on the model's forward: pass the model itself "
+                                  "(ShardedOptimizer(model, topo, ...)) or units=, or op='sum' if each replica's "
+                                  "loss is already weighted by its share of the global batch")
+            counted = module if module is not None else units[0]
+            self.counter = SampleCounter(counted)
+            broadcast_state(module if module is not None else nn.ModuleList(units), dp_world)
         seen: set[int] = set()
         self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
         dtypes = {p.dtype for p in self.params}
@@ -75,6 +110,7 @@ class ShardedOptimizer:
         self.sharded = None
         if stage == 3:                         # the parameters themselves sharded (zero3.py)
             self.sharded = ShardedParameters(self.params, units, dp_world)
+            self.sharded.scale = self._weight if self.weighted else None
             self.flat = self.grad = None
             self.shard = nn.Parameter(self.sharded.data)
             self.inner = optimizer([self.shard], **kwargs)
@@ -112,12 +148,23 @@ class ShardedOptimizer:
         accepted = inspect.signature(type(optimizer)).parameters
         kwargs = {k: v for k, v in optimizer.param_groups[0].items() if k != "params" and k in accepted}
         return cls(params, topo.dp_world, type(optimizer), norm_worlds=(topo.pp_world,), stage=stage, units=units,
-                   **kwargs)
+                   op="sum", **kwargs)
 
     # -- what a torch optimizer offers ----------------------------------------------------
     @property
     def param_groups(self):
         return self.inner.param_groups
+
+    @property
+    def weighted(self) -> bool:
+        """op 'mean' over several replicas: gradients are weighted by their sample counts."""
+        return self.counter is not None and self.world.size > 1
+
+    def _weight(self) -> int:
+        """This replica's samples this step (read once a step: every reduction weighs the same)."""
+        if self.count is None:
+            self.count = self.counter.n
+        return self.count
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Stage 1: each .grad becomes a zeroed view of the flat gradient (backward accumulates
@@ -187,6 +234,8 @@ class ShardedOptimizer:
             if p.grad is not None:
                 scratch[self.offsets[i] - lo:self.offsets[i] - lo + p.numel()].copy_(p.grad.reshape(-1))
                 p.grad = None                     # its memory goes back now, not at the step
+        if self.weighted:
+            scratch.mul_(self._weight())
         a, b = self.segment
         x, y = max(a, lo), min(b, hi)
         if self.world.size > 1:
@@ -220,8 +269,9 @@ class ShardedOptimizer:
         inner = self.inner.state_dict()
         mine = inner["state"].get(0, {})
         n = self.shard.numel()
-        full = {key: self._whole(mine[key]) for key in sorted(k for k, v in mine.items()
-                                                             if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == n)}
+        with collective(self.world, "ShardedOptimizer.state_dict()"):
+            full = {key: self._whole(mine[key]) for key in sorted(k for k, v in mine.items()
+                                                                 if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == n)}
         state = {}
         for i in range(len(self.params)):
             state[i] = {k: (full[k][i].clone() if k in full else
@@ -282,8 +332,9 @@ class ShardedOptimizer:
                 "shapes": {names[i]: list(p.shape) for i, p in enumerate(self.params)}}
 
     def gathered(self, write_back: bool = False):
-        """A context in which every parameter is whole (stage 3 gathers them: collective;
-        `write_back` keeps what was written into them); stages 1, 2: always whole."""
+        """A context in which every parameter is whole (stage 3 gathers them: collective, every
+        replica calls it; `write_back` keeps what was written into them); stages 1, 2: always
+        whole. A model.state_dict() taken inside stays valid after the block (saves and loads)."""
         return self.sharded.gathered(write_back) if self.sharded is not None else nullcontext()
 
     def describe(self) -> str:
@@ -340,12 +391,24 @@ class ShardedOptimizer:
         parameters (stage 3: gathered when used). Afterwards .grad holds nothing meaningful
         until zero_grad. Returns the global norm (nan when skipped: skip_step)."""
         grad = self.gradients()[0]
+        count, self.count = (self._weight() if self.weighted else 0), None
+        if self.counter is not None:
+            self.counter.reset()
         if getattr(self, "skipping", False):
             self.skipping = False
             return float("nan")
+        if self.stage == 1 and self.weighted:        # stages 2, 3 weighed theirs when reducing them
+            grad.mul_(count)
         mine = reduce_scatter(self.world, grad) if self.stage == 1 and self.world.size > 1 else grad
-        squares = torch.tensor([float(mine.double().pow(2).sum())], dtype=torch.float64)
-        for w in (self.world, *self.norm_worlds):
+        sums = torch.tensor([float(mine.double().pow(2).sum()), count], dtype=torch.float64)
+        if self.world.size > 1:
+            sums = self.world.allreduce_native(sums)
+        if self.weighted:                            # the sum of n_r x gradient, over N
+            total = checked_total(float(sums[1]), "ShardedOptimizer")
+            mine.div_(total)
+            sums[0] /= total ** 2
+        squares = sums[:1].clone()
+        for w in self.norm_worlds:
             if w.size > 1:
                 squares = w.allreduce_native(squares)
         norm = math.sqrt(float(squares[0]))

@@ -13,7 +13,9 @@ Freeing shrinks the vector's storage to nothing instead of dropping it: the tens
 saved in the forward (a weight, its transpose) are views of that storage and see the data again
 once it is gathered back for the backward. Between uses each parameter's `.data` is a
 zero-stride stand-in of its own shape (reads give zeros, never freed memory); `gathered()`
-makes the whole model readable and writable, e.g. for checkpoints.
+makes the whole model readable and writable, e.g. for checkpoints. A block of gathered() leaves
+the memory it gathered to whatever still refers to it (a state_dict taken inside stays whole and
+saves and loads) and gives the units fresh, empty storage instead of shrinking that one.
 
 Units are reduced in one fixed order (the last first) on every replica, like stage 2's
 buckets, and the gathers follow the forward and backward order, which every replica shares:
@@ -33,7 +35,9 @@ from contextlib import contextmanager
 import torch
 
 from ..comm.shared import SharedBuffer, one_host
+from ..comm.waits import BOARD
 from ..errors import ConfigError
+from .buckets import digest
 from .reduce import all_gather, reduce_scatter, segment_of
 from .shm import shared_all_gather_start
 
@@ -97,6 +101,7 @@ class ShardedParameters:
                        if world.size > 1 and one_host(world) else None)
         self.pending = None                           # (unit, finish) of the gather in flight
         self.passes = 1
+        self.scale = None       # op 'mean': () -> this replica's sample count, its gradients' weight
         self.hooks = []
         for u, m in enumerate(self.modules):
             self.hooks.append(m.register_forward_pre_hook(self._before_forward(u)))
@@ -161,27 +166,33 @@ class ShardedParameters:
             self.params[i].data = self._view(i)
         self.is_gathered[u] = True
 
-    def free(self, u: int) -> None:
+    def free(self, u: int, hand_over: bool = False) -> None:
+        """Unit u back to this replica's segment only. `hand_over`: the gathered memory is left to
+        whatever still refers to it (a state_dict taken inside gathered()), the unit gets new."""
         if not self.is_gathered[u]:
             return
         for i in self.members[u]:
             self.params[i].data = self.stand_in[i]
+        if hand_over:
+            self.full[u] = torch.empty(self.sizes[u], dtype=self.data.dtype)
         self.full[u].untyped_storage().resize_(0)
         self.is_gathered[u] = False
 
     @contextmanager
     def gathered(self, write_back: bool = False):
         """Every unit whole for the duration (collective); `write_back`: what was written into
-        the parameters becomes this replica's segments (e.g. after loading a checkpoint)."""
-        for u in range(len(self.members)):
-            self.gather(u)
+        the parameters becomes this replica's segments (e.g. after loading a checkpoint).
+        Tensors taken inside (model.state_dict()) stay valid after the block."""
+        with collective(self.world, "ShardedOptimizer.gathered()"):
+            for u in range(len(self.members)):
+                self.gather(u)
         try:
             yield
         finally:
             for u in range(len(self.members)):
                 if write_back:
                     self._own(u).copy_(self._segment(u))
-                self.free(u)
+                self.free(u, hand_over=True)
 
     # -- hooks ----------------------------------------------------------------------------------
     def _before_forward(self, u: int):
@@ -233,6 +244,8 @@ class ShardedParameters:
             if p.grad is not None:
                 scratch[self.offset[i]:self.offset[i] + p.numel()].copy_(p.grad.reshape(-1))
                 p.grad = None
+        if self.scale is not None:
+            scratch.mul_(self.scale())
         mine = reduce_scatter(self.world, scratch) if self.world.size > 1 else scratch
         self._own(u, self.grad).add_(mine)
         self.next += 1
@@ -280,3 +293,18 @@ class ShardedParameters:
         if self.buffer is not None:
             self.buffer.free()
             self.buffer = None
+
+
+@contextmanager
+def collective(world, called: str):
+    """A collective the user calls (`called`): every rank of `world` first shows it is in the same
+    one (a rank in another collective gets one line saying so), and a stall inside names it."""
+    with BOARD.inside(f"{called}, which every rank of {world.name} ({world.size} ranks) must call"):
+        if world.size > 1:
+            codes = world.allgather_floats([digest(called)])[:, 0]
+            others = [world.world_rank_of(r) for r in range(world.size) if codes[r] != codes[world.rank]]
+            if others:
+                raise ConfigError(f"rank {world.world_rank_of(world.rank)} called {called} while rank(s) "
+                                  f"{', '.join(map(str, others))} of {world.name} called another collective: "
+                                  f"{called} is collective, every rank of {world.name} must call it")
+        yield

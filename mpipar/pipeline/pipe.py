@@ -308,7 +308,7 @@ class Pipeline:
                               f"model has layers with weights, or a balance that gives every stage one")
         from ..data_parallel.zero import ShardedOptimizer
         self.sharded = ShardedOptimizer(self.parameters(), self.topo.dp_world, optimizer, norm_worlds=(self.topo.pp_world,),
-                                        stage=self.zero, units=self.units(), **kwargs)
+                                        stage=self.zero, units=self.units(), op="sum", **kwargs)   # step() weighs the losses
         return self.sharded
 
     def units(self) -> list[nn.Module]:

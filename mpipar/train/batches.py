@@ -8,6 +8,8 @@ from typing import Iterator
 
 import torch
 
+from ..errors import ConfigError
+
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
                   dp_rank: int = 0, dp_size: int = 1) -> list[torch.Tensor]:
@@ -43,13 +45,15 @@ def size_of(data) -> int:
 
 def sized_batches(data, batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True,
                   dp_rank: int = 0, dp_size: int = 1, steps: int = 0,
-                  num_workers: int = 0) -> Iterator[tuple]:
-    """(x, y, global_n) for this rank's shard of each global batch; `steps` > 0 stops early."""
+                  num_workers: int = 0, start: int = 0) -> Iterator[tuple]:
+    """(x, y, global_n) for this rank's shard of each global batch of the epoch from batch
+    `start` on; `steps` > 0 ends the epoch after that many batches (counted from its first)."""
     n = size_of(data)
     idx = epoch_batches(n, batch_size, seed, epoch, shuffle, dp_rank, dp_size)
     if steps:
         idx = idx[:steps]
     sizes = [min(batch_size, n - i * batch_size) for i in range(len(idx))]
+    idx, sizes = idx[start:], sizes[start:]
     held = tensors_of(data)
     if held is not None:
         x, y = held
@@ -62,10 +66,15 @@ def sized_batches(data, batch_size: int, seed: int = 0, epoch: int = 0, shuffle:
 
 
 def batches(data, batch_size: int, topo=None, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-            steps: int = 0, num_workers: int = 0) -> Iterator[tuple]:
+            steps: int = 0, num_workers: int = 0, start: int = 0) -> Iterator[tuple]:
     """(x, y): this data-parallel rank's shard of each global batch of `batch_size` from `data`
     (a map-style Dataset yielding (x, y), a TensorDataset, or an (x, y) pair of tensors), in
-    the order single-process training with the same seed and epoch sees them."""
+    the order single-process training with the same seed and epoch sees them. `start`: skip the
+    epoch's first `start` global batches, e.g. to continue mid-epoch after a resume (the same
+    batches and shards an uninterrupted run sees from there)."""
+    if start < 0:
+        raise ConfigError(f"batches(start={start}): the number of global batches to skip, >= 0")
     dp_rank, dp_size = (topo.dp_rank, topo.grid.dp) if topo is not None else (0, 1)
-    for x, y, _ in sized_batches(data, batch_size, seed, epoch, shuffle, dp_rank, dp_size, steps, num_workers):
+    for x, y, _ in sized_batches(data, batch_size, seed, epoch, shuffle, dp_rank, dp_size, steps, num_workers,
+                                 start):
         yield x, y

@@ -1,8 +1,11 @@
 """DataParallel and gradient buckets against single-process training: the same CNN trained on
 one process and data parallel (replicas start different: rank 0's are broadcast), with tiny
-buckets, one big bucket, no overlap, two backward passes per step, an uneven batch; a diverged
-replica and a gradient arriving after its bucket left are reported; replicas built differently
-raise the layout error on every rank. (That such an error ends the whole job with one line:
+buckets, one big bucket, no overlap, two backward passes per step, an uneven batch (op 'sum',
+losses weighted by their share as a Pipeline does); the default convention (op 'mean': each
+replica's loss a plain mean over its shard) on shards of 2/2/1/1, synced by finish() or by the
+optimizer wrapper; a step on unsynced gradients refused on every rank; a diverged replica and a
+gradient arriving after its bucket left are reported; replicas built differently raise the
+layout error on every rank. (That such an error ends the whole job with one line:
 tests/test_dp.py with tests/mpi/dp_mismatch.py.)"""
 import functools
 
@@ -12,6 +15,7 @@ from torch import nn
 
 from mpipar.data_parallel import DataParallel
 from mpipar.data_parallel.buckets import ReplicaMismatchError
+from mpipar.data_parallel.wrapper import UnsyncedGradientsError
 
 NP = (4,)   # any N dividing 12
 TIMEOUT = 180
@@ -142,3 +146,60 @@ def test_replicas_built_differently_raise_the_layout_error_on_every_rank(world):
     with pytest.raises(ReplicaMismatchError) as e:
         DataParallel(cnn(wide=9 if world.rank == 1 else 8), world)
     assert "disagree on the gradient layout" in str(e.value) and "rank 1 has 10 parameters" in str(e.value), str(e.value)
+
+
+UNEVEN = (12, 6, 12, 6)   # global batches: on 4 ranks the 6s split 2/2/1/1
+
+
+@pytest.mark.parametrize("sync", ["finish", "optimizer", "both"])
+def test_the_default_mean_is_exact_on_uneven_shards(world, sync):
+    """Each replica's loss a plain mean over its own shard (2/2/1/1 for a batch of 6 on 4 ranks),
+    no weighting by the user: DataParallel weighs each replica by its share of the global batch,
+    counted from the forward, so SGD with momentum ends where one process ends (float64).
+    `sync`: dp.finish(); the optimizer wrapper; both (the wrapper must not sync twice)."""
+    def data():
+        g = torch.Generator().manual_seed(1)
+        return [(torch.randn(b, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (b,), generator=g))
+                for b in UNEVEN]
+
+    ref = cnn().double()
+    opt = sgd(ref)
+    for x, y in data():
+        opt.zero_grad()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        opt.step()
+    model = cnn().double()
+    dp = DataParallel(model, world, bucket_mb=0.004)
+    opt = sgd(model) if sync == "finish" else dp.optimizer(sgd(model))
+    for x, y in data():
+        x, y = x.tensor_split(world.size)[world.rank], y.tensor_split(world.size)[world.rank]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if sync != "optimizer":
+            dp.finish()
+        opt.step()
+    for (name, a), want in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, want, msg=lambda m: f"sync={sync}: {name}: {m}")
+    dp.check_replicas()
+    dp.remove()
+
+
+def test_a_step_on_unsynced_gradients_is_refused_on_every_rank(world):
+    """Forgetting dp.finish() is refused at the optimizer's step, with the fix, on every rank
+    (an error ends the job), instead of letting the replicas drift apart."""
+    model = cnn()
+    dp = DataParallel(model, world)
+    opt = sgd(model)
+    x, y = batches()[0]
+    nn.functional.cross_entropy(model(x.tensor_split(world.size)[world.rank]),
+                                y.tensor_split(world.size)[world.rank]).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(UnsyncedGradientsError) as e:
+        opt.step()
+    assert "never synchronised" in str(e.value) and "dp.finish()" in str(e.value) and "dp.optimizer(" in str(e.value)
+    from mpipar.comm.failure import place
+    assert "cases_dp.py:" in place(e.value), place(e.value)      # the line the one-line report names
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))   # nothing stepped
+    dp.finish()
+    opt.step()                                                   # synced: the step goes through
+    dp.remove()

@@ -1,11 +1,15 @@
-"""ZeRO stages 1, 2 and 3 (data_parallel/zero.py, zero3.py) against single-process training and against our
-DataParallel: an MLP trained 50 Adam (and AdamW, SGD) steps on 2, 3 and 4 replicas, with and
-without global-norm clipping, every parameter assert_close (stage 2 with buckets small enough
-that several are reduced during backward; stage 3 gathering each Linear on its own, with
-two micro-batches per step, whose second forward finds the units freed again); with a layer
-backward never reaches and a branch some replicas or steps skip (stage 2's buckets, stage 3's
-units left incomplete by backward, reduced at the step); each replica holds 1/N of Adam's state; a
-non-elementwise optimizer is refused. Adam's parity runs are float64 (`parity_dtype`)."""
+"""ZeRO stages 1, 2 and 3 (data_parallel/zero.py, zero3.py) used directly, in a user's loop, against
+single-process training and against our DataParallel: an MLP trained 50 Adam (and AdamW, SGD with
+momentum) steps on 2, 3 and 4 replicas, each replica's loss a plain mean over its own shard (the
+one gradient convention: the optimizer weighs the replicas), with and without global-norm
+clipping, every parameter assert_close (stage 2 with buckets small enough that several are reduced
+during backward; stage 3 gathering each Linear on its own, with two micro-batches per step, whose
+second forward finds the units freed again); shards of different sizes; with a layer backward
+never reaches and a branch some replicas or steps skip (stage 2's buckets, stage 3's units left
+incomplete by backward, reduced at the step); each replica holds 1/N of Adam's state; a
+non-elementwise optimizer is refused; stage 3's gathered() names itself as a collective, and a
+state_dict taken inside it saves and loads. Adam's parity runs are float64 (`parity_dtype`).
+(The Pipeline's ZeRO, which sums its own weighted losses: cases_parity.py, cases_api.py.)"""
 from contextlib import contextmanager
 
 import pytest
@@ -56,8 +60,8 @@ def shard(world, x, y):
 
 
 def loss_of(model, x, y):
-    """Each replica's share of the global mean: summed over replicas it is the global mean."""
-    return nn.functional.mse_loss(model(x), y, reduction="sum") / (B * 3)
+    """The mean over these samples (a replica's shard, or the whole batch for the reference)."""
+    return nn.functional.mse_loss(model(x), y)
 
 
 def single(opt_cls, clip, **kw):
@@ -81,15 +85,15 @@ def zero(world, opt_cls, clip, stage=1, **kw):
         opt.zero_grad()
         opt.begin_step(passes)
         x, y = shard(world, x, y)
-        for xs, ys in zip(x.chunk(passes), y.chunk(passes)):
-            loss_of(model, xs, ys).backward()
+        for xs, ys in zip(x.chunk(passes), y.chunk(passes)):   # micro-batches: a mean over the shard
+            (loss_of(model, xs, ys) * len(ys) / len(y)).backward()
         opt.step(clip=clip)
     return model, opt
 
 
 def data_parallel(world, opt_cls, clip, **kw):
     model = mlp()
-    dp = DataParallel(model, world, op="sum")
+    dp = DataParallel(model, world)
     opt = opt_cls(model.parameters(), **kw)
     for x, y in batches():
         opt.zero_grad()
@@ -210,7 +214,7 @@ def test_a_parameter_backward_never_reaches_equals_single_process(world, stage, 
     def takes_side(step, r):
         return r % 2 == 0 if where == "replica" else step % 2 == 0
 
-    def loss(model, x, y, side):
+    def loss(model, x, y, side):   # the reference's: each replica's share of the global mean
         return nn.functional.mse_loss(model(x, side), y, reduction="sum") / (B * 3)
 
     data = [(x.double(), y.double()) for x, y in list(batches())[:steps]]
@@ -223,7 +227,8 @@ def test_a_parameter_backward_never_reaches_equals_single_process(world, stage, 
     for step, (x, y) in enumerate(data):
         opt.zero_grad()
         opt.begin_step(1)
-        loss(model, *shard(world, x, y), takes_side(step, world.rank)).backward()
+        xs, ys = shard(world, x, y)
+        nn.functional.mse_loss(model(xs, takes_side(step, world.rank)), ys).backward()   # the shard's mean
         if stage == 2:
             assert opt.next_bucket == 2        # out's buckets reduced in backward, the unused one holds the rest
         opt.step()
@@ -243,3 +248,56 @@ def test_a_parameter_backward_never_reaches_equals_single_process(world, stage, 
             torch.testing.assert_close(p, q, msg=lambda m: f"{name} vs single process: {m}")
         assert torch.equal(model.unused.weight, start.unused.weight)     # never reached: never moved
         assert not torch.equal(model.inp.weight, start.inp.weight)       # the layers held back did train
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_uneven_shards_with_plain_mean_losses_equal_single_process(world, stage, tmp_path):
+    """The README's form, ShardedOptimizer(model, world, ...): global batches of 10 (shards
+    5/5, 4/3/3, 3/3/2/2), each replica's loss a plain mean over its shard, SGD with momentum
+    (linear in the gradient: a replica weighed wrongly shows at once; float64). The weights end
+    where one process's do, read from a state_dict taken inside gathered() and saved and
+    loaded after the block (stage 3 used to leave it pointing at freed storage)."""
+    def data():
+        g = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            yield torch.randn(10, 12, generator=g, dtype=torch.float64), torch.randn(10, 3, generator=g, dtype=torch.float64)
+
+    kw = dict(lr=0.03, momentum=0.9)
+    ref = mlp().double()
+    ref_opt = torch.optim.SGD(ref.parameters(), **kw)
+    for x, y in data():
+        ref_opt.zero_grad()
+        loss_of(ref, x, y).backward()
+        ref_opt.step()
+    model = mlp().double()
+    opt = ShardedOptimizer(model, world, torch.optim.SGD, stage=stage, **kw)
+    for x, y in data():
+        opt.zero_grad()
+        loss_of(model, x.tensor_split(world.size)[world.rank], y.tensor_split(world.size)[world.rank]).backward()
+        opt.step()
+    with opt.gathered():
+        inside = model.state_dict()
+    torch.save(inside, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=True)
+    for (name, want), got in zip(ref.state_dict().items(), loaded.values()):
+        torch.testing.assert_close(got, want, msg=lambda m: f"stage {stage}: {name}: {m}")
+
+
+def test_gathered_waits_say_they_are_a_collective_every_rank_must_call(world, monkeypatch):
+    """A stall inside stage 3's gathered() (say, only some ranks called it) must name it and say
+    it is collective: every wait it makes carries that in the watchdog's report."""
+    from mpipar.comm.waits import BOARD
+    model = mlp()
+    opt = ShardedOptimizer(model, world, torch.optim.SGD, stage=3, lr=0.1)
+    seen, begin = [], BOARD._begin
+
+    def record(what, peer, tag):
+        start = begin(what, peer, tag)
+        seen.append(BOARD.current.describe())
+        return start
+    monkeypatch.setattr(BOARD, "_begin", record)
+    with opt.gathered():
+        pass
+    monkeypatch.undo()
+    want = f"[in ShardedOptimizer.gathered(), which every rank of {world.name} ({world.size} ranks) must call]"
+    assert seen and all(d.endswith(want) for d in seen), seen
