@@ -7,7 +7,7 @@ import torch
 
 from mpipar.comm import messages as H
 from mpipar.comm.cuda import BufferPolicy, mpi_buffer, query_cuda_support
-from mpipar.comm.messages import Kind, label, tag, untag
+from mpipar.comm.tags import Kind, label, tag, untag
 from mpirun import mpirun
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpipar.comm import World, devices
+from mpipar.comm import World, devices, staging
 from mpipar.comm.cuda import BufferPolicy
 from mpipar.comm.mpi import MPI
 from mpipar.errors import ConfigError
@@ -75,16 +75,16 @@ def test_blocking_wait_posts_pending_staged_sends(fake):
     ops, world = fake
     x = ops.register(torch.randn(64))
     s = world.isend(x, 0, 7)
-    assert s.posted is False and devices.any_pending()
+    assert s.posted is False and staging.any_pending()
     world.barrier()                                          # any blocking wait: staged sends go out first
-    assert s.posted is True and not devices.any_pending()
+    assert s.posted is True and not staging.any_pending()
     torch.testing.assert_close(world.recv(0, 7, device="cuda:0"), x, rtol=0, atol=0)
     s.wait()
 
 
 def test_pool_reuses_a_buffer_only_after_its_copy_completed():
     ops = FakeOps(polls=2)
-    pool = devices.PinnedPool(ops)
+    pool = staging.PinnedPool(ops)
     a = pool.take((4,), torch.float32)
     event = ops.copy_async(torch.empty(4), a, "cuda:0")
     pool.give(a, event)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..comm.waits import all_done
-from ..comm.messages import label
+from ..comm.tags import label
 from ..comm.waits import BOARD
 
 

@@ -19,7 +19,7 @@ from enum import IntEnum
 
 import torch
 
-from ..comm.messages import Kind, tag
+from ..comm.tags import Kind, tag
 from ..data_parallel.plan import split_bounds
 from ..errors import ConfigError
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..comm.world import pending_message
-from ..comm.messages import label
+from ..comm.tags import label
 from ..errors import ConfigError
 from .flat import flat_grad, flatten_
 from .gate import ProtocolError

@@ -14,7 +14,7 @@ Imports go down this list (a module imports only modules above it):
     devices.py   which GPU a rank takes (from the ranks that share its host)
     ulfm.py      surviving a dead rank where the MPI library has ULFM
 """
-from .messages import Kind, tag
+from .tags import Kind, tag
 from .world import World
 
 __all__ = ["World", "Kind", "tag"]

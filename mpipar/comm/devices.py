@@ -4,8 +4,7 @@ not from launcher variables (OMPI_COMM_WORLD_LOCAL_RANK, MPI_LOCALRANKID, SLURM_
 launcher).
 
 How device tensors then reach MPI (CUDA-aware, or staged through pinned host buffers) is
-staging.py's and cuda.py's; its names (CudaOps, PinnedPool, any_pending, ...) are importable from
-here too.
+staging.py's and cuda.py's.
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import torch
 
 from ..errors import ConfigError
 from .shared import host_layout
-from .staging import OPS, CudaOps, PinnedPool, any_pending, flush, pending, posted  # noqa: F401 (re-exported)
 
 CHOICES = ("auto", "cpu", "cuda")
 

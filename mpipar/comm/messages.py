@@ -1,5 +1,4 @@
-"""What travels between ranks: tags that cannot collide (made in tags.py, importable from here
-too), fixed-format tensor headers (never pickle), tensor sends and receives checked against what
+"""What travels between ranks (under tags.py's tags, which cannot collide): fixed-format tensor headers (never pickle), tensor sends and receives checked against what
 the receiver expects, and headerless numpy-array messages for the all-reduce hot loops."""
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from ..errors import ShapeError
 from . import staging
 from .cuda import mpi_buffer, pinned_buffer
 from .mpi import MPI
-from .tags import Kind, label, tag, untag  # noqa: F401  (tags live in tags.py; imported from here too)
+from .tags import label
 from .waits import BOARD
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from functools import lru_cache
 import torch
 
-from ..comm.messages import Kind, irecv_array, isend_array, tag
+from ..comm.messages import irecv_array, isend_array
+from ..comm.tags import Kind, tag
 from .plan import UFUNC, Plan, RingLayout, accumulate_dtype, finisher, numpy_dtype, pieces_for, split_bounds
 
 

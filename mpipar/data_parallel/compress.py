@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..comm.messages import Kind, irecv_array, isend_array, tag
+from ..comm.messages import irecv_array, isend_array
+from ..comm.tags import Kind, tag
 from .algorithms import WIRE_MAX_PIECES, WIRE_PIECE_BYTES, piece_table
 from .plan import Plan, RingLayout, pieces_for
 

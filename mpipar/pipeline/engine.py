@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..comm.messages import Kind, tag
+from ..comm.tags import Kind, tag
 from ..errors import ConfigError
 from .schedules import Action, message
 from .stage import Stage

@@ -10,7 +10,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from ..comm.messages import describe
-from ..comm.messages import Kind, tag
+from ..comm.tags import Kind, tag
 from ..errors import ShapeError
 
 
