@@ -39,6 +39,11 @@ class Callback:
     def after_epoch(self, trainer, epoch: int, rows) -> None:
         """After the epoch's metrics row (the last of `rows`) is written."""
 
+    def on_preempt(self, trainer, epoch: int, step_in_epoch: int, n_batches: int, tally, rows) -> str | None:
+        """The job was signalled (SIGTERM, SIGUSR1) and training stops after this step, on every
+        rank alike: save what must survive (collective); returns where it went, or None."""
+        return None
+
     def on_fit_end(self, trainer) -> None:
         """Training is over (collective: every rank calls it)."""
 

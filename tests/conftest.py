@@ -21,7 +21,7 @@ PER_MPI_CASE_FILES = {"comm", "ring"}
 QUICK_MODULES = {"test_layering", "test_packaging", "test_rankmap", "test_schedules", "test_balance",
                  "test_comm_logic", "test_hier_layout", "test_buckets", "test_metrics", "test_realtime",
                  "test_data", "test_launcher", "test_tensor", "test_checkpoint", "test_async_ps", "test_ring",
-                 "test_devices", "test_examples"}
+                 "test_devices", "test_examples", "test_guards"}
 NOT_QUICK = {   # the tests of those modules that launch jobs (the quick set's jobs: its QUICK cases)
     "test_resume_with_tensor_parallel_shards", "test_zero_stage2_resumes_bit_identical_and_on_another_dp_size",
     "test_bad_input_ends_with_one_line", "test_local_sh_runs_an_example", "test_async_gcn_cora_example_compares_sync",

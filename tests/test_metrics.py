@@ -66,3 +66,24 @@ def test_a_per_sample_loss_is_averaged_over_samples_whatever_the_split():
     token = Tally(nn.CrossEntropyLoss(), "classification")   # a token mean stays token-weighted
     token.add(logits[:2].reshape(-1, 6), y[:2].reshape(-1))
     assert token.vector()[2] == token.vector()[3] == float((y[:2] != IGNORE).sum())
+
+
+def test_metrics_rows_are_strict_json_with_null_for_non_finite_numbers(tmp_path):
+    """A diverged loss (inf, NaN) or a percentile of no steps is null in metrics.jsonl and
+    ranks.jsonl: JSON has no NaN or Infinity, and a strict reader refuses Python's bare NaN."""
+    import json
+
+    from mpipar.train.metrics import MetricsFile
+    from mpipar.train.observe import Dashboard
+
+    def strict(line):
+        return json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c} in {line}"))
+
+    MetricsFile(tmp_path).write({"epoch": 1, "train_loss": float("nan"), "test_loss": float("inf"),
+                                 "step_ms_p50": -float("inf"), "samples_per_s": 12.5})
+    row = strict((tmp_path / "metrics.jsonl").read_text())
+    assert row == {"epoch": 1, "train_loss": None, "test_loss": None, "step_ms_p50": None, "samples_per_s": 12.5}
+    Dashboard(tmp_path, ["h0", "h1"], "t", plot=False, live=False).add(row, [[1, 1, 1, 0, 0, 0, 0, float("nan")],
+                                                                           [1, 1, 1, 0, 0, 0, 0, 0.5]])
+    ranks = [strict(line) for line in (tmp_path / "ranks.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in ranks] == [None, 0.5]

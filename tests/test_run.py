@@ -128,3 +128,115 @@ def test_stall_watchdog_names_rank_peer_and_message(tmp_path):
     assert [(r, what) for r, _, what in reports] == [("1", "RECV ACT mb=7 header from rank 0")], p.stderr
     assert int(reports[0][1]) >= stall, p.stderr
     assert elapsed >= delay + stall, (elapsed, p.stderr)
+
+
+# -- issue 30: a diverging run and a preempted one end as they should -------------------------------
+
+def kept_states_finite(root: Path) -> list[int]:
+    """The steps of the checkpoints in `root`, after checking every tensor of every shard is finite."""
+    from mpipar.checkpoint import store
+    from mpipar.checkpoint.state import deserialize
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from tensors(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from tensors(v)
+
+    steps = []
+    for step, folder in store.step_dirs(root):
+        for shard in folder.glob("rank-*.pt"):
+            for t in tensors(deserialize(shard.read_bytes())):
+                assert not t.is_floating_point() or bool(t.isfinite().all()), f"{shard}: non-finite state"
+        steps.append(step)
+    return steps
+
+
+def test_a_diverging_run_stops_with_one_line_and_checkpoints_nothing_non_finite(tmp_path):
+    """--lr 1e6 (Adam) on dp=4, clipped, replicas checked: the first step whose loss or gradients
+    are not finite stops the job, non-zero, with one line; every checkpoint kept is finite."""
+    ck = tmp_path / "ck"
+    p = mpirun(4, "-m", "mpipar.run", "mlp", "--grid", "dp=4", "--lr", "1e6", "--clip-grad", "1.0",
+               "--dp-check-every", "1", "--checkpoint-dir", str(ck), "--checkpoint-every", "1", "--epochs", "1",
+               "--steps", "8", "--out", str(tmp_path / "out"), timeout=90)
+    assert p.returncode != 0
+    lines = [ln.lstrip("\0 ") for ln in p.stderr.splitlines() if "NonFiniteError" in ln]
+    assert len(lines) == 1 and re.match(r"rank 0 \(.*\): NonFiniteError: step \d+ \(epoch 1\): non-finite ", lines[0]), \
+        p.stderr[-3000:]
+    assert kept_states_finite(ck), "no checkpoint kept"
+
+
+def start_job(np_, argv, tmp_path, name):
+    """`python -m mpipar.run argv` on np_ ranks, not waited for (output in tmp_path/name.out, .err)."""
+    import subprocess
+    from mpirun import ENV
+    out, err = (open(tmp_path / f"{name}.{x}", "w") for x in ("out", "err"))
+    return subprocess.Popen(MPIEXEC.command(np_, ["-m", "mpipar.run", *argv]), stdout=out, stderr=err, text=True,
+                            env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)}, cwd=ROOT, start_new_session=True)
+
+
+def ranks_of(proc) -> list[int]:
+    """The Python processes (the ranks) the launcher started: its descendants (Open MPI's ranks
+    are its children, hydra's its proxy's, each in a session of its own)."""
+    parent, comm = {}, {}
+    for d in Path("/proc").iterdir():
+        try:
+            stat, comm[int(d.name)] = (d / "stat").read_text(), (d / "comm").read_text()
+        except (OSError, ValueError):
+            continue
+        parent[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    family = {proc.pid}
+    while more := {p for p, pp in parent.items() if pp in family} - family:
+        family |= more
+    return sorted(p for p in family if comm.get(p, "").startswith("python"))
+
+
+def preempt(proc, when: Path, tmp_path, name, ranks: int, sig):
+    """Once `when` exists, send `sig` to every one of the job's `ranks` (as SLURM does at the time
+    limit), or to the launcher (ranks=0); returns (exit code, the job's stderr)."""
+    import signal
+    from mpirun import kill_group
+    t0 = time.monotonic()
+    try:
+        while not when.exists():
+            assert proc.poll() is None, f"the job ended ({proc.returncode}) before {when.name}"
+            assert time.monotonic() - t0 < 120, f"no {when} after 120 s"
+            time.sleep(0.02)
+        pids = ranks_of(proc) if ranks else [proc.pid]
+        assert len(pids) == (ranks or 1), pids
+        for pid in pids:
+            os.kill(pid, sig)
+        rc = proc.wait(timeout=60)
+    finally:
+        kill_group(proc)
+    return rc, (tmp_path / f"{name}.err").read_text()
+
+
+def test_a_signal_checkpoints_and_exits_75_and_the_next_launch_resumes_from_it(tmp_path):
+    """SIGTERM to every rank (as SLURM does at the time limit), then, in the relaunch that resumes
+    from its checkpoint, SIGUSR1 to mpirun (SLURM's --signal; mpirun forwards it; a SIGTERM to
+    Open MPI's mpirun kills the ranks 0.25 s later, no time to save): each time every rank
+    finishes its step, the checkpoint is written and the job exits PREEMPTED_EXIT with one line.
+    That the resume is bit-equal to an uninterrupted run: tests/mpi/cases_checkpoint.py."""
+    import signal
+    from mpipar.checkpoint import store
+    from mpipar.train.guard import PREEMPTED_EXIT
+    ck = tmp_path / "ck"
+    argv = ["mlp", "--epochs", "8", "--steps", "16", "--checkpoint-dir", str(ck), "--checkpoint-every", "8",
+            "--out", str(tmp_path / "out")]
+    saved = None
+    for name, at, ranks, sig in (("a", 8, 4, signal.SIGTERM), ("b", 40, 0, signal.SIGUSR1)):
+        proc = start_job(4, argv, tmp_path, name)
+        rc, err = preempt(proc, store.step_dir(ck, at) / "manifest.json", tmp_path, name, ranks, sig)
+        lines = [ln.lstrip("\0 ") for ln in err.splitlines() if "preempted" in ln]
+        assert rc == PREEMPTED_EXIT and len(lines) == 1, err[-3000:]
+        m = re.match(rf"rank 0 \(.*\): preempted by {sig.name} \(first on rank \d\) after step (\d+) .*: "
+                     rf"checkpoint (\S+) written; .*; exit {PREEMPTED_EXIT}$", lines[0])
+        assert m and int(m.group(1)) > at and Path(m.group(2)) == store.step_dir(ck, int(m.group(1))), lines[0]
+        if saved is not None:   # the relaunch went on from the first one's checkpoint
+            assert f"resumed from {saved.name} " in (tmp_path / f"{name}.out").read_text()
+        saved = Path(m.group(2))

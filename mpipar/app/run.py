@@ -3,6 +3,7 @@ rank map and banner, then hands the example to the shared trainer."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -38,13 +39,18 @@ def shared_parser() -> argparse.ArgumentParser:
                    help="recompute activations in backward instead of storing them: all stages, or e.g. 0,1")
     p.add_argument("--timeline", default=None, help="PATH: write PATH.json (Chrome/Perfetto trace) and PATH.png (Gantt)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="clip by the global norm over all stages (0: off)")
+    p.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
+                   help="a step whose loss or gradients hold inf/NaN on any rank: stop the job (default), or "
+                        "skip the step on every rank (see --nonfinite-limit); never applied, never checkpointed")
+    p.add_argument("--nonfinite-limit", type=int, default=3,
+                   help="with --on-nonfinite skip: this many such steps in a row stop the job (default 3)")
     p.add_argument("--plot", action="store_true", help="write dashboard.png: loss, throughput and communication per rank")
     p.add_argument("--live", action="store_true", help="refresh dashboard.png/.html in --out after every epoch")
     p.add_argument("--compare", action="store_true", help="also train single-process; overlay curves in a PNG")
     p.add_argument("--wait", default="auto", choices=["auto", "spin", "poll"],
                    help="how ranks wait for messages: poll (sleep between tests) frees the core on "
                         "oversubscribed hosts; auto = poll when ranks on this host exceed its cores")
-    p.add_argument("--stall-timeout", type=float, default=120.0, help="abort when a rank waits longer (s)")
+    p.add_argument("--stall-timeout", type=float, default=120.0, help="abort when a rank waits longer (s; 0: off)")
     p.add_argument("--log-level", default="info", choices=["quiet", "info", "debug"])
     p.add_argument("--save-params", default=None, help="dir: stageS.pt per stage, rankR.pt per rank (every replica; parity checks)")
     p.add_argument("--inject-error", default=None, help="rank=R,step=S: raise on that rank at that step (tests)")
@@ -102,7 +108,32 @@ def parse(argv):
     from ..rankmap import Balance
     args.schedule = get_schedule(args.schedule, args.chunks)
     args.balance = Balance.parse(args.balance)
+    check_numbers(args)
     return args, example
+
+
+# the numeric flags a value outside [least, inf) or not finite would break silently (-5 steps
+# between checkpoints, a watchdog off at -1, NaN weights from --lr nan); None: the flag's default
+# says what leaving it out means
+LEAST = {"lr": 0.0, "clip_grad": 0.0, "stall_timeout": 0.0, "checkpoint_every": 1, "keep": 1, "max_restarts": 0,
+         "np": 1, "nonfinite_limit": 1, "dp_check_every": 0, "bucket_mb": None, "stage_memory_mb": None}
+MEANS = {"clip_grad": " (0: no clipping)", "stall_timeout": " (0: no watchdog)", "dp_check_every": " (0: never)",
+         "checkpoint_every": " (leave it out: an interval measured from the run)"}
+
+
+def check_numbers(args) -> None:
+    """Refuse, naming the flag, a number it cannot take: below its least value, or NaN/inf."""
+    for name, least in LEAST.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if least is None:       # a size: positive
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} {value}: must be a finite number > 0")
+        elif not (math.isfinite(value) and value >= least):
+            kind = "an integer" if isinstance(least, int) else "a finite number"
+            raise ConfigError(f"{flag} {value}: must be {kind} >= {least:g}{MEANS.get(name, '')}")
 
 
 def main(argv=None) -> int:

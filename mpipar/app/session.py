@@ -48,7 +48,8 @@ def partition(world, specs, args, grid, train, log=None):
 def train_config(example, args) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, steps=args.steps, seed=args.seed,
                        shuffle=example.shuffle, task=example.task, clip_grad=args.clip_grad, out=args.out,
-                       plot=args.plot, live=args.live, name=example.name, inject_error=parse_inject(args.inject_error))
+                       plot=args.plot, live=args.live, name=example.name, inject_error=parse_inject(args.inject_error),
+                       on_nonfinite=args.on_nonfinite, nonfinite_limit=args.nonfinite_limit)
 
 
 def build_trainer(topo, rankmap, example, specs, args, log=print):
@@ -59,7 +60,7 @@ def build_trainer(topo, rankmap, example, specs, args, log=print):
                     timeline=args.timeline, device=getattr(args, "device_", "cpu"),
                     data_parallel=DataParallelOptions(args.bucket_mb, args.allreduce, args.dp_check_every,
                                                         args.grad_compress, args.zero))
-    params = pipe.parameters()
+    params = pipe.trainable()         # a stage without any steps no optimizer (not parameters()' placeholder)
     optimizer = example.optimizer(params, args) if params else None
     stepped = optimizer       # what an lr scheduler adjusts (under --zero 1: the shard's optimizer)
     if pipe.zero and optimizer is not None:
@@ -198,7 +199,8 @@ def run_example(world, example, args) -> dict:
         log(text)
     from ..train.checkpointing import CheckpointConfig, attach_checkpoint   # --checkpoint-dir, --inject-fault
     attach_checkpoint(trainer, rankmap, len(train), CheckpointConfig(
-        args.checkpoint_dir, args.checkpoint_every, args.keep or CheckpointConfig.keep, args.async_checkpoint,
+        args.checkpoint_dir, args.checkpoint_every, CheckpointConfig.keep if args.keep is None else args.keep,
+        args.async_checkpoint,
         args.inject_fault, str(Path(args.checkpoint_dir or args.out) / "faults")), run_facts(example, args), log)
 
     t0 = time.perf_counter()

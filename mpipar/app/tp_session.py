@@ -44,7 +44,7 @@ def fit(model, topo, example, args, train, test, log, callbacks=(), out=None):
     sched = example.lr_scheduler(opt, args) if getattr(example, "lr_scheduler", None) else None
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, steps=args.steps, seed=args.seed,
                       shuffle=example.shuffle, task=example.task, clip_grad=getattr(args, "clip_grad", 0.0),
-                      out=out, name=example.name)
+                      out=out, name=example.name, on_nonfinite=args.on_nonfinite, nonfinite_limit=args.nonfinite_limit)
     trainer = Trainer(pipe, opt, cfg, sched, log)
     trainer.callbacks.extend(callbacks)
     rows = trainer.fit(train, test)

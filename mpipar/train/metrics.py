@@ -20,6 +20,7 @@ class Tally:
         self.loss_fn, self.task = loss_fn, task
         self.loss = self.correct = self.n = self.weight = 0.0
         self.per_sample = getattr(loss_fn, "mean_over", None) == "samples"
+        self.nonfinite = 0      # losses added that were inf or NaN (what the trainer's step guard asks)
 
     @torch.no_grad()
     def add(self, out: torch.Tensor, y: torch.Tensor) -> None:
@@ -34,7 +35,9 @@ class Tally:
         else:
             n = len(y)
         weight = len(y) if self.per_sample else n
-        self.loss += float(self.loss_fn(out.detach().float(), y)) * weight
+        loss = float(self.loss_fn(out.detach().float(), y))
+        self.nonfinite += not math.isfinite(loss)
+        self.loss += loss * weight
         self.n += n
         self.weight += weight
 
@@ -85,6 +88,13 @@ def format_row(row: dict) -> str:
     return "  ".join(parts)
 
 
+def json_line(row: dict) -> str:
+    """`row` as one line of strict JSON: a non-finite number (a diverged loss, a percentile of no
+    steps) is null, as JSON has no NaN or Infinity."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()},
+                      allow_nan=False)
+
+
 class MetricsFile:
     """metrics.jsonl in the output dir: one JSON object per epoch (written by rank 0 only)."""
 
@@ -95,4 +105,4 @@ class MetricsFile:
 
     def write(self, row: dict) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_line(row) + "\n")

@@ -5,11 +5,11 @@ written as ranks.jsonl, and (with --plot / --live) drawn as PNGs a person can re
 with one line per replica, throughput per rank, communication share and traffic per rank."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from ..extras import need, pyplot
+from .metrics import json_line
 
 FIELDS = ["samples", "seconds", "step_ms", "comm_s", "bytes_sent", "messages", "bytes_shared", "train_loss"]
 MARKERS = "osD^v<>pP*Xh"
@@ -58,7 +58,7 @@ class Dashboard:
         self.ranks.append(per_rank)
         with (self.out / "ranks.jsonl").open("a") as f:
             for d in per_rank:
-                f.write(json.dumps(d) + "\n")
+                f.write(json_line(d) + "\n")
         if self.live:
             self.draw(self.out / "dashboard.png")
             self.write_html()

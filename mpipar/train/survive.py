@@ -15,6 +15,7 @@ import torch
 
 from ..comm import ulfm
 from .batches import epoch_batches
+from .guard import PREEMPTED_EXIT  # noqa: F401  (a preempted job's exit code: the supervisor reads it here)
 
 
 def flat_grads(params) -> torch.Tensor:

@@ -9,6 +9,8 @@ checkpoints without writing the loop:
 """
 from __future__ import annotations
 
+import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +19,13 @@ import numpy as np
 import torch
 
 from ..callbacks import Callback
+from ..comm.mpi import MPI
 from ..data_parallel.zero import ShardedOptimizer, gathered
 from ..errors import ConfigError
+from .amp import PipelineGradScaler
 from .batches import size_of, sized_batches
 from .clip import clip_global_norm
+from .guard import PREEMPTED_EXIT, NonFiniteError, Preempted, Signals, StepGuard, all_finite, check_policy, finite_lr
 from .metrics import MetricsFile, Tally, error_metric, format_row, summarize
 from .observe import Dashboard, RankStats
 
@@ -40,14 +45,17 @@ class TrainConfig:
     name: str = "model"             # how outputs name the run
     num_workers: int = 0            # DataLoader workers for a map-style Dataset
     inject_error: tuple[int, int] | None = None   # (rank, step): raise there (tests of the abort path)
+    on_nonfinite: str = "stop"      # a non-finite loss or gradient: 'stop' the job, or 'skip' the step
+    nonfinite_limit: int = 3        # 'skip': this many non-finite steps in a row stop the job
 
     def __post_init__(self):
         for name, least in (("epochs", 1), ("batch_size", 1), ("steps", 0), ("num_workers", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < least:
                 raise ConfigError(f"{name}={value!r}: must be an integer >= {least}")
-        if self.clip_grad < 0:
-            raise ConfigError(f"clip_grad={self.clip_grad!r}: must be >= 0 (0: no clipping)")
+        if not (math.isfinite(self.clip_grad) and self.clip_grad >= 0):
+            raise ConfigError(f"clip_grad={self.clip_grad!r}: must be a finite number >= 0 (0: no clipping)")
+        check_policy(self.on_nonfinite, self.nonfinite_limit)
 
 
 class Trainer:
@@ -61,42 +69,78 @@ class Trainer:
         if isinstance(optimizer, ShardedOptimizer):   # ZeRO: the pipeline's step tells it the passes
             pipe.sharded = optimizer
         self.callbacks: list[Callback] = []   # loss scaling, checkpoints, gradient edits (callbacks.py)
-        self.step_count = 0
+        self.step_count = self.epoch = 0
         self.step_seconds: list[float] = []
+        finite_lr(optimizer)
+        if pipe.streaming and self.config.on_nonfinite == "skip":
+            raise ConfigError(f"on_nonfinite='skip' (--on-nonfinite skip): schedule {pipe.schedule.name} updates "
+                              f"the weights inside its lists, before the step's verdict; use 'stop'")
+        self.guard = StepGuard(self.topo.world, self.config.on_nonfinite, self.config.nonfinite_limit)
+        self.preempted = None      # the verdict of the step at which a signal was agreed on
+        self._grads_ok = True      # a streaming step's updates so far had finite gradients here
 
     # -- one step -------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor, tally: Tally | None = None,
                    position: tuple[int, int] = (0, 1), global_n: int | None = None) -> None:
         """One batch through the Pipeline's step (it splits, weights and runs the micro-batches);
         `position` = (step, steps) in the epoch (a streaming schedule spans them); `global_n`:
-        samples in the global batch when x is this data-parallel rank's shard of it."""
+        samples in the global batch when x is this data-parallel rank's shard of it. A step the
+        ranks find non-finite is skipped (its loss untallied) or stops training (guard.py)."""
         t0 = time.perf_counter()
         if self.config.inject_error and self.config.inject_error == (self.topo.world.rank, self.step_count):
             raise RuntimeError(f"injected error at step {self.step_count} (--inject-error)")
         passes = self.pipe.passes(len(x))
+        before = tally.vector() if tally is not None else None
+        bad_losses = tally.nonfinite if tally is not None else 0
         on_out = tally.add if tally is not None else None
         if self.pipe.streaming:     # 2BW updates mid-list (OPT): arm the callbacks right before each update
+            self._grads_ok = True
+
             def update():
                 for cb in self.callbacks:
                     cb.before_step(self, passes)
-                self.apply_update()
-            self.pipe.step(x, y, global_n, on_output=on_out, position=position, batch=self.step_count,
-                           update=update)
+                self.apply_update(None)
+            loss = self.pipe.step(x, y, global_n, on_output=on_out, position=position, batch=self.step_count,
+                                  update=update)
+            self.judge(self._loss_ok(tally, bad_losses, loss), self._grads_ok)   # stops; never skips
         else:
             if self.optimizer:
                 self.optimizer.zero_grad(set_to_none=True)
             for cb in self.callbacks:
                 cb.before_step(self, passes)
-            self.pipe.step(x, y, global_n, on_output=on_out, position=position, batch=self.step_count)
-            self.apply_update()
+            loss = self.pipe.step(x, y, global_n, on_output=on_out, position=position, batch=self.step_count)
+            if not self.apply_update(self._loss_ok(tally, bad_losses, loss)) and tally is not None:
+                tally.load(before)     # a skipped step: its loss is not the epoch's
         self.step_count += 1
         self.step_seconds.append(time.perf_counter() - t0)
 
-    def apply_update(self) -> None:
-        """Gradients are in place (reduced over dp): after_backward callbacks, clipping,
-        optimizer and lr steps."""
+    @staticmethod
+    def _loss_ok(tally: Tally | None, bad_before: int, loss: float | None) -> bool:
+        """This rank's own loss of the step was finite (no loss on this stage: True)."""
+        if tally is not None:
+            return tally.nonfinite == bad_before
+        return loss is None or math.isfinite(loss)
+
+    def apply_update(self, loss_ok: bool | None = True) -> bool:
+        """Gradients are in place (reduced over dp): after_backward callbacks, the ranks' verdict
+        on the step (loss_ok: this rank's loss was finite; None: a streaming schedule's update
+        in its list, judged at the end of the step), then clipping, optimizer and lr steps.
+        Returns whether the update was applied (False: the step is skipped on every rank)."""
+        scaler = PipelineGradScaler.of(self)
+        scaler_skips = scaler.skipped if scaler else 0
         for cb in self.callbacks:
             cb.after_backward(self)
+        handled = scaler is not None and scaler.skipped > scaler_skips   # the loss scaler's overflow rule
+        grads_ok = handled or all_finite(self.optimizer.gradients() if isinstance(self.optimizer, ShardedOptimizer)
+                                         else [p.grad for p in self.params])   # dropped this step already
+        if handled and loss_ok is not None:
+            loss_ok = True
+        if loss_ok is None:       # streaming: keep a non-finite update out of this rank's weights
+            self._grads_ok = self._grads_ok and grads_ok
+            if not grads_ok:
+                return False
+        elif not self.judge(loss_ok, grads_ok):
+            return False
         if isinstance(self.optimizer, ShardedOptimizer):   # ZeRO: reduces, clips and steps its shard
             self.optimizer.step(clip=self.config.clip_grad)
         else:
@@ -107,6 +151,28 @@ class Trainer:
                 self.optimizer.step()
         if self.scheduler:
             self.scheduler.step()
+        if not all_finite(self.params):   # finite gradients, yet the update overflowed: nothing to save
+            raise NonFiniteError(f"rank {self.topo.world.rank}: parameters are not finite after the update of step "
+                                 f"{self.step_count + 1} (its loss and gradients were): the learning rate "
+                                 f"(--lr) is too large")
+        return True
+
+    def judge(self, loss_ok: bool, grads_ok: bool) -> bool:
+        """The ranks' verdict on this step (the one collective, guard.py): True to apply it;
+        False to skip it; NonFiniteError when the policy stops. A signal is kept for fit."""
+        v = self.guard.agree(loss_ok, grads_ok)
+        if v.signal_rank is not None and self.preempted is None:
+            self.preempted = v
+        if not v.nonfinite:
+            return True
+        where = f"step {self.step_count + 1} (epoch {self.epoch + 1})"
+        if self.guard.must_stop():
+            raise NonFiniteError(self.guard.describe_stop(v, where))
+        self.guard.skipped += 1
+        if self.topo.world.rank == 0:
+            self.log(f"{where}: {v.what()}: skipped ({self.guard.in_a_row} in a row; {self.guard.limit} in a row "
+                     f"stop the job)")
+        return False
 
     @torch.no_grad()
     def evaluate(self, data, batch_size: int) -> list[float]:
@@ -120,6 +186,20 @@ class Trainer:
 
     # -- epochs ---------------------------------------------------------------------------
     def fit(self, train, test) -> list[dict]:
+        """The epochs. While they run, SIGTERM and SIGUSR1 only mark the job preempted: every rank
+        finishes the step, the ranks agree on it (guard.py), the callbacks checkpoint, and every
+        rank raises Preempted (exit PREEMPTED_EXIT). Only when this Trainer's world is the whole
+        job: ranks outside it would not hear of the agreement."""
+        whole_job = self.topo.world.size == MPI.COMM_WORLD.Get_size()
+        self.guard.signals = Signals().install() if whole_job else None
+        try:
+            return self._fit(train, test)
+        finally:
+            if self.guard.signals is not None:
+                self.guard.signals.close()
+                self.guard.signals = None
+
+    def _fit(self, train, test) -> list[dict]:
         c, topo, world = self.config, self.topo, self.topo.world
         metrics = MetricsFile(Path(c.out)) if world.rank == 0 and c.out else None
         stats = RankStats(world)   # per-rank throughput, communication time and bytes -> rank 0
@@ -135,7 +215,7 @@ class Trainer:
                                    c.steps, c.num_workers)
             count = -(-n // c.batch_size)
             count = min(count, c.steps) if c.steps else count
-            self.step_seconds = []
+            self.step_seconds, self.epoch, self.guard.skipped = [], epoch, 0
             for cb in cbs:
                 cb.on_epoch_start(self, epoch, tally)
             world.barrier()
@@ -148,6 +228,8 @@ class Trainer:
                 self.train_step(x, y, tally, position=(i, count), global_n=global_n)
                 for cb in cbs:
                     cb.after_step(self, epoch, i + 1, count, tally, rows)
+                if self.preempted is not None:
+                    self.stop_preempted(epoch, i + 1, count, tally, rows)
             world.barrier()
             seconds = time.perf_counter() - t0
             vec = tally.vector() + self.evaluate(test, c.batch_size)
@@ -164,6 +246,8 @@ class Trainer:
                    "step_ms_p50": p50, "step_ms_p95": p95, "step_ms_p99": p99, "seconds": seconds}
             if self.scheduler:
                 row["lr"] = self.scheduler.get_last_lr()[0]
+            if self.guard.skipped:
+                row["skipped_steps"] = self.guard.skipped
             rows.append(row)
             mine = vec[0] / vec[2] if self.pipe.is_last and vec[2] else float("nan")
             gathered = world.allgather_floats(stats.snapshot(local, count, mine))
@@ -181,6 +265,21 @@ class Trainer:
         for cb in cbs:
             cb.on_fit_end(self)
         return rows
+
+    def stop_preempted(self, epoch: int, done: int, count: int, tally: Tally, rows: list[dict]) -> None:
+        """Every rank agreed on a signal at this step: the callbacks save (collective), rank 0 says
+        so in one line, every rank raises Preempted."""
+        v, world = self.preempted, self.topo.world
+        saved = [w for cb in self.callbacks if (w := cb.on_preempt(self, epoch, done, count, tally, rows))]
+        line = (f"preempted by {v.signal_name} (first on rank {v.signal_rank}) after step {self.step_count} "
+                f"(epoch {epoch + 1}, batch {done} of {count}): "
+                + (f"checkpoint {saved[0]} written; the same command resumes from it" if saved else
+                   "no checkpoint written (none configured, or a schedule with weights in flight mid-epoch)")
+                + f"; exit {PREEMPTED_EXIT}")
+        if world.rank == 0:
+            sys.stderr.write(f"rank 0 ({world.host}): {line}\n")
+            sys.stderr.flush()
+        raise Preempted(line)
 
     def state_dict(self) -> dict:
         """This stage's parameters as the single-process model names them, copied (tp > 1:

@@ -2,14 +2,20 @@
 resuming from step 4 is bit-identical; a corrupted or truncated shard makes every rank fall back
 to the previous checkpoint (and the rank that read it says why); the pp=4 checkpoint resumes on
 pp=2 x dp=2 and on pp=2 with the same model function and trains on to the uninterrupted run's
-parameters; async writes give the same result."""
+parameters; async writes give the same result. A signal on one rank stops every rank at the same
+step with a checkpoint the resume continues bit-equal from; a NaN gradient on one rank stops every
+rank at the same step with nothing non-finite checkpointed, or is skipped by every rank alike; an
+epoch resumed mid-way on another grid reports the loss of every replica's batches."""
+import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from mpipar.callbacks import AfterBackward, Callback
 from mpipar.checkpoint import store
 from mpipar.checkpoint.restart import newest_full_state
 from mpipar.model import build_full
@@ -18,6 +24,7 @@ from mpipar.app.run import parse
 from mpipar.app.session import build_trainer, partition, run_facts
 from mpipar.topology import Topology
 from mpipar.train.checkpointing import CheckpointConfig, attach_checkpoint
+from mpipar.train.guard import PREEMPTED_EXIT, NonFiniteError
 
 NP = (4,)
 TIMEOUT = 300
@@ -161,3 +168,108 @@ def test_async_writes_give_the_same_result(world, root, uninterrupted):
     _, merged = newest_full_state(f)
     _, ref_merged = newest_full_state(a)
     same_bits(merged, ref_merged, "async final checkpoint")
+
+
+# -- issue 30: signals, non-finite steps, an epoch's tally across a reshard ----------------------------
+
+class SignalAt(Callback):
+    """After optimizer step `step`, rank `rank` alone signals itself (the others never hear of it
+    but through the step's agreement)."""
+
+    def __init__(self, rank, step, signum=signal.SIGUSR1):
+        self.rank, self.step, self.signum = rank, step, signum
+
+    def after_step(self, trainer, *a):
+        if trainer.topo.world.rank == self.rank and trainer.step_count == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_and_the_resume_is_bit_equal(world, root,
+                                                                                            uninterrupted):
+    _, reference, *_ = uninterrupted
+    g = root / "g"
+    t, ck, args, example = run(world, root, "pp=4", g, train_it=False)
+    t.callbacks.append(SignalAt(2, 4))
+    with pytest.raises(SystemExit) as e:
+        t.fit(*example.data(args))
+    assert e.value.code == PREEMPTED_EXIT and t.step_count == 5     # the next step's agreement, everywhere
+    assert [s for s, _ in store.step_dirs(g)][0] == 5
+    t, ck, _, _ = run(world, root, "pp=4", g)
+    assert ck.resumed.step == 5
+    same_bits(stage_params(t), reference, "resumed after a signal")
+
+
+def poison_grad(rank, step):
+    """After backward of step `step`, rank `rank`'s first gradient holds a NaN (after the
+    data-parallel reduction: its replicas do not see it)."""
+    def edit(trainer):
+        if trainer.topo.world.rank == rank and trainer.step_count == step - 1:
+            next(p for p in trainer.params if p.grad is not None).grad.view(-1)[0] = float("nan")
+    return AfterBackward(edit)
+
+
+def test_a_nan_gradient_on_one_rank_stops_every_rank_before_its_step(world, root):
+    h = root / "h"
+    t, ck, args, example = run(world, root, "pp=2,dp=2", h, train_it=False)
+    t.callbacks.insert(0, poison_grad(3, 5))
+    with pytest.raises(NonFiniteError, match=r"step 5 \(epoch 1\): non-finite gradients \(first on rank 3\)"):
+        t.fit(*example.data(args))
+    assert t.step_count == 4
+    world.barrier()
+    man, state = newest_full_state(h)
+    assert man.step == 4 and all(bool(v.isfinite().all()) for v in state.values())
+
+
+def test_a_nan_gradient_on_one_rank_is_skipped_by_every_rank_alike(world, root):
+    """--dp-check-every 1: the replicas prove themselves bit-identical every step."""
+    t, ck, args, example = run(world, root, "pp=2,dp=2", root / "i", "--on-nonfinite", "skip", "--dp-check-every", "1",
+                               train_it=False)
+    t.callbacks.insert(0, poison_grad(3, 5))
+    rows = t.fit(*example.data(args))
+    assert t.step_count == 12 and rows[0]["skipped_steps"] == 1 and "skipped_steps" not in rows[1]
+
+
+@pytest.mark.parametrize("before, after", [("pp=2,dp=2", "pp=4"), ("dp=4", "dp=2")])
+def test_an_epoch_resumed_mid_way_on_another_grid_reports_every_replicas_loss(world, root, before, after):
+    """Resumed from step 8 (epoch 2, batch 2), the epoch's row equals the uninterrupted run's."""
+    name = f"j-{before}-{after}".replace(",", "").replace("=", "")
+    whole, cut = root / name, root / f"{name}-cut"
+    t, _, args, example = run(world, root, before, whole, train_it=False)
+    want = t.fit(*example.data(args))
+    keep_only(world, whole, cut, [8])
+    w = world if after != "dp=2" else world.split(int(world.rank >= 2), world.rank, "half")
+    if w.size == 2 and world.rank >= 2:
+        return   # dp=2 runs on ranks 0-1 only
+    t, ck, _, _ = run(w, root, after, cut, train_it=False)
+    assert (ck.resumed.step, ck.resumed.epoch, ck.resumed.step_in_epoch) == (8, 1, 2)
+    got = t.fit(*example.data(args))
+    for key in ("train_loss", "train_rmse"):
+        torch.testing.assert_close(got[1][key], want[1][key], rtol=1e-5, atol=0, msg=lambda m: f"{key}: {m}")
+
+
+def test_every_kept_checkpoint_corrupt_stops_every_rank_alike_and_deletes_nothing(world, root, uninterrupted):
+    """One flipped byte in each of the 3 kept checkpoints, each in another rank's shard: every
+    rank raises the same one-line CheckpointError, and the 3 folders are in quarantine/ as found."""
+    import zlib
+    from mpipar.checkpoint.store import CheckpointError
+    a, *_ = uninterrupted
+    k = root / "k"
+    keep_only(world, a, k, [4, 8, 12])
+    if world.rank == 0:
+        for step in (4, 8, 12):
+            f = store.step_dir(k, step) / store.shard_name(step // 4)
+            raw = bytearray(f.read_bytes())
+            raw[len(raw) // 2] ^= 0x08
+            f.write_bytes(bytes(raw))
+    world.barrier()
+    before = {p.name: {f.name: f.read_bytes() for f in p.iterdir()} for _, p in store.step_dirs(k)}
+    with pytest.raises(CheckpointError) as e:
+        run(world, root, "pp=4", k, train_it=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "all 3 were rejected" in msg and "--restart-from-scratch" in msg, msg
+    assert len(set(world.allgather_floats([zlib.crc32(msg.encode())])[:, 0])) == 1, "ranks differ"
+    assert sorted(before) == ["step-000000004", "step-000000008", "step-000000012"] and not store.step_dirs(k)
+    for name, files in before.items():
+        kept = k / "quarantine" / name
+        assert {f.name: f.read_bytes() for f in kept.iterdir() if not f.name.startswith("WHY-")} == files, name
+        assert "corrupted" in (kept / f"WHY-rank-{int(name[-9:]) // 4:05d}.txt").read_text(), name
