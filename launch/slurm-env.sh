@@ -41,5 +41,39 @@ print("\n".join(find().command(int(sys.argv[1]), sys.argv[2:], python=sys.execut
   [ "${#cmd[@]}" -gt 0 ] || return 2   # mpipar.launcher printed why
   echo "mpipar job ${SLURM_JOB_ID:-?}: $np ranks on ${SLURM_JOB_NODELIST:-$(hostname)} via $launcher: ${cmd[*]}"
   if [ -n "${MPIPAR_DRY_RUN:-}" ]; then return 0; fi
-  "${cmd[@]}"
+  mpipar_preemptible "${cmd[@]}"
+}
+
+# mpipar_preemptible CMD...: run CMD (mpirun, srun or the supervisor) so that a preemption saves
+# the work. `#SBATCH --signal=B:USR1@120` sends USR1 to this batch shell alone, 120 s before the
+# time limit (scancel --signal=USR1 --batch, or TERM at a preemption, likewise); bash runs a trap
+# only after its foreground child ends, so CMD runs in the background and the trap passes USR1
+# on: the MPI's launcher, srun and the supervisor hand it to every rank, which write a
+# checkpoint and exit 75 (PREEMPTED). Then the job is requeued, as --requeue jobs expect, and
+# resumes from that checkpoint (without --checkpoint-dir nothing was saved: it is not requeued,
+# as it would start again from step 0, each time).
+MPIPAR_PREEMPTED_EXIT=75   # mpipar.train.survive.PREEMPTED_EXIT
+mpipar_preemptible() {
+  local pid rc=0 got trapped=0
+  "$@" &
+  pid=$!
+  trap 'trapped=1; kill -USR1 "$pid" 2>/dev/null || true' USR1 TERM
+  while :; do   # a trap ends `wait` early: wait again, for CMD's own status
+    trapped=0 got=0
+    wait "$pid" || got=$?
+    if [ "$got" -eq 127 ]; then break; fi   # CMD's status was already taken (the trap came after it)
+    rc=$got
+    if [ "$trapped" = 0 ]; then break; fi
+  done
+  trap - USR1 TERM
+  if [ "$rc" -eq "$MPIPAR_PREEMPTED_EXIT" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    case " $* " in
+      *" --checkpoint-dir"*)
+        echo "mpipar job $SLURM_JOB_ID: preempted; its checkpoint is written: requeueing it (scontrol requeue)"
+        scontrol requeue "$SLURM_JOB_ID" ||
+          echo "mpipar: scontrol requeue $SLURM_JOB_ID failed (a --no-requeue job?): submit it again to resume" >&2 ;;
+      *) echo "mpipar job $SLURM_JOB_ID: preempted without --checkpoint-dir (nothing saved): not requeued" >&2 ;;
+    esac
+  fi
+  return "$rc"
 }

@@ -229,3 +229,33 @@ def test_qm9(tmp_path):
     d = copy_of("qm9", tmp_path)
     (d / "qm9_subset_geometries.xyz.gz").write_bytes(gzip.compress(b"3\ngdb_1\nC 0 0 0\n"))
     one_line_error(load_qm9, d, d)
+
+
+class Payload:
+    """A pickle that, if unpickled by plain pickle.load, creates the file `marker` (code ran)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_cifar10_pickle_payload_runs_no_code(tmp_path):
+    """A data_batch_1 that is a pickle payload is refused before any of its code runs; the
+    official format (numpy arrays, lists, bytes, dicts) at every pickle protocol still loads."""
+    marker = tmp_path / "payload-ran"
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "data_batch_1").write_bytes(pickle.dumps({b"data": Payload(marker), b"labels": [0]}))
+    with pytest.raises(DataError) as e:
+        load_cifar10(d)
+    assert not marker.exists(), "the payload's code ran"
+    assert str(d / "data_batch_1") in str(e.value) and "pathlib.Path.touch" in str(e.value), e.value
+    x, y = read_python_batch(FIRST200 / "data_batch_1_first200")
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        f = d / f"data_batch_p{protocol}"
+        f.write_bytes(pickle.dumps({b"batch_label": b"b", b"data": x.reshape(200, -1), b"labels": y.tolist(),
+                                    b"filenames": [b"a.png"] * 200}, protocol=protocol))
+        got_x, got_y = read_python_batch(f)
+        assert np.array_equal(got_x, x) and np.array_equal(got_y, y), protocol

@@ -4,8 +4,12 @@ bit-equal to the fault-free run (also under ZeRO stage 3); an error a rank repor
 is survived without any relaunch. First, in one process: the fault flags and the supervisor's
 decisions and commands."""
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +68,7 @@ def test_killed_rank_relaunch_is_bit_equal(tmp_path, fault_free, fault_flags):
     assert "injected fault 0: SIGKILL" in err and RANK_DEATH.search(out + err)   # the launcher saw it die
     assert "checkpoint: resumed from step-" in out or "starting from step 0" in out.split("launch 2")[1]
     assert "supervisor: launches=2 failures=1 recovered=1 recovery_rate=100% exit=0" in out
+    assert "no rank left a done marker" not in out   # every rank marked its clean end
     got = params(tmp_path / "params")
     assert sorted(got) == sorted(fault_free)
     for k in got:
@@ -138,11 +143,115 @@ def test_supervisor_relaunches_only_after_a_dead_rank():
 
 def test_supervisor_commands_are_argument_lists():
     cmd = launcher_command(4, ["-m", "mpipar.run", "mlp"], env={"PATH": ""})
-    assert cmd == MPIEXEC.command(4, ["-m", "mpipar.run", "mlp"]) and cmd[0] == MPIEXEC.path
+    exports = ["-x", "MPIPAR_ATTEMPT", "-x", "MPIPAR_SUPERVISED", "-x", "MPIPAR_DONE_DIR"] if KIND == "openmpi" else []
+    assert cmd == MPIEXEC.command(4, ["-m", "mpipar.run", "mlp"], extra=exports) and cmd[0] == MPIEXEC.path
     slurm = launcher_command(8, ["x.py"], env={"PATH": "", "SLURM_JOB_ID": "7"})
-    assert slurm == MPIEXEC.command(8, ["x.py"], oversubscribe=False)
+    assert slurm == MPIEXEC.command(8, ["x.py"], oversubscribe=False, extra=exports)
     assert launcher_command(8, ["x.py"], "srun", env={})[:3] == ["srun", "--mpi=pmix", "-n"]
     opts, job = split_argv(["--np", "2", "--max-restarts", "5", "mlp", "--epochs", "1"])
     assert (opts.np, opts.max_restarts, job) == (2, 5, ["-m", "mpipar.run", "mlp", "--epochs", "1"])
     opts, job = split_argv(["--np", "3", "--", "tests/mpi/x.py", "--np", "9"])
     assert opts.np == 3 and job == ["tests/mpi/x.py", "--np", "9"]
+
+
+# -- the supervisor's decisions, on stand-in jobs (one process, no MPI) ---------------------------
+
+FAKE_JOB = r"""
+import os, signal, subprocess, sys, time
+from pathlib import Path
+step = sys.argv[1].split(",")[int(os.environ["MPIPAR_ATTEMPT"])]
+done = Path(os.environ["MPIPAR_DONE_DIR"])
+def finish(ranks):
+    for r in range(ranks):
+        (done / f"rank-{r}").write_text("done")
+if step == "hang":   # a rank's stall report, then the launcher waits on a host it cannot reach
+    rank = subprocess.Popen([sys.executable, "-c", "import os, time; os.setpgid(0, 0); time.sleep(600)"])
+    Path(sys.argv[2]).write_text(str(rank.pid))   # like Open MPI's ranks: a process group of its own
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("rank 1 (h2): StallError: waited 10 s for RECV ACT mb=0 from rank 2 (--stall-timeout 10); aborting the job",
+          file=sys.stderr, flush=True)
+    time.sleep(600)
+if step == "lost":   # Open MPI after TCP gave up on the host: exit 0
+    print("PRTE has lost communication with a remote daemon.", file=sys.stderr, flush=True)
+elif step == "partial":   # exit 0 with 2 of the 4 ranks done
+    finish(2)
+elif step == "preempted":
+    finish(4)
+    sys.exit(75)
+elif step == "wait-usr1":   # a job that checkpoints and stops on SIGUSR1 (exit 75); SIGTERM kills it
+    signal.signal(signal.SIGUSR1, lambda *a: (Path(sys.argv[2]).write_text("checkpoint"), sys.exit(75)))
+    Path(sys.argv[2] + ".ready").write_text("")
+    time.sleep(600)
+    sys.exit(1)
+elif step == "ok":
+    finish(4)
+"""
+
+
+@pytest.fixture
+def fake_jobs(tmp_path, monkeypatch):
+    """supervise() on a stand-in for the launcher: ATTEMPT i does plan[i]; returns run(plan, ...)
+    -> (exit code, the supervisor's lines)."""
+    import mpipar.app.supervise as sup
+    script = tmp_path / "fake_job.py"
+    script.write_text(FAKE_JOB)
+    monkeypatch.setattr(sup, "HUNG_AFTER", 1.0, raising=False)
+    monkeypatch.setattr(sup, "KILL_GRACE", 1.0, raising=False)
+    monkeypatch.chdir(tmp_path)   # the done markers' folder
+
+    def run(plan, max_restarts=5, note=tmp_path / "note"):
+        monkeypatch.setattr(sup, "launcher_command", lambda *a, **k: [sys.executable, str(script), plan, str(note)])
+        lines = []
+        rc = sup.supervise(["-m", "x", "--checkpoint-dir", "c"], 4, max_restarts,
+                           log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+        assert not list(tmp_path.glob(".mpipar-done-*")), "done folders left behind"
+        return rc, lines
+    yield run
+    for pid in [int(p.name) for p in Path("/proc").glob("[0-9]*")]:   # a failed test's stand-ins
+        try:
+            if str(tmp_path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes() or \
+                    (tmp_path / "note").exists() and (tmp_path / "note").read_text() == str(pid):
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+def test_supervisor_relaunches_a_stalled_lost_or_preempted_job_and_never_passes_one_off_as_done(fake_jobs, tmp_path):
+    """A launcher still up after a rank's StallError is ended (its ranks too) and the job
+    relaunched; exit 0 after a lost host, or without every rank's done marker, is a failure
+    (relaunched); a preempted job (exit 75) is relaunched; then the job completes."""
+    t0 = time.monotonic()
+    rc, lines = fake_jobs("hang,lost,partial,preempted,ok")
+    text = "\n".join(lines)
+    assert rc == 0, text
+    assert time.monotonic() - t0 < 30, text
+    assert "still up 1 s after 'rank 1 (h2): StallError: waited 10 s" in text and "ending it" in text, text
+    assert "a rank stalled (rank 1 (h2): StallError" in text, text
+    assert "the launcher lost a host (PRTE has lost communication" in text, text
+    assert "only 2 of 4 ranks finished" in text and "the job was preempted (exit 75" in text, text
+    assert lines[-1] == "supervisor: launches=5 failures=3 recovered=3 recovery_rate=100% exit=0", text
+    rank = int((tmp_path / "note").read_text())   # the stand-in's "rank" in a process group of its own
+    assert not Path(f"/proc/{rank}").exists() or "Z" in Path(f"/proc/{rank}/stat").read_text().split(")")[1][:3]
+    for plan in ("lost", "partial"):   # out of restarts: the job's exit 0 is not the supervisor's
+        rc, lines = fake_jobs(plan, max_restarts=0)
+        assert rc == 1 and lines[-1].endswith("exit=1") and "--max-restarts 0 used up" in lines[-2], lines
+
+
+def test_sigterm_to_the_supervisor_has_the_job_checkpoint_and_exits_preempted(fake_jobs, tmp_path):
+    """SIGTERM to the supervisor (SLURM's preemption) reaches the job as SIGUSR1 (its launcher
+    passes that on to every rank, where SIGTERM would end them); the job's exit 75 becomes the
+    supervisor's, with one line, and no relaunch."""
+    note = tmp_path / "note"
+
+    def preempt():
+        deadline = time.monotonic() + 20
+        while not Path(str(note) + ".ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    rc, lines = fake_jobs("wait-usr1,ok", note=note)
+    assert rc == 75 and note.read_text() == "checkpoint", lines
+    assert any(line.startswith("supervisor: preempted (SIGTERM): the job wrote a checkpoint and stopped; exit 75")
+               for line in lines), lines
+    assert lines[-1] == "supervisor: launches=1 failures=0 recovered=0 recovery_rate=n/a exit=75", lines

@@ -1,26 +1,31 @@
 """mpirun --hostfile across three real "hosts" (network namespaces joined by a bridge, TCP only):
 training spreads over them and matches single-process training; cutting one host's cable
-mid-run ends the job with mpipar's stall report and leaves no process behind.
+mid-run (the kernel's default TCP timeouts) ends the job with mpipar's stall report within
+seconds under the supervisor, which relaunches it to the end, and leaves no process behind.
 
 Needs root (ip netns); skips with the reason otherwise, and fails under CI=true.
 """
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 from cluster import netns
+from mpipar import launcher
 from mpirun import ENV, ROOT
 
 pytestmark = pytest.mark.timeout(280)
 torch.set_num_threads(1)
 
 SLOTS = [2, 1, 1]          # 4 ranks: two on the head host, one on each of the others
-TCP_RETRIES2 = "6"         # a dead peer with unacknowledged data is given up after ~25 s (default 15: ~15 min)
-STALL = 10                 # --stall-timeout of the fault run: well below the TCP give-up time
+TCP_RETRIES2 = "15"        # the kernel's default: a dead peer with unacknowledged data is given up after ~15 min
+STALL = 10                 # --stall-timeout of the fault run
+EPOCHS = 6                 # of 5 steps: the cut (after epoch 2) lands mid-run; the relaunch ends in seconds
 
 
 @pytest.fixture
@@ -63,25 +68,54 @@ def test_training_spreads_over_three_hosts_and_matches_single_process(hosts, tmp
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=f"epoch {want['epoch']} {key}")
 
 
-def test_cut_link_ends_job_with_stall_report_and_no_orphans(hosts, tmp_path):
-    argv = ["mlp", "--epochs", "1000", "--steps", "5", "--stall-timeout", str(STALL), "--out", str(tmp_path / "out")]
-    job = host_job(hosts, tmp_path, argv)
-    job.wait_for("epoch 1 ", timeout=170)           # training is under way on all three hosts
+class SupervisedHostJob(netns.HostJob):
+    """`python -m mpipar.supervise` on the first host, starting mpirun over the hosts' hostfile."""
+
+    def __init__(self, hosts, workdir, np, argv, env, cwd):
+        self.out, self.err = workdir / "stdout.txt", workdir / "stderr.txt"
+        mpi = launcher.find()
+        where = ["--hostfile", str(hosts.hostfile)] if mpi.kind == "openmpi" else ["-f", str(hosts.hostfile)]
+        cmd = [*hosts.run_on(hosts.names[0]), sys.executable, "-m", "mpipar.supervise", "--np", str(np),
+               "--max-restarts", "1", *(f"--mpirun-arg={a}" for a in where), "--", *argv]
+        full = {**os.environ, **env, **mpi.remote_env(hosts.agent, "eth0", netns.SUBNET)}
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full, cwd=cwd, start_new_session=True)
+
+
+def test_cut_link_ends_the_job_within_the_stall_timeout_and_the_supervisor_relaunches_it(hosts, tmp_path):
+    """The kernel's default tcp_retries2: mpirun alone would wait ~15 minutes on the cut-off host
+    after the ranks' stall reports and then exit 0. Under the supervisor the job ends, non-zero,
+    well within STALL + 30 s of the cut, is relaunched (the cable back in) and resumes from its
+    checkpoint to the end; no process is left on any host."""
+    argv = ["-m", "mpipar.run", "mlp", "--epochs", str(EPOCHS), "--steps", "5", "--stall-timeout", str(STALL),
+            "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "5", "--out", str(tmp_path / "out")]
+    job = SupervisedHostJob(hosts, tmp_path, sum(SLOTS), argv, {**ENV, "PYTHONPATH": str(ROOT)}, ROOT)
+    job.wait_for("epoch 2 ", timeout=170)           # under way on all three hosts, a checkpoint written
     victim = hosts.names[2]
     assert hosts.pids(victim), "no process on the third host before the cut"
     hosts.cut(victim)
     t_cut = time.monotonic()
-    rc = job.wait(STALL + 70)                        # stall report at ~STALL s, runtime gone by ~STALL+25 s
+    while not re.search(r"\): ending it$|relaunching", job.stdout(), re.M):   # the job ends (or is ended)
+        assert time.monotonic() - t_cut < STALL + 30 and job.proc.poll() is None, job.report()
+        time.sleep(0.2)
+    netns.sh("ip", "-n", hosts.switch, "link", "set", f"p{hosts.names.index(victim) + 1}", "up")   # cable back
+    job.wait_for("relaunching", timeout=STALL + 30 - (time.monotonic() - t_cut))
     ended = time.monotonic() - t_cut
+    rc = job.wait(150)
+    out, err = job.stdout(), job.stderr()
     # lines of different ranks may interleave on stderr: find the reports, not the lines
     # (the cut may land in a point-to-point wait or in a collective: the epoch's metrics allgather)
     stalls = re.findall(rf"rank \d \(\S+\): StallError: waited \d+ s for [^(]*? (?:from|to) (?:rank \d|the other ranks) "
-                        rf"\(--stall-timeout {STALL}\)", job.stderr())
-    print(f"link of {victim} cut; mpirun exit {rc} after {ended:.1f} s; reports:\n" + "\n".join(stalls))
-    assert rc != 0, job.report()
+                        rf"\(--stall-timeout {STALL}\)", err)
+    print(f"link of {victim} cut; relaunched {ended:.1f} s later; exit {rc}; reports:\n" + "\n".join(stalls))
     assert stalls, job.report()
+    first = out.split("supervisor: launch 2")[0]
+    assert re.search(r"supervisor: a rank stalled \(rank \d \(\S+\): StallError: .*relaunching", first), job.report()
+    assert rc == 0 and "checkpoint: resumed from step-" in out.split("supervisor: launch 2")[1], job.report()
+    assert "supervisor: launches=2 failures=1 recovered=1 recovery_rate=100% exit=0" in out, job.report()
+    assert "no rank left a done marker" not in out, job.report()   # ranks on every host marked their end
 
-    # nothing survives on any host, including the cut-off one (its daemon gives up on its own)
+    # nothing survives on any host, including the one that was cut off
     deadline = time.monotonic() + 40
     while hosts.pids() and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -8,6 +8,7 @@ Installs slurm-wlm with apt-get when missing (root); skips with the reason other
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ def user_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PRTE_", "PMIX_", "SLURM_"))}
 
 TWO_EPOCHS = ["--epochs", "2", "--steps", "10"]   # two metrics rows to compare, in seconds not a minute
+PREEMPTED = ["--epochs", "4", "--steps", "40"]    # still running seconds after its first epoch: time to preempt it
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +85,35 @@ def jobs(cluster, tmp_path_factory):
                                  "--checkpoint-every", "2", "--checkpoint-dir", str(base / "ft-checkpoints"),
                                  "--inject-fault", "rank=1,step=3",
                                  sbatch=["-N1", "-n2", "--no-requeue", "--export=ALL,MPIPAR_MAX_RESTARTS=2"]),
+        "preempted": preempted_after_epoch_1(cluster, submit(
+            "preempted", "fault-tolerant.sbatch", "mlp", *PREEMPTED, "--checkpoint-every", "5",
+            "--checkpoint-dir", str(base / "preempted-checkpoints"), sbatch=["-N1", "-n2"])),
         "hostfile": Job(cluster.submit("-N1", "-n3", f"--output={base}/hostfile.log", "--wrap",
                                        f"{sys.executable} {ROOT}/hostfiles/from_slurm.py", env=user_env(), cwd=base),
                         base / "hostfile.log", base),
     }
+
+
+def preempted_after_epoch_1(cluster, job: Job) -> Job:
+    """In the background, as the job runs: once its first epoch is done, SLURM's warning signal to
+    the batch shell (what `#SBATCH --signal=B:USR1@120` sends before the time limit; scancel sends
+    it now); once the job has requeued itself, its start without SLURM's ~2 minutes' hold."""
+    def watch():
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while "epoch 1 " not in (job.log.read_text(errors="replace") if job.log.exists() else ""):
+            if time.monotonic() > deadline or cluster.job(job.id).get("JobState") not in ("PENDING", "RUNNING"):
+                return
+            time.sleep(0.2)
+        cluster.run("scancel", "--signal=USR1", "--batch", str(job.id), check=False)
+        while time.monotonic() < deadline:
+            info = cluster.job(job.id)
+            if info.get("Restarts", "0") != "0" and info.get("JobState") != "PENDING":
+                return
+            if info.get("Reason") == "BeginTime":
+                cluster.run("scontrol", "update", f"JobId={job.id}", "StartTime=now", check=False)
+            time.sleep(0.2)
+    threading.Thread(target=watch, name="preempt-watcher", daemon=True).start()
+    return job
 
 
 def finished(cluster, job: Job) -> tuple[dict, str]:
@@ -138,6 +165,22 @@ def test_fault_tolerant_script_relaunches_after_a_dead_rank_and_resumes(cluster,
     assert "rank 1: injected fault 0: SIGKILL at step 3" in log, log
     assert "supervisor: a rank died" in log and "checkpoint: resumed from step-" in log, log
     assert "supervisor: launches=2 failures=1 recovered=1" in log and "summary: mlp on 2 ranks" in log, log
+
+
+def test_a_preempted_job_checkpoints_requeues_itself_and_resumes_to_the_same_metrics(cluster, jobs, tmp_path):
+    """SLURM's warning signal after the first epoch (preempted_after_epoch_1) reaches the batch
+    shell alone: the script passes it to the supervisor, the supervisor to mpirun, mpirun to every
+    rank; the ranks write a checkpoint and exit 75, the script requeues the job, which resumes from
+    that checkpoint and ends with the metrics of an uninterrupted run."""
+    job = jobs["preempted"]
+    log = completed(cluster, job)
+    assert "supervisor: SIGUSR1: asking the job to write a checkpoint and stop" in log, log[-3000:]
+    assert "supervisor: preempted (SIGUSR1): the job wrote a checkpoint and stopped; exit 75" in log, log[-3000:]
+    assert f"mpipar job {job.id}: preempted; its checkpoint is written: requeueing it" in log, log[-3000:]
+    assert "checkpoint: resumed from step-" in log.split("requeueing it")[1], log[-3000:]
+    direct = mpirun(2, "-m", "mpipar.run", "mlp", *PREEMPTED, "--out", str(tmp_path), timeout=170)
+    assert direct.returncode == 0, direct.stderr[-3000:]
+    same_metrics(job.metrics(), [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()])
 
 
 def test_hostfile_from_slurm_allocation(cluster, jobs):

@@ -58,6 +58,9 @@ def shared_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None, help="per-rank shards + manifest here; resume from the newest good one")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: auto, ~2%% of step time)")
     p.add_argument("--keep", type=int, default=None, help="complete checkpoints to keep (default 3)")
+    p.add_argument("--restart-from-scratch", action="store_true",
+                   help="every checkpoint in --checkpoint-dir rejected (they are quarantined): train from step 0 "
+                        "instead of stopping")
     p.add_argument("--async-checkpoint", action="store_true", help="copy the state, write it in a background thread")
     p.add_argument("--inject-fault", default=None, help="rank=R,step=S | random=SEED[,count=K] [,phase=write]: SIGKILL a rank")
     p.add_argument("--supervise", action="store_true", help="(no mpirun) launch mpirun and relaunch it when a rank dies")

@@ -201,7 +201,8 @@ def run_example(world, example, args) -> dict:
     attach_checkpoint(trainer, rankmap, len(train), CheckpointConfig(
         args.checkpoint_dir, args.checkpoint_every, CheckpointConfig.keep if args.keep is None else args.keep,
         args.async_checkpoint,
-        args.inject_fault, str(Path(args.checkpoint_dir or args.out) / "faults")), run_facts(example, args), log)
+        args.inject_fault, str(Path(args.checkpoint_dir or args.out) / "faults"), args.restart_from_scratch),
+        run_facts(example, args), log)
 
     t0 = time.perf_counter()
     rows = trainer.fit(train, test)

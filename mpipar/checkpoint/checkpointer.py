@@ -69,8 +69,11 @@ class ShardWriter:
     def _write(self, path: Path, obj, on_half_written) -> None:
         try:
             data = serialize(obj)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, data, on_half_written)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise store.write_failed(e, "the folder of this rank's checkpoint shard", path.parent, len(data)) from e
+            atomic_write(path, data, on_half_written, what="this rank's checkpoint shard")
             self.result = (sha256_hex(data), len(data))
         except BaseException as e:   # re-raised in the training thread by wait()
             self.error = e
@@ -124,11 +127,12 @@ def words_hex(words) -> str:
 
 class Checkpointer(Callback):
     def __init__(self, root, topo, rankmap, every: int | None, keep: int, background: bool, faults, log, run: dict,
-                 epochs: int = 1):
+                 epochs: int | None = 1, restart_from_scratch: bool = False):
         self.root = Path(root) if root else None
         self.topo, self.rankmap, self.interval, self.keep = topo, rankmap, Interval(every), keep
         self.background, self.faults, self.log, self.run = background, faults, log, run
         self.world, self.epochs = topo.world, epochs
+        self.restart_from_scratch = restart_from_scratch   # checkpoints there but none usable: step 0, not an error
         self.writer = ShardWriter()
         self.pending: dict | None = None
         self.start_epoch = self.start_step = 0
@@ -146,7 +150,7 @@ class Checkpointer(Callback):
         layers = restart.rank_layers(self.rankmap.stages, t.pp_rank, t.grid.pp)
         keys = list(trainer.module.state_dict())
         man, state = restart.find_and_load(self.world, self.root, t.grid, (t.pp_rank, t.dp_rank, t.tp_rank),
-                                           layers, keys, self.log)
+                                           layers, keys, self.log, self.restart_from_scratch)
         if man is None:
             self.log(f"checkpoint: none usable in {self.root}; starting from step 0")
             return None
@@ -159,10 +163,12 @@ class Checkpointer(Callback):
         g = man.grid
         moved = "" if restart.same_grid(man, t.grid) else \
             f", resharded to pp={t.grid.pp} dp={t.grid.dp} tp={t.grid.tp}"
-        self.log(f"checkpoint: resumed from {store.step_dir(self.root, man.step).name} (step {man.step}: epoch "
-                 f"{man.epoch + 1}, {man.step_in_epoch} batches into it) written with pp={g['pp']} dp={g['dp']} "
+        # epochs=None: a user's loop (mpipar.Checkpoint), which counts steps only
+        where = f": epoch {man.epoch + 1}, {man.step_in_epoch} batches into it" if self.epochs else ""
+        self.log(f"checkpoint: resumed from {store.step_dir(self.root, man.step).name} (step {man.step}{where}) "
+                 f"written with pp={g['pp']} dp={g['dp']} "
                  f"tp={g['tp']}{moved}")
-        if man.epoch >= self.epochs:
+        if self.epochs and man.epoch >= self.epochs:
             self.log(f"checkpoint: training was already complete ({man.epoch} epochs); nothing to do "
                      f"(another --checkpoint-dir, or more --epochs, trains again)")
         for k in ("seed", "batch_size", "microbatches"):
@@ -172,14 +178,18 @@ class Checkpointer(Callback):
         return man
 
     def _my_tally(self, man: Manifest) -> list[float] | None:
-        """Same grid: this rank's sums. Otherwise the old reporter's, for the new reporter."""
+        """Same grid: this rank's sums. Otherwise, for the new reporter, the sums of every old
+        replica of the last stage (each tallied its own shard of the batches; the epoch's row
+        adds the new replicas' to it)."""
         if not man.tallies:
             return None
         if restart.same_grid(man, self.topo.grid):
             return man.tallies[self.world.rank]
-        g = man.grid
-        old_reporter = (g["pp"] - 1) * g["dp"] * g["tp"]
-        return man.tallies[old_reporter] if self.world.rank == self.topo.reporter else None
+        if self.world.rank != self.topo.reporter:
+            return None
+        last = man.grid["pp"] - 1
+        old = [t for s, t in zip(man.shards, man.tallies) if s.coords[0] == last and s.coords[2] == 0]
+        return [sum(column) for column in zip(*old)]
 
     # -- callbacks (the trainer calls them) -------------------------------------------------
     def on_fit_start(self, trainer, metrics) -> list[dict]:
@@ -223,6 +233,16 @@ class Checkpointer(Callback):
             if final:
                 self.commit()   # async: the last checkpoint does not wait for another step
         self.blocking += time.perf_counter() - t0
+
+    def on_preempt(self, trainer, epoch: int, step_in_epoch: int, n_batches: int, tally, rows) -> str | None:
+        """A checkpoint of this step, now (unless this step's is written already), committed."""
+        streaming = getattr(getattr(trainer, "pipe", None), "streaming", False)
+        if self.root is None or (streaming and step_in_epoch < n_batches):   # weights in flight mid-epoch
+            return None
+        if self.interval.last != trainer.step_count:
+            self.save(trainer, epoch, step_in_epoch, tally.vector(), rows)
+        self.commit()
+        return str(store.step_dir(self.root, trainer.step_count))
 
     def on_fit_end(self, trainer) -> dict:
         """Commit what is in flight; report the blocking time (collective)."""
@@ -288,6 +308,6 @@ class Checkpointer(Callback):
         man = Manifest(p["step"], p["epoch"], p["step_in_epoch"], {"pp": grid.pp, "dp": grid.dp, "tp": grid.tp},
                        [list(s) for s in stages], shards, table[:, 1:1 + k].tolist(), p["rows"], self.run)
         folder = store.step_dir(self.root, p["step"])
-        atomic_write_text(folder / "manifest.json", man.to_json())
+        atomic_write_text(folder / "manifest.json", man.to_json(), what="the checkpoint's manifest")
         store.write_latest(self.root, p["step"])
         store.prune(self.root, self.keep)

@@ -158,19 +158,24 @@ def full_model_state(man: Manifest, payloads: dict[str, dict]) -> dict:
 
 # -------------------------------------------------------------------------------------------------
 # Restart: every rank agrees on the newest checkpoint that is complete (has a manifest) and
-# whose shards this run needs all verify; a truncated or corrupted shard is reported and the
-# previous checkpoint is tried. Loading never executes pickle (weights_only).
+# whose shards this run needs all verify; a truncated or corrupted shard is reported, the
+# checkpoint quarantined (moved aside with the reasons, never deleted) and the previous one
+# tried. When every checkpoint is rejected the run stops rather than silently train from step
+# 0, unless told to start over. Loading never executes pickle (weights_only).
 # -------------------------------------------------------------------------------------------------
+RESTART_FLAG = "--restart-from-scratch"
+
+
 def candidate_steps(world, root: Path, log) -> list[int]:
-    """Rank 0 lists the complete checkpoints, newest first, and tells everyone (one listing)."""
+    """Rank 0 lists the checkpoints (folders with a manifest, readable or not), newest first,
+    and tells everyone (one listing); incomplete folders are skipped."""
     steps = []
     if world.rank == 0:
         for step, path in store.step_dirs(root):
-            man, why = read_manifest(path)
-            if man is None:
-                log(f"checkpoint: skipping {path.name}: {why}")
-            else:
+            if (path / store.NAME).is_file():
                 steps.append(step)
+            else:
+                log(f"checkpoint: skipping {path.name}: {read_manifest(path)[1]}")
     n = world.bcast_(torch.tensor([len(steps)], dtype=torch.int64), 0)
     buf = torch.tensor(steps if world.rank == 0 else [0] * int(n[0]), dtype=torch.int64)
     return world.bcast_(buf, 0).tolist() if int(n[0]) else []
@@ -190,28 +195,44 @@ def load_mine(man: Manifest, path: Path, grid, rank: int, coords, layers, model_
     return assemble(man, payloads, grid, rank, coords, layers, model_keys), None
 
 
-def find_and_load(world, root: Path, grid, coords, layers, model_keys, log):
-    """(manifest, state) of the newest usable checkpoint, the same one on every rank, or (None, None).
-    Folders newer than it (incomplete, or rejected) are removed by rank 0."""
-    chosen = (None, None)
+def find_and_load(world, root: Path, grid, coords, layers, model_keys, log, restart_from_scratch: bool = False):
+    """(manifest, state) of the newest usable checkpoint, the same one on every rank, or (None, None)
+    when there is none. Rejected ones are quarantined and incomplete newer folders removed by rank
+    0. Checkpoints there but none usable: a CheckpointError on every rank, unless
+    `restart_from_scratch` (then (None, None))."""
+    chosen, rejected = (None, None), []
     for step in candidate_steps(world, root, log):
         path = store.step_dir(root, step)
         man, why = read_manifest(path)
         state, problem = (None, why) if man is None else load_mine(man, path, grid, world.rank, coords,
                                                                    layers, model_keys)
-        if problem:
+        if problem and (man is not None or world.rank == 0):   # a bad manifest: every rank alike, one line
             sys.stderr.write(f"rank {world.rank}: checkpoint {path.name} is unusable: {problem}\n")
             sys.stderr.flush()
+            store.note_rejection(path, world.rank, problem)
         ok = world.allreduce_native(torch.tensor([0 if problem else 1], dtype=torch.int64), "min")
         if int(ok[0]):
             chosen = (man, state)
             break
+        rejected.append(path)
         log(f"checkpoint: {path.name} rejected (see the rank's message above); trying the previous one")
+    why_first = (store.rejection_reasons(rejected[0]) or ["see the ranks' messages above"])[0] if rejected else ""
+    world.barrier()   # every rank has read the notes before rank 0 moves the folders
     if world.rank == 0:
+        for path in rejected:
+            log(f"checkpoint: moved {path.name} to {store.quarantine(root, path)} (kept as found, with the "
+                f"reasons in WHY-rank-*.txt; move it back to try it again)")
         keep = chosen[0].step if chosen[0] else -1
         for gone in store.remove_newer(root, keep):
-            log(f"checkpoint: removed {gone.name} (newer than the checkpoint we resume from)")
+            log(f"checkpoint: removed {gone.name} (incomplete, newer than the checkpoint we resume from)")
     world.barrier()
+    if chosen[0] is None and rejected:
+        what = (f"no usable checkpoint in {root}: all {len(rejected)} were rejected (newest, {rejected[0].name}: "
+                f"{why_first}) and moved to {Path(root) / store.QUARANTINE}")
+        if not restart_from_scratch:
+            raise CheckpointError(f"{what}; to train from step 0 anyway pass {RESTART_FLAG} (your own loop: "
+                                  f"mpipar.Checkpoint(..., restart_from_scratch=True)); the quarantined ones stay")
+        log(f"checkpoint: {what}; starting from step 0 ({RESTART_FLAG})")
     return chosen
 
 

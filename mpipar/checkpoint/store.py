@@ -1,16 +1,20 @@
 """The checkpoint directory and its files: one `step-NNNNNNNNN/` folder per checkpoint (shards +
 manifest), files written atomically, the manifest naming every shard with its size and sha256
-(written last, so a folder without one is incomplete), found newest first and pruned.
+(written last, so a folder without one is incomplete), found newest first and pruned; a
+checkpoint rejected on resume is moved aside with the reasons, never deleted.
 
     ROOT/step-000000120/rank-00000.pt ... manifest.json   (manifest written last)
-    ROOT/LATEST                                            (for people; never trusted on load)"""
+    ROOT/LATEST                                            (for people; never trusted on load)
+    ROOT/quarantine/step-000000090/... WHY-rank-00002.txt  (rejected: kept as found, with why)"""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,32 +43,53 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, on_half_written=None, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, on_half_written=None, durable: bool = True, what: str = "") -> None:
     """Write `data` to `path` atomically. `on_half_written()` runs after half the bytes are on
     disk in the temp file (fault injection: a crash in the middle of a checkpoint write).
-    durable=False skips the fsyncs (a file that only says what another durable file says)."""
+    durable=False skips the fsyncs (a file that only says what another durable file says).
+    A failed write (a full disk) removes the temp file and raises a CheckpointError naming
+    `what` was written where; the file it would have replaced is untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        if on_half_written is not None:
-            half = len(data) // 2
-            f.write(data[:half])
+    try:
+        with open(tmp, "wb") as f:
+            if on_half_written is not None:
+                half = len(data) // 2
+                f.write(data[:half])
+                f.flush()
+                os.fsync(f.fileno())
+                on_half_written()
+                f.write(data[half:])
+            else:
+                f.write(data)
             f.flush()
-            os.fsync(f.fileno())
-            on_half_written()
-            f.write(data[half:])
-        else:
-            f.write(data)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise write_failed(e, what or path.name, path, len(data)) from e
+        raise
     if durable:
         fsync_dir(path.parent)
 
 
-def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
-    atomic_write(path, text.encode(), durable=durable)
+def atomic_write_text(path: Path, text: str, durable: bool = True, what: str = "") -> None:
+    atomic_write(path, text.encode(), durable=durable, what=what)
+
+
+def write_failed(e: OSError, what: str, path: Path, nbytes: int) -> "CheckpointError":
+    """One line: what could not be written, where, why, and that earlier checkpoints are kept."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    fix = ("free space on that file system or pass another --checkpoint-dir" if full
+           else "check that the directory exists and is writable, or pass another --checkpoint-dir")
+    code = f" ({errno.errorcode[e.errno]})" if e.errno in errno.errorcode else ""
+    return CheckpointError(f"cannot write {what} ({nbytes / 1e6:.2f} MB) to {path}: {e.strerror or e}{code}; "
+                           f"no temporary file is left and the checkpoints written before it are kept; {fix}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -207,9 +232,54 @@ def prune(root: Path, keep: int) -> list[Path]:
 
 
 def remove_newer(root: Path, step: int) -> list[Path]:
-    """Drop folders newer than the checkpoint we resume from (incomplete or rejected): a new
-    run will write those steps again."""
+    """Drop the incomplete folders (no manifest: never a checkpoint) newer than the checkpoint we
+    resume from: a new run will write those steps again. Rejected ones were quarantined."""
     gone = [p for s, p in step_dirs(root) if s > step]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
+
+
+# -------------------------------------------------------------------------------------------------
+# Quarantine: a checkpoint rejected on resume (a shard that fails its sha256, a truncated file,
+# an unreadable manifest) is evidence, and may be the only copy of the work: it is moved to
+# ROOT/quarantine/ as it was found, with each rejecting rank's reason, never deleted.
+# -------------------------------------------------------------------------------------------------
+QUARANTINE = "quarantine"
+
+
+def note_rejection(step_path: Path, rank: int, problem: str) -> None:
+    """This rank's reason, kept next to the shards it rejected (best effort: a full or read-only
+    disk must not hide the rank's message, which is also printed)."""
+    attempt = os.environ.get("MPIPAR_ATTEMPT", "0")
+    try:
+        (Path(step_path) / f"WHY-rank-{rank:05d}.txt").write_text(
+            f"rejected on resume by rank {rank} at {time.strftime('%Y-%m-%d %H:%M:%S')} (attempt {attempt}): "
+            f"{problem}\n")
+    except OSError:
+        pass
+
+
+def rejection_reasons(step_path: Path) -> list[str]:
+    """The reasons the ranks noted for a rejected folder, by rank."""
+    out = []
+    for f in sorted(Path(step_path).glob("WHY-rank-*.txt")):
+        try:
+            out.append(f.read_text().strip().split(": ", 1)[-1])
+        except OSError:
+            pass
+    return out
+
+
+def quarantine(root: Path, step_path: Path) -> Path:
+    """Move a rejected step folder to ROOT/quarantine/ (a new name if one is there); returns it."""
+    qdir = Path(root) / QUARANTINE
+    qdir.mkdir(exist_ok=True)
+    dst, n = qdir / Path(step_path).name, 1
+    while dst.exists():
+        n += 1
+        dst = qdir / f"{Path(step_path).name}.{n}"
+    os.replace(step_path, dst)
+    fsync_dir(qdir)
+    fsync_dir(Path(root))
+    return dst

@@ -52,7 +52,23 @@ def skip_finalize() -> None:
 
 
 def finalize() -> None:
-    if _finalize_at_exit and MPI.Is_initialized() and not MPI.Is_finalized():
+    if not MPI.Is_initialized() or MPI.Is_finalized():
+        return
+    rank = MPI.COMM_WORLD.Get_rank()
+    if _finalize_at_exit:
         for fn in _before_finalize:
             fn()
         MPI.Finalize()
+    mark_done(rank)
+
+
+def mark_done(rank: int) -> None:
+    """Under the supervisor ($MPIPAR_DONE_DIR): this rank ended cleanly. A launcher that lost a
+    host can still exit 0; a rank missing here tells the supervisor (mpipar/app/supervise.py)."""
+    folder = os.environ.get("MPIPAR_DONE_DIR")
+    if folder:
+        try:
+            with open(os.path.join(folder, f"rank-{rank}"), "w") as f:
+                f.write("done\n" if _finalize_at_exit else "survived\n")   # survived: ULFM, a peer lost
+        except OSError:
+            pass

@@ -31,6 +31,7 @@ class CheckpointConfig:
     background: bool = False         # copy the state, write it in a background thread
     inject_fault: str | None = None  # 'rank=R,step=S' | 'random=SEED[,count=K][,phase=write]' (tests)
     faults_dir: str | None = None    # where fired faults are remembered (default root/faults)
+    restart_from_scratch: bool = False   # every checkpoint rejected (quarantined): step 0, not a stop
 
 
 def total_steps(n_train: int, batch_size: int, epochs: int, steps: int = 0) -> int:
@@ -53,7 +54,8 @@ def attach_checkpoint(trainer, rankmap, n_train: int, cfg: CheckpointConfig, run
             f"({', '.join(f'rank {f.rank} at step {f.step} ({f.phase})' for f in faults)}); "
             f"{plan.fired()} already fired")
     run = {**run, "attempt": int(os.environ.get("MPIPAR_ATTEMPT", "0"))}
-    ck = Checkpointer(cfg.root, topo, rankmap, cfg.every, cfg.keep, cfg.background, plan, log, run, epochs=c.epochs)
+    ck = Checkpointer(cfg.root, topo, rankmap, cfg.every, cfg.keep, cfg.background, plan, log, run, epochs=c.epochs,
+                      restart_from_scratch=cfg.restart_from_scratch)
     if cfg.root:
         from ..comm import ulfm
         log(f"checkpoint: {cfg.root}, {ck.interval.describe()}, keep {cfg.keep}, "
@@ -71,7 +73,7 @@ class Checkpoint:
     states; a replica (dp > 0) saves only its RNG."""
 
     def __init__(self, root, model, optimizer=None, topo=None, *, every: int = 100, keep: int = DEFAULT_KEEP,
-                 scheduler=None, background: bool = False, log=None):
+                 scheduler=None, background: bool = False, log=None, restart_from_scratch: bool = False):
         self.pipe = model if hasattr(model, "rankmap") else None
         self.module = model.module if self.pipe is not None else model
         self.topo = topo or (self.pipe.topo if self.pipe is not None else None)
@@ -86,7 +88,8 @@ class Checkpoint:
             rankmap = RankMap(self.topo.grid, [layers] * self.topo.grid.pp)
         say = log if log is not None else (print if self.topo.world.rank == 0 else (lambda *a, **k: None))
         self._ck = Checkpointer(root, self.topo, rankmap, every, keep, background, None, say,
-                                {"every": every}, epochs=None)     # a loop of steps: no epochs to speak of
+                                {"every": every}, epochs=None,     # a loop of steps: no epochs to speak of
+                                restart_from_scratch=restart_from_scratch)
 
     def resume(self) -> int:
         """Load the newest verified checkpoint (the same on every rank; collective) into the

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import io
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .common import Split, data_dir_for, fail, interleave_classes, stratified_test_mask, why
+from .common import Split, data_dir_for, fail, interleave_classes, load_arrays_pickle, stratified_test_mask, why
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck"]
@@ -31,8 +30,7 @@ def read_python_batch(path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            # pickle is the official CIFAR-10 python format; only ever used on those batch files.
-            d = pickle.load(f, encoding="bytes")
+            d = load_arrays_pickle(f)   # the official format is pickle: arrays, lists, bytes, dicts only
         data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except FileNotFoundError:

@@ -1,6 +1,8 @@
-"""Shared pieces of the dataset loaders: the Split container, path lookup and one-line errors."""
+"""Shared pieces of the dataset loaders: the Split container, path lookup, one-line errors, and
+a pickle reader that builds only arrays and plain containers."""
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,27 @@ def why(e: Exception) -> str:
     """A short one-line account of an exception raised while parsing a file."""
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:117] + '...' if len(text) > 120 else text}"
+
+
+class ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays, dicts, lists, bytes, strings and numbers only: a data file is not
+    trusted code, and any other global a pickle names (os.system, a class's constructor) is
+    refused before it can run. What numpy 1.x and 2.x write for an array, at any protocol."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"the file names {module}.{name}: only arrays, lists, bytes and dicts "
+                                         f"belong in a data file (refused without running it)")
+        return super().find_class(module, name)
+
+
+def load_arrays_pickle(f, encoding: str = "bytes"):
+    """pickle.load(f) through ArraysOnly (encoding='bytes': Python 2 pickles keep bytes keys)."""
+    return ArraysOnly(f, encoding=encoding).load()
 
 
 def need_file(dataset: str, path: Path, what: str, fix: str | None = None) -> Path:
