@@ -202,8 +202,9 @@ def main(argv) -> int:
     ap.add_argument("--wait", default="poll", choices=["spin", "poll"],
                     help="how our ranks wait: MPI_Wait (spins) or test + short sleeps (comm BOARD.poll)")
     ap.add_argument("--poll-us", type=float, default=10.0, help="first sleep between tests with --wait poll")
-    ap.add_argument("--poll-cap-us", type=float, default=0.0,
-                    help="with --wait poll: a wait's sleeps double up to this (0: no backoff)")
+    ap.add_argument("--poll-cap-us", type=float, default=500.0,
+                    help="with --wait poll: a wait's sleeps double up to this (0: no backoff; each wake-up "
+                         "of a waiting rank takes a core from one that computes)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     world = World()
