@@ -146,6 +146,9 @@ def test_cora(tmp_path):
     d = copy_of("cora", tmp_path)
     (d / "ind.cora.graph").write_bytes(b"garbage")
     one_line_error(load_cora, d, d)
+    marker = tmp_path / "payload-ran"                 # a pickle payload: refused before it runs
+    (d / "ind.cora.graph").write_bytes(pickle.dumps(Payload(marker)))
+    assert "pathlib.Path.touch" in one_line_error(load_cora, d, d) and not marker.exists()
     (d / "ind.cora.graph").unlink()
     assert "ind.cora.graph" in one_line_error(load_cora, d, d)
 
