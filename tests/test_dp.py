@@ -112,3 +112,126 @@ def test_zero_used_directly_weighs_replicas_by_samples_and_refuses_to_guess():
     assert ShardedOptimizer(model.parameters(), world, torch.optim.SGD, norm_worlds=(world,), op="sum", lr=0.1).op == "sum"
     with pytest.raises(ConfigError, match=r"pass the model itself \(ShardedOptimizer\(model, topo, \.\.\.\)\)"):
         ShardedOptimizer(model.parameters(), world, torch.optim.SGD, lr=0.1)
+
+
+def test_only_forwards_that_backward_runs_through_are_counted():
+    """A logging forward without torch.no_grad() (never backpropagated) adds no samples; forwards
+    one backward call runs through count as one pass, each backward call as a pass of its own."""
+    from mpipar.data_parallel.buckets import SampleCounter
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    counter = SampleCounter(model)
+    x = torch.randn(7, 3)
+    logged = model(x).pow(2).mean().item()                      # logging only
+    model(x[:2]).pow(2).mean().backward()
+    (model(x[:3]).sum() + model(x[:1]).sum()).backward()        # two forwards, one backward call
+    with torch.no_grad():
+        model(x)
+    assert logged == logged and counter.passes == [2, 4] and counter.n == 6, counter.passes
+    counter.reset()
+    assert counter.passes == [] and counter.n == 0
+
+
+class Replicas:
+    """A stand-in world for checked_passes: rank r is world rank r."""
+    world_rank_of = staticmethod(lambda r: r)
+
+
+@pytest.mark.parametrize("passes, error", [
+    ([[4, 3], [4, 3], [4, 2], [4, 2]], r"pass 1 of this step covered 4 of rank 0's 7 samples but 16 of the "
+                                       r"global batch's 26.*op='sum'"),
+    ([[4, 4], [4, 4], [8], [4, 4]], r"different numbers of backward passes this step \(rank 0: 2, rank 1: 2, "
+                                    r"rank 2: 1, rank 3: 2\)"),
+    ([[4, 2], [4, 2], [2, 1], [0, 0]], None),                  # in proportion (2:1 on every rank); an empty shard
+    ([[5]] * 3 + [[3]], None)], ids=["uneven", "pass-counts", "proportional", "one-pass"])
+def test_passes_split_unevenly_over_the_replicas_are_refused(passes, error):
+    """Gradient accumulation with one weight per replica is exact only when every backward pass
+    is split over the replicas in proportion to their samples (n_rp * N == n_r * B_p)."""
+    import numpy as np
+    from mpipar.data_parallel.buckets import checked_passes, pass_row
+    from mpipar.errors import ConfigError
+    rows = np.array([pass_row(p) for p in passes])
+    if error is None:
+        assert checked_passes(rows, Replicas(), "DataParallel") == sum(map(sum, passes))
+    else:
+        with pytest.raises(ConfigError, match=error):
+            checked_passes(rows, Replicas(), "DataParallel")
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["grads-none", "grads-kept"])
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "after-backward"])
+def test_gradients_clipped_before_the_sync_are_refused(set_to_none, overlap):
+    """clip_grad_norm_ between backward and the sync would clip each replica's local gradient:
+    refused at the sync with the fix (whether backward already staged the bucket, and when .grad
+    is kept as a view of it); clipping after dp.finish() goes through and changes the step."""
+    from mpipar.comm.world import World
+    from mpipar.data_parallel import DataParallel
+    from mpipar.data_parallel.buckets import GradientsChangedError
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    dp = DataParallel(model, World.alone(), bucket_mb=1e-4)     # a bucket per parameter: staged in backward
+    opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(5, 3)
+    for clip in ("after", "before", "after"):
+        opt.zero_grad(set_to_none=set_to_none)
+        if overlap:
+            dp.begin_step(1)
+        model(x).pow(2).mean().backward()
+        if clip == "after":
+            dp.finish()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        if clip == "before":
+            before = [p.detach().clone() for p in model.parameters()]
+            with pytest.raises(GradientsChangedError, match=r"changed in place after backward and before they "
+                                                            r"were synchronised.*call dp\.finish\(\) first, then clip"):
+                opt.step()
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))   # nothing stepped
+            dp.remove()
+            dp = DataParallel(model, World.alone(), bucket_mb=1e-4)
+            opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        else:
+            assert float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])) <= 1e-3 + 1e-9
+            opt.step()
+    dp.remove()
+
+
+def test_batchnorm_normalising_by_the_batch_is_refused():
+    """Each replica would normalise by its own shard: refused at construction and at any later sync
+    (model.train() after building), with the fixes; frozen (.eval()) or local_batchnorm=True pass."""
+    from mpipar.comm.world import World
+    from mpipar.data_parallel import DataParallel
+    from mpipar.errors import ConfigError
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    fixes = r"BatchNorm1d '1' normalises by the batch.*GroupNorm.*\.eval\(\).*local_batchnorm=True"
+    with pytest.raises(ConfigError, match=fixes):
+        DataParallel(model, World.alone())
+    DataParallel(model, World.alone(), local_batchnorm=True).remove()
+    dp = DataParallel(model.eval(), World.alone())
+    opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()                                                  # frozen: running statistics, per sample
+    model.train()
+    model(torch.randn(5, 3)).sum().backward()
+    with pytest.raises(ConfigError, match=fixes):
+        opt.step()
+    dp.remove()
+
+
+def test_zero_stage_1_refuses_gradients_clipped_before_its_step():
+    """ShardedOptimizer stage 1 sums the replicas' gradients at its step: torch's clip_grad_norm_
+    before it would clip the local ones, so it is refused with the fix (step(clip=...))."""
+    from mpipar.comm.world import World
+    from mpipar.data_parallel.buckets import GradientsChangedError
+    from mpipar.data_parallel.zero import ShardedOptimizer
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = ShardedOptimizer(model, World.alone(), torch.optim.SGD, stage=1, lr=0.1)
+    x = torch.randn(5, 3)
+    for clip in (False, True, False):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        if not clip:
+            opt.step(clip=1e-3)
+            continue
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        with pytest.raises(GradientsChangedError, match=r"clip_grad_norm_.*clip with opt\.step\(clip=\.\.\.\)"):
+            opt.step()

@@ -256,3 +256,28 @@ def test_a_resume_in_a_users_loop_says_the_step_without_epochs(tmp_path):
     said = []
     assert Checkpoint(tmp_path / "ck", pipe, opt, every=3, log=said.append).resume() == 3
     assert said[-1].startswith("checkpoint: resumed from step-000000003 (step 3) written with"), said[-1]
+
+
+def class_targets(ignored=None):
+    """16 class indices in 0..1; `ignored` in the last micro-batch only (the check is per micro-batch)."""
+    y = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(1))
+    if ignored is not None:
+        y[-1] = ignored
+    return y
+
+
+@pytest.mark.parametrize("loss_fn, target, message", [
+    (nn.MSELoss(reduction="sum"), lambda: torch.randn(16, 2), r"MSELoss with reduction='sum'"),
+    (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0])), class_targets, r"CrossEntropyLoss with weight="),
+    (nn.CrossEntropyLoss(), lambda: class_targets(-100), r"targets equal to ignore_index=-100"),
+    (nn.NLLLoss(ignore_index=1), lambda: class_targets(1), r"NLLLoss with targets equal to ignore_index=1")],
+    ids=["sum", "class-weights", "ignored-targets", "nll-ignored"])
+def test_a_loss_that_is_not_a_mean_over_samples_is_refused(loss_fn, target, message):
+    """Pipeline weighs each micro-batch's loss by its share of the samples, which equals one
+    process only for a plain mean over samples: other torch losses are refused, with the fix."""
+    torch.manual_seed(0)
+    pipe = Pipeline(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)), one_rank(), loss_fn=loss_fn,
+                    microbatches=4)
+    with pytest.raises(ConfigError, match=message + r".*not a plain mean over samples.*reduction='mean', no "
+                                                    r"class weights, no ignored targets"):
+        pipe.step(torch.randn(16, 3), target())

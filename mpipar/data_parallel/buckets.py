@@ -107,26 +107,66 @@ def check_identical(world, tensors: Sequence[torch.Tensor], what: str) -> None:
 # N samples contributes n_r/N of its gradient; its gradient is scaled by n_r before the sum and the
 # sum divided by N after, so N (one small exchange) is needed only once the reduction is done.
 # -------------------------------------------------------------------------------------------------
+def output_tensors(out) -> list[torch.Tensor]:
+    """The tensors in a forward's output (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in output_tensors(o)]
+    return []
+
+
 class SampleCounter:
-    """Samples `module`'s forward has seen since the last reset: the leading dimension of its first
-    tensor argument, in forwards that build a graph (so no_grad evaluation does not count)."""
+    """Samples `module`'s forward has seen since the last reset, per backward pass (`passes`): the
+    leading dimension of its first tensor argument, counted when backward reaches the output of
+    `last` (default: the module; ZeRO's units: the last one, where backward starts), so a forward
+    never backpropagated (evaluation, logging, no_grad) does not count. Forwards backpropagated
+    by the same backward call count as one pass."""
 
-    def __init__(self, module: torch.nn.Module):
-        self.n = 0
-        self.hook = module.register_forward_pre_hook(self._count, with_kwargs=True)
+    def __init__(self, module: torch.nn.Module, last: torch.nn.Module | None = None):
+        self.passes: list[int] = []
+        self.task = None                  # the autograd graph task of the last pass counted
+        self.pending = None               # samples of the forward under way
+        self.hooks = [module.register_forward_pre_hook(self._note, with_kwargs=True),
+                      (last or module).register_forward_hook(self._watch)]
 
-    def _count(self, module, args, kwargs) -> None:
-        if not torch.is_grad_enabled():
-            return
+    @property
+    def n(self) -> int:
+        return sum(self.passes)
+
+    def _note(self, module, args, kwargs) -> None:
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if first is not None:
-            self.n += int(first.shape[0]) if first.dim() else 1
+        self.pending = None if first is None else int(first.shape[0]) if first.dim() else 1
+
+    def _watch(self, module, args, output) -> None:
+        outs = [t for t in output_tensors(output) if t.requires_grad]
+        if self.pending is None or not outs:
+            return
+        n, counted, self.pending = self.pending, set(), None
+
+        def on_grad(grad):
+            task = torch._C._current_graph_task_id()
+            if task not in counted:           # once per backward call, whichever output it reaches
+                counted.add(task)
+                self._add(n, task)
+        for t in outs:
+            t.register_hook(on_grad)
+
+    def _add(self, n: int, task: int) -> None:
+        if self.passes and task == self.task:
+            self.passes[-1] += n
+        else:
+            self.passes.append(n)
+            self.task = task
 
     def reset(self) -> None:
-        self.n = 0
+        self.passes, self.task = [], None
 
     def remove(self) -> None:
-        self.hook.remove()
+        for h in self.hooks:
+            h.remove()
 
 
 def checked_total(total: float, who: str) -> float:
@@ -134,9 +174,48 @@ def checked_total(total: float, who: str) -> float:
     if total <= 0:
         raise ConfigError(
             f"{who} saw no samples on any replica this step, so it cannot weight their gradients: it counts "
-            f"the leading dimension of the first tensor passed to the model's forward (with grad enabled) "
-            f"since the last sync; run the forward through that model, and sync once per backward "
-            f"(or pass op='sum' and weight each replica's loss by its share of the global batch yourself)")
+            f"the leading dimension of the first tensor passed to the model's forward, once backward runs "
+            f"through its output, since the last sync; run the forward through that model, and sync once "
+            f"per step (or pass op='sum' and weight each replica's loss by its share of the global batch yourself)")
+    return total
+
+
+PASSES_SENT = 8   # pass counts each replica shares at the sync (the first ones; zero-padded)
+
+
+def pass_row(passes: Sequence[int]) -> list[float]:
+    """What a replica shares at the sync: its samples, its backward passes, the first passes' samples."""
+    head = list(passes[:PASSES_SENT])
+    return [float(sum(passes)), float(len(passes))] + [float(k) for k in head] + [0.0] * (PASSES_SENT - len(head))
+
+
+def checked_passes(rows, world, who: str) -> float:
+    """The global batch's sample count N from every replica's pass_row, once the weights n_r/N are
+    exact: with several backward passes a step, only if each pass is split over the replicas in
+    proportion to their samples (n_rp * N == n_r * B_p: rank r's samples in pass p, B_p the pass's
+    global count), as gradient accumulation in one process weighs the passes."""
+    total = checked_total(float(rows[:, 0].sum()), who)
+    used = [r for r in range(len(rows)) if rows[r, 0] > 0]        # a replica with no samples weighs 0
+    counts = {int(rows[r, 1]) for r in used}
+    fix = ("or pass op='sum' and weight each pass's loss by its share of the global batch yourself "
+           "(len(y_pass) / global batch size)")
+    if len(counts) > 1:
+        raise ConfigError(
+            f"{who}: the replicas ran different numbers of backward passes this step "
+            f"({', '.join(f'rank {world.world_rank_of(r)}: {int(rows[r, 1])}' for r in used)}), so their samples "
+            f"cannot be weighed per pass: run the same passes on every replica (an empty shard still runs them), {fix}")
+    p_n = min(counts.pop(), PASSES_SENT) if counts else 0
+    shares = rows[:, 2:2 + p_n]
+    global_pass = shares.sum(axis=0)
+    for r in used:
+        for p in range(p_n):
+            if shares[r, p] * total != rows[r, 0] * global_pass[p]:
+                raise ConfigError(
+                    f"{who}: backward pass {p + 1} of this step covered {int(shares[r, p])} of rank "
+                    f"{world.world_rank_of(r)}'s {int(rows[r, 0])} samples but {int(global_pass[p])} of the "
+                    f"global batch's {int(total)}, so weighing each replica by its samples cannot equal "
+                    f"one process's gradient accumulation: split every pass over the replicas like the "
+                    f"whole batch (even passes), {fix}")
     return total
 
 
@@ -240,6 +319,11 @@ def plan_buckets(sizes: Sequence[tuple[int, torch.dtype]], bucket_bytes: int) ->
     return [b for b in buckets if b]
 
 
+def storage(t: torch.Tensor) -> int:
+    """Which storage a tensor views: its views share its version counter."""
+    return t.untyped_storage().data_ptr()
+
+
 @dataclass
 class Bucket:
     index: int
@@ -253,9 +337,50 @@ class Bucket:
     handle: Handle | None = None
 
 
+class GradientsChangedError(ConfigError):
+    """A gradient was changed between backward and its sync: the change would be lost or reduced
+    as if it were the gradient (clipping a replica's local gradient is not clipping the global one)."""
+
+
+class GradientWrites:
+    """The .grad backward wrote last for each parameter (noted by a post-accumulate-grad hook) and
+    the version of its storage then: an in-place change since (clip_grad_norm_'s mul_) or another
+    tensor in its place shows in `check`. Views of one storage share its version counter (our
+    flat buffers' views), hence one version per storage, the latest."""
+
+    def __init__(self):
+        self.grads: dict[int, torch.Tensor] = {}
+        self.versions: dict[int, int] = {}
+
+    def note(self, i: int, g: torch.Tensor) -> None:
+        self.grads[i] = g
+        self.versions[storage(g)] = g._version
+
+    def ours(self, t: torch.Tensor) -> None:
+        """We changed `t` in place: gradients that are views of it expect its new version."""
+        if storage(t) in self.versions:
+            self.versions[storage(t)] = t._version
+
+    def check(self, params, name_of, fix: str) -> None:
+        """Raise GradientsChangedError if any gradient changed since backward wrote it; then forget them."""
+        for i, g in self.grads.items():
+            if params[i].grad is not g or g.numel() and g._version != self.versions[storage(g)]:
+                raise GradientsChangedError(
+                    f"gradients were changed in place after backward and before they were synchronised over "
+                    f"the data-parallel replicas (e.g. clip_grad_norm_; first: {name_of(i)}), so the change would "
+                    f"be lost or clip each replica's local gradient: {fix}")
+        self.clear()
+
+    def clear(self) -> None:
+        self.grads, self.versions = {}, {}
+
+
 class GradBuckets:
     """All-reduces the gradients of `params` over `world` in buckets: op 'sum', 'avg', or 'mean'
-    (weighted by `samples()`, this replica's sample count: see SampleCounter)."""
+    (weighted by `samples()`, this replica's sample count per backward pass: see SampleCounter).
+
+    Each gradient's version (bumped by any in-place change) is noted when backward has written
+    it; finish() refuses gradients changed since (e.g. clip_grad_norm_ before the sync)."""
 
     def __init__(self, world, params: Sequence[torch.nn.Parameter], bucket_mb: float = DEFAULT_BUCKET_MB,
                  op: str = "avg", overlap: bool = True, names: Sequence[str] | None = None,
@@ -265,7 +390,7 @@ class GradBuckets:
             raise ValueError("op 'mean' weights each replica by its samples: pass samples=")
         self.world, self.op, self.overlap = world, op, overlap
         self.samples = samples if op == "mean" and world.size > 1 else None   # one replica: weight 1
-        self.count: int | None = None       # this replica's samples this step, read once
+        self.counts: list[int] | None = None   # this replica's samples per backward pass, read once a step
         self.unreduced = False              # a gradient arrived since the last finish()
         self.params = [p for p in params if p.requires_grad]
         self.names = list(names) if names is not None else [f"param{i}" for i in range(len(self.params))]
@@ -291,6 +416,7 @@ class GradBuckets:
         self.passes = 1
         self.seen = [0] * len(self.params)
         self.active = False
+        self.writes = GradientWrites()
         self.hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
         self.thread = ProgressThread() if overlap and background and world.size > 1 and self.buckets else None
         if self.thread:
@@ -311,6 +437,7 @@ class GradBuckets:
     def _hook(self, i: int):
         def on_grad(p: torch.Tensor) -> None:
             self.unreduced = True
+            self.writes.note(i, p.grad)
             if not self.active:
                 return
             self.seen[i] += 1
@@ -320,7 +447,9 @@ class GradBuckets:
                     f"parameter {self.names[i]} got a gradient after its bucket {bucket.index} was "
                     f"all-reduced (backward ran more than {self.passes} time(s) this step); pass the "
                     f"right number of backward passes to begin_step")
-            if self.seen[i] == self.passes and self.overlap:
+            # a gradient that is a view of its bucket (zero_grad(set_to_none=False) kept the last
+            # step's) waits for finish(), so that a change made after backward is still seen there
+            if self.seen[i] == self.passes and self.overlap and storage(p.grad) != storage(bucket.flat):
                 self._stage(bucket, i)
                 if not bucket.waiting:
                     self._launch(bucket)
@@ -338,12 +467,13 @@ class GradBuckets:
             dst.copy_(p.grad.reshape(-1))
         bucket.flags[k] = 0 if p.grad is None else 1
         bucket.waiting.discard(i)
+        self.writes.ours(bucket.flat)           # other gradients may be views of it
 
     def _launch(self, bucket: Bucket, background: bool = True) -> None:
         if self.samples is not None:              # op 'mean': n_r x this replica's mean gradient
-            if self.count is None:                # read once a step: every bucket the same weight
-                self.count = self.samples()
-            bucket.grads.mul_(self.count)
+            if self.counts is None:               # read once a step: every bucket the same weight
+                self.counts = list(self.samples())
+            bucket.grads.mul_(sum(self.counts))
         bucket.handle = bucket.plan.start(AUTO_SEQ + bucket.index)
         if self.thread and background and not bucket.handle.done:
             self.thread.add(bucket.handle)
@@ -356,6 +486,7 @@ class GradBuckets:
 
     def finish(self) -> None:
         """Start any bucket backward left incomplete, wait for all, point grads at the results."""
+        self.writes.check(self.params, self.names.__getitem__, "call dp.finish() first, then clip")
         if self.thread:
             self.thread.drain()
         for b in self.buckets:
@@ -366,10 +497,10 @@ class GradBuckets:
         for b in self.buckets:
             b.handle.wait()
         if self.samples is not None and self.buckets:   # the sum of n_r x gradient, over N
-            total = checked_total(float(self.world.allgather_floats([self.count])[:, 0].sum()), "DataParallel")
+            total = checked_passes(self.world.allgather_floats(pass_row(self.counts)), self.world, "DataParallel")
             for b in self.buckets:
                 b.grads.div_(total)
-        self.count, self.unreduced = None, False
+        self.counts, self.unreduced = None, False
         for b in self.buckets:
             used = (b.flags != 0).tolist()
             for i, off, u in zip(b.members, b.offsets, used):

@@ -10,8 +10,16 @@ The gradient convention (the same as ShardedOptimizer's and Pipeline's): each re
 a mean over its own samples, and after the sync every replica holds the gradient of the mean over
 the GLOBAL batch -- each replica weighted by its share of it, so shards of different sizes (a
 short last batch split 2/2/1/1) train exactly as one process would. The shares are counted from
-the model's forward (buckets.SampleCounter), with or without mpipar.batches. op='sum' instead
-sums: for callers that weight each replica's loss by its share themselves (Pipeline does).
+the model's forward once backward runs through its output (buckets.SampleCounter: a logging
+forward without no_grad does not count), with or without mpipar.batches; with several backward
+passes a step (gradient accumulation) each pass must be split over the replicas like the whole
+batch, or the sync refuses. op='sum' instead sums: for callers that weight each replica's loss by
+its share themselves (Pipeline does).
+
+Refused with one line, because they would silently differ from one process: a gradient changed
+between backward and the sync (clip_grad_norm_ on a replica's local gradient: call dp.finish(),
+then clip), and BatchNorm normalising by the batch (training mode), which each replica would do
+over its own shard alone (freeze it with .eval(), or local_batchnorm=True accepts that).
 
     dp = DataParallel(model, topo)                          # a Topology (its dp sub-world) or any World
     opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.1))   # step() syncs first
@@ -45,7 +53,10 @@ class UnsyncedGradientsError(ConfigError):
 class DataParallel:
     def __init__(self, module: nn.Module, dp_world, bucket_mb: float = DEFAULT_BUCKET_MB,
                  op: str = "mean", check_every: int = 0, overlap: bool = True, background: bool = True,
-                 algorithm: str = "auto", grad_compress: str | None = None):
+                 algorithm: str = "auto", grad_compress: str | None = None, local_batchnorm: bool = False):
+        self.batchnorms = [] if local_batchnorm else [
+            (name, m) for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.refuse_batch_statistics()
         if op not in ("mean", "sum"):
             raise ConfigError(f"DataParallel op={op!r}: 'mean' (each replica's loss a mean over its samples) "
                               f"or 'sum' (each replica's loss already weighted by its share of the global batch)")
@@ -57,7 +68,7 @@ class DataParallel:
         self.buckets = GradBuckets(dp_world, [p for _, p in named], bucket_mb, op, overlap,
                                    names=[n for n, _ in named], background=background, algorithm=algorithm,
                                    wire=wire_dtype(grad_compress),
-                                   samples=(lambda: counter.n) if counter else None)
+                                   samples=(lambda: counter.passes) if counter else None)
         self.steps = 0
         self.wrapped = weakref.WeakKeyDictionary()   # optimizer -> self.steps when it last stepped
         broadcast_state(module, dp_world)
@@ -81,6 +92,19 @@ class DataParallel:
         self.wrapped[opt] = self.steps
         return opt
 
+    def refuse_batch_statistics(self) -> None:
+        """BatchNorm normalising by the batch (training mode, or no running statistics) would use
+        each replica's shard and let the running statistics drift apart: not what one process
+        computes on the global batch. Checked at construction and at every sync (cheap)."""
+        bn = next((f"{type(m).__name__} {name!r}" for name, m in self.batchnorms
+                   if m.training or not m.track_running_stats), None)
+        if bn is not None:
+            raise ConfigError(
+                f"DataParallel: {bn} normalises by the batch, which each replica would compute from "
+                f"its own shard (running statistics drifting apart), unlike one process on the global batch: "
+                f"use GroupNorm or LayerNorm, or freeze it with .eval(), or pass DataParallel(..., "
+                f"local_batchnorm=True) to accept per-replica statistics")
+
     def begin_step(self, backward_passes: int = 1) -> None:
         """Call before the step's backward(s): `backward_passes` = micro-batches run backward
         (op 'mean': weight each micro-batch's mean loss by its share of this replica's samples,
@@ -90,6 +114,7 @@ class DataParallel:
     def finish(self) -> None:
         """Call after backward, before optimizer.step(): gradients are then the global batch's
         mean (op 'mean'; 'sum': summed) on every replica. Collective."""
+        self.refuse_batch_statistics()
         if not self.buckets.active:
             self.buckets.begin_step(1)
         self.buckets.finish()

@@ -19,7 +19,9 @@ this replica) waits for the step, zeros standing in.
 Only elementwise optimizers are sharded (their step on a slice equals the slice of their step);
 others are refused with one line. Clipping by the global norm is exact in exact arithmetic:
 the squared norms of the owned segments are summed over the replicas (and over `norm_worlds`,
-e.g. the pipeline's other stages) before scaling.
+e.g. the pipeline's other stages) before scaling: clip with step(clip=...), not torch's
+clip_grad_norm_ (stage 1 refuses gradients changed after backward; under stages 2 and 3 .grad is
+None by then, so torch's clip would see nothing).
 
 The gradient convention is DataParallel's (wrapper.py): each replica's loss is a mean over its
 own samples and the step uses the global batch's mean gradient, each replica weighted by its
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .buckets import SampleCounter, checked_total
+from .buckets import GradientWrites, SampleCounter, checked_total
 from .reduce import all_gather, reduce_scatter, segment_of
 from .wrapper import broadcast_state
 from .zero3 import ShardedParameters, collective
@@ -93,8 +95,7 @@ class ShardedOptimizer:
                                   "averaged, counted on the model's forward: pass the model itself "
                                   "(ShardedOptimizer(model, topo, ...)) or units=, or op='sum' if each replica's "
                                   "loss is already weighted by its share of the global batch")
-            counted = module if module is not None else units[0]
-            self.counter = SampleCounter(counted)
+            self.counter = SampleCounter(module) if module is not None else SampleCounter(units[0], units[-1])
             broadcast_state(module if module is not None else nn.ModuleList(units), dp_world)
         seen: set[int] = set()
         self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
@@ -132,6 +133,10 @@ class ShardedOptimizer:
         self.inner = optimizer([self.shard], **kwargs)
         if stage == 2:
             self._buckets(bucket_mb)
+        else:            # torch's clip_grad_norm_ before step() would clip this replica's own gradient
+            self.writes = GradientWrites()
+            self.hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: self.writes.note(i, p.grad))
+                          for i, p in enumerate(self.params)]
         self.zero_grad()
 
     @classmethod
@@ -372,6 +377,7 @@ class ShardedOptimizer:
             while self.next_bucket < len(self.buckets):     # buckets backward left incomplete, in order
                 self._reduce(self.next_bucket)
             return [self.owned]
+        self.writes.check(self.params, lambda i: f"parameter {i}", "clip with opt.step(clip=...) instead")
         for p, at in zip(self.params, self.offsets):
             dst = self.grad[at:at + p.numel()]
             if p.grad is None:

@@ -260,7 +260,7 @@ class Pipeline:
             from ..data_parallel.wrapper import DataParallel
             self.dp = DataParallel(self.module, topo.dp_world, bucket_mb=o.bucket_mb, op="sum",
                                    check_every=o.check_every, algorithm=o.algorithm,
-                                   grad_compress=o.grad_compress)
+                                   grad_compress=o.grad_compress, local_batchnorm=True)   # engine.py warns
         self.runner = BatchRunner(self.engine, self.schedule, p, s, self.v)
         self.placeholder = nn.Parameter(torch.zeros(0, device=self.device))   # see parameters()
         self.last_loss = None             # the last step's (sum of its samples' losses, global batch size)

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from ..comm.messages import describe
 from ..comm.tags import Kind, tag
-from ..errors import ShapeError
+from ..errors import ConfigError, ShapeError
 
 
 # losses that compare output and target element by element: any difference in shape broadcasts
@@ -46,6 +46,30 @@ def check_loss_shapes(loss_fn, out, target) -> None:
            "y.squeeze(-1) for the targets" if t == o + (1,) else "reshape the targets or the output")
     raise ShapeError(f"the loss {name} gets an output of shape {o} and targets of shape {t}, which it would "
                      f"broadcast into another loss: give them the same shape ({fix})")
+
+
+def check_mean_loss(loss_fn, target) -> None:
+    """Refuse a torch loss that is not a plain mean over samples: Pipeline weighs each micro-batch's
+    loss by its share of the samples, which equals one process's loss only for such a mean (a sum,
+    a mean weighted by the targets' classes, or one over the targets not ignored, would not split
+    so). A plain function is trusted to be one. Checked per micro-batch (ignore_index targets)."""
+    if not isinstance(loss_fn, nn.modules.loss._Loss):
+        return
+    why = None
+    if getattr(loss_fn, "reduction", "mean") not in ("mean", "batchmean"):
+        why = f"reduction={loss_fn.reduction!r}"
+    elif isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        if loss_fn.weight is not None:
+            why = "weight= (a mean weighted by the targets' classes)"
+        elif (isinstance(target, torch.Tensor) and not target.is_floating_point()
+              and bool((target == loss_fn.ignore_index).any())):
+            why = f"targets equal to ignore_index={loss_fn.ignore_index} (a mean over the other targets only)"
+    if why:
+        raise ConfigError(
+            f"the loss {type(loss_fn).__name__} with {why} is not a plain mean over samples, which Pipeline "
+            f"needs (it weighs each micro-batch's loss by its share of the samples): use a loss that is a "
+            f"plain mean over samples (reduction='mean', no class weights, no ignored targets), or a "
+            f"function returning one")
 
 
 @dataclass
@@ -114,6 +138,7 @@ class Stage:
 
     def _loss(self, out, target, weight):
         check_loss_shapes(self.loss_fn, out, target)
+        check_mean_loss(self.loss_fn, target)
         return self.loss_fn(out, target) * weight
 
     def forward(self, mb: int, x: torch.Tensor, target=None, weight: float = 1.0,

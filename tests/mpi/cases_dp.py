@@ -3,7 +3,9 @@ one process and data parallel (replicas start different: rank 0's are broadcast)
 buckets, one big bucket, no overlap, two backward passes per step, an uneven batch (op 'sum',
 losses weighted by their share as a Pipeline does); the default convention (op 'mean': each
 replica's loss a plain mean over its shard) on shards of 2/2/1/1, synced by finish() or by the
-optimizer wrapper; a step on unsynced gradients refused on every rank; a diverged replica and a
+optimizer wrapper, with a logging forward on one rank that must not count; gradient accumulation
+exact when its passes split like the batch and refused when not; a step on unsynced gradients
+refused on every rank; a diverged replica and a
 gradient arriving after its bucket left are reported; replicas built differently raise the
 layout error on every rank. (That such an error ends the whole job with one line:
 tests/test_dp.py with tests/mpi/dp_mismatch.py.)"""
@@ -16,6 +18,7 @@ from torch import nn
 from mpipar.data_parallel import DataParallel
 from mpipar.data_parallel.buckets import ReplicaMismatchError
 from mpipar.data_parallel.wrapper import UnsyncedGradientsError
+from mpipar.errors import ConfigError
 
 NP = (4,)   # any N dividing 12
 TIMEOUT = 180
@@ -151,12 +154,14 @@ def test_replicas_built_differently_raise_the_layout_error_on_every_rank(world):
 UNEVEN = (12, 6, 12, 6)   # global batches: on 4 ranks the 6s split 2/2/1/1
 
 
-@pytest.mark.parametrize("sync", ["finish", "optimizer", "both"])
+@pytest.mark.parametrize("sync", ["finish", "optimizer", "both", "logging"])
 def test_the_default_mean_is_exact_on_uneven_shards(world, sync):
     """Each replica's loss a plain mean over its own shard (2/2/1/1 for a batch of 6 on 4 ranks),
     no weighting by the user: DataParallel weighs each replica by its share of the global batch,
     counted from the forward, so SGD with momentum ends where one process ends (float64).
-    `sync`: dp.finish(); the optimizer wrapper; both (the wrapper must not sync twice)."""
+    `sync`: dp.finish(); the optimizer wrapper; both (the wrapper must not sync twice); the
+    wrapper with rank 0 logging a loss without torch.no_grad() (a forward never backpropagated
+    must not count)."""
     def data():
         g = torch.Generator().manual_seed(1)
         return [(torch.randn(b, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (b,), generator=g))
@@ -174,13 +179,53 @@ def test_the_default_mean_is_exact_on_uneven_shards(world, sync):
     for x, y in data():
         x, y = x.tensor_split(world.size)[world.rank], y.tensor_split(world.size)[world.rank]
         opt.zero_grad()
+        if sync == "logging" and world.rank == 0:
+            nn.functional.cross_entropy(model(x), y).item()
         nn.functional.cross_entropy(model(x), y).backward()
-        if sync != "optimizer":
+        if sync not in ("optimizer", "logging"):
             dp.finish()
         opt.step()
     for (name, a), want in zip(model.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, want, msg=lambda m: f"sync={sync}: {name}: {m}")
     dp.check_replicas()
+    dp.remove()
+
+
+@pytest.mark.parametrize("passes", [(6, 6), (8, 6)], ids=["in-proportion", "uneven"])
+def test_gradient_accumulation_is_exact_or_refused(world, passes):
+    """Two backward passes a step, each a mean over this replica's part of a global micro-batch,
+    halved (gradient accumulation): exact when every pass splits over the replicas like the
+    whole batch (6 = 2/2/1/1 twice), refused on every rank when not (8 = 2/2/2/2, then 2/2/1/1)."""
+    def data():
+        g = torch.Generator().manual_seed(1)
+        return [(torch.randn(sum(passes), 3, 8, 8, generator=g, dtype=torch.float64),
+                 torch.randint(0, 10, (sum(passes),), generator=g)) for _ in range(3)]
+
+    def step(net, opt, x, y, mine):
+        opt.zero_grad()
+        for xp, yp in zip(x.split(passes), y.split(passes)):
+            xp, yp = mine(xp), mine(yp)
+            (nn.functional.cross_entropy(net(xp), yp) / len(passes)).backward()
+        opt.step()
+
+    ref = cnn().double()
+    opt = sgd(ref)
+    for x, y in data():
+        step(ref, opt, x, y, lambda t: t)
+    model = cnn().double()
+    dp = DataParallel(model, world, bucket_mb=0.004)
+    opt = dp.optimizer(sgd(model))
+    for x, y in data():
+        if passes == (8, 6):
+            with pytest.raises(ConfigError, match=r"pass 1 of this step covered 2 of rank 0's 4 samples but 8 of "
+                                                  r"the global batch's 14.*op='sum'"):
+                step(model, opt, x, y, lambda t: t.tensor_split(world.size)[world.rank])
+            break
+        step(model, opt, x, y, lambda t: t.tensor_split(world.size)[world.rank])
+    else:
+        for (name, a), want in zip(model.state_dict().items(), ref.state_dict().values()):
+            torch.testing.assert_close(a, want, msg=lambda m: f"{name}: {m}")
+        dp.check_replicas()
     dp.remove()
 
 
