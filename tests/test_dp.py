@@ -131,6 +131,20 @@ def test_only_forwards_that_backward_runs_through_are_counted():
     assert counter.passes == [] and counter.n == 0
 
 
+def test_a_sequence_first_rnn_needs_its_batch_dim():
+    """An LSTM reading (time, batch, features) would be counted by its sequence length (equal on
+    every replica, so uneven shards got equal weights): refused unless batch_dim says where the
+    samples run."""
+    from mpipar.data_parallel.buckets import SampleCounter
+    from mpipar.errors import ConfigError
+    lstm = nn.LSTM(3, 4)
+    with pytest.raises(ConfigError, match=r"batch_first=False.*batch_dim=1"):
+        SampleCounter(lstm)
+    counter = SampleCounter(lstm, batch_dim=1)
+    lstm(torch.randn(5, 2, 3))[0].sum().backward()             # 5 steps of 2 sequences
+    assert counter.passes == [2]
+
+
 class Replicas:
     """A stand-in world for checked_passes: rank r is world rank r."""
     world_rank_of = staticmethod(lambda r: r)

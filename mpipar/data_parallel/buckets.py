@@ -123,9 +123,22 @@ class SampleCounter:
     leading dimension of its first tensor argument, counted when backward reaches the output of
     `last` (default: the module; ZeRO's units: the last one, where backward starts), so a forward
     never backpropagated (evaluation, logging, no_grad) does not count. Forwards backpropagated
-    by the same backward call count as one pass."""
+    by the same backward call count as one pass. `batch_dim`: the dimension of that argument
+    that runs over samples (None: 0, refused for a module holding a sequence-first RNN, whose
+    input is (time, batch, ...): the count would be the sequence length)."""
 
-    def __init__(self, module: torch.nn.Module, last: torch.nn.Module | None = None):
+    def __init__(self, module: torch.nn.Module, last: torch.nn.Module | None = None, batch_dim: int | None = None):
+        if batch_dim is None:
+            rnn = next((name for name, m in module.named_modules()
+                        if isinstance(m, torch.nn.RNNBase) and not m.batch_first), None)
+            if rnn is not None:
+                raise ConfigError(
+                    f"{type(module).__name__} holds {rnn or 'an RNN'} with batch_first=False, whose input runs "
+                    f"over time first; the data-parallel weighting counts each replica's samples along one "
+                    f"dimension of the model's first input: pass batch_dim=1 (or 0 if that input is batch-first), "
+                    f"or build the RNN with batch_first=True")
+            batch_dim = 0
+        self.batch_dim = batch_dim
         self.passes: list[int] = []
         self.task = None                  # the autograd graph task of the last pass counted
         self.pending = None               # samples of the forward under way
@@ -138,7 +151,7 @@ class SampleCounter:
 
     def _note(self, module, args, kwargs) -> None:
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        self.pending = None if first is None else int(first.shape[0]) if first.dim() else 1
+        self.pending = None if first is None else int(first.shape[self.batch_dim]) if first.dim() > self.batch_dim else 1
 
     def _watch(self, module, args, output) -> None:
         outs = [t for t in output_tensors(output) if t.requires_grad]

@@ -11,7 +11,8 @@ a mean over its own samples, and after the sync every replica holds the gradient
 the GLOBAL batch -- each replica weighted by its share of it, so shards of different sizes (a
 short last batch split 2/2/1/1) train exactly as one process would. The shares are counted from
 the model's forward once backward runs through its output (buckets.SampleCounter: a logging
-forward without no_grad does not count), with or without mpipar.batches; with several backward
+forward without no_grad does not count; the samples run along `batch_dim` of the forward's first
+tensor, 0 unless given, which a sequence-first RNN must be), with or without mpipar.batches; with several backward
 passes a step (gradient accumulation) each pass must be split over the replicas like the whole
 batch, or the sync refuses. op='sum' instead sums: for callers that weight each replica's loss by
 its share themselves (Pipeline does).
@@ -53,7 +54,8 @@ class UnsyncedGradientsError(ConfigError):
 class DataParallel:
     def __init__(self, module: nn.Module, dp_world, bucket_mb: float = DEFAULT_BUCKET_MB,
                  op: str = "mean", check_every: int = 0, overlap: bool = True, background: bool = True,
-                 algorithm: str = "auto", grad_compress: str | None = None, local_batchnorm: bool = False):
+                 algorithm: str = "auto", grad_compress: str | None = None, local_batchnorm: bool = False,
+                 batch_dim: int | None = None):
         self.batchnorms = [] if local_batchnorm else [
             (name, m) for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.refuse_batch_statistics()
@@ -62,7 +64,7 @@ class DataParallel:
                               f"or 'sum' (each replica's loss already weighted by its share of the global batch)")
         dp_world = getattr(dp_world, "dp_world", dp_world)   # a Topology: its replicas' World
         self.module, self.world, self.check_every = module, dp_world, check_every
-        self.counter = counter = SampleCounter(module) if op == "mean" else None
+        self.counter = counter = SampleCounter(module, batch_dim=batch_dim) if op == "mean" else None
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad and not is_partitioned(p)]
         self.params = {id(p) for _, p in named}
         self.buckets = GradBuckets(dp_world, [p for _, p in named], bucket_mb, op, overlap,

@@ -67,14 +67,15 @@ class ShardedOptimizer:
     `params`: the model (an nn.Module: stage 3's units default to its children) or its
     parameters; `dp_world`: a Topology (its dp replicas) or a World. `op`, the gradient
     convention, as DataParallel's: 'mean' -- each replica's loss is a mean over its own samples,
-    counted from the forward of the model (or of units[0]), and the step uses the global batch's
+    counted from the forward of the model (or of units[0]; along `batch_dim`, as DataParallel), and the step uses the global batch's
     mean gradient, each replica weighted by its share (exact on uneven shards); the replicas then
     start from rank 0's weights. 'sum' -- each replica's loss is already weighted by its share
     of the global batch, as a Pipeline weights its micro-batches: gradients are summed (what
     Pipeline.make_optimizer and ShardedOptimizer.like build)."""
 
     def __init__(self, params, dp_world, optimizer=torch.optim.Adam, norm_worlds=(), stage: int = 1,
-                 bucket_mb: float = BUCKET_MB, units=None, op: str = "mean", **kwargs):
+                 bucket_mb: float = BUCKET_MB, units=None, op: str = "mean", batch_dim: int | None = None,
+                 **kwargs):
         if not (isinstance(optimizer, type) and issubclass(optimizer, ELEMENTWISE)):
             name = getattr(optimizer, "__name__", type(optimizer).__name__)
             raise ConfigError(f"ZeRO shards the optimizer state by segment, which needs an elementwise step; "
@@ -95,7 +96,8 @@ class ShardedOptimizer:
                                   "averaged, counted on the model's forward: pass the model itself "
                                   "(ShardedOptimizer(model, topo, ...)) or units=, or op='sum' if each replica's "
                                   "loss is already weighted by its share of the global batch")
-            self.counter = SampleCounter(module) if module is not None else SampleCounter(units[0], units[-1])
+            self.counter = (SampleCounter(module, batch_dim=batch_dim) if module is not None
+                            else SampleCounter(units[0], units[-1], batch_dim=batch_dim))
             broadcast_state(module if module is not None else nn.ModuleList(units), dp_world)
         seen: set[int] = set()
         self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
