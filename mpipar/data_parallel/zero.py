@@ -67,8 +67,9 @@ class ShardedOptimizer:
     `params`: the model (an nn.Module: stage 3's units default to its children) or its
     parameters; `dp_world`: a Topology (its dp replicas) or a World. `op`, the gradient
     convention, as DataParallel's: 'mean' -- each replica's loss is a mean over its own samples,
-    counted from the forward of the model (or of units[0]; along `batch_dim`, as DataParallel), and the step uses the global batch's
-    mean gradient, each replica weighted by its share (exact on uneven shards); the replicas then
+    counted from the forward of the model (or of units[0]; along `batch_dim`, as DataParallel),
+    and the step uses the global batch's mean gradient, each replica weighted by its share (exact
+    on uneven shards); the replicas then
     start from rank 0's weights. 'sum' -- each replica's loss is already weighted by its share
     of the global batch, as a Pipeline weights its micro-batches: gradients are summed (what
     Pipeline.make_optimizer and ShardedOptimizer.like build)."""
