@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 
 SLOTS = [2, 1, 1]          # 4 ranks: two on the head host, one on each of the others
 TCP_RETRIES2 = "15"        # the kernel's default: a dead peer with unacknowledged data is given up after ~15 min
-STALL = 10                 # --stall-timeout of the fault run
+STALL = 6                  # --stall-timeout of the fault run
 EPOCHS = 6                 # of 5 steps: the cut (after epoch 2) lands mid-run; the relaunch ends in seconds
 
 

@@ -1,6 +1,8 @@
 """The README's "Your own model" scripts, run as written under mpirun from a directory outside
 the checkout, each compared with single-process training of the same model, seed and batches
-(torch.testing.assert_close); the checkpoint script is also interrupted and resumed."""
+(torch.testing.assert_close); the checkpoint script is also interrupted and resumed. The three
+4-rank scripts run one after the other in one job (each in its own folder, as its own __main__):
+a job's start, 4 imports of torch, costs more than such a script."""
 import re
 from pathlib import Path
 
@@ -33,6 +35,32 @@ def run_snippet(name: str, np: int, cwd: Path, *argv: str):
     p = mpirun(np, name, *argv, cwd=cwd, timeout=150)
     assert p.returncode == 0, f"{name} on {np} ranks failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     return p
+
+
+RUN_IN_TURN = """import contextlib, os, runpy, sys
+for path in sys.argv[1:]:                  # each script in its folder, as `python script.py` runs it
+    os.chdir(os.path.dirname(path))
+    sys.argv = [path]
+    with open(f"stdout-{os.getpid()}.txt", "w") as out, contextlib.redirect_stdout(out):
+        runpy.run_path(path, run_name="__main__")
+"""
+FOUR_RANKS = ("pipeline_1f1b.py", "data_parallel.py", "pipeline_x_dp.py")
+
+
+@pytest.fixture(scope="module")
+def four_rank_runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """The 4-rank scripts run in turn in one job: {name: (its folder, what it printed)}."""
+    root = tmp_path_factory.mktemp("readme")
+    paths = []
+    for name in FOUR_RANKS:
+        (root / name[:-3]).mkdir()
+        paths.append(root / name[:-3] / name)
+        paths[-1].write_text(SNIPPETS[name])
+    (root / "run_in_turn.py").write_text(RUN_IN_TURN)
+    p = mpirun(4, str(root / "run_in_turn.py"), *map(str, paths), cwd=root, timeout=240)
+    assert p.returncode == 0, f"the 4-rank scripts failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    return {name: (path.parent, "".join(f.read_text() for f in sorted(path.parent.glob("stdout-*.txt"))))
+            for name, path in zip(FOUR_RANKS, paths)}
 
 
 def merged(cwd: Path, stages: int) -> dict:
@@ -73,34 +101,34 @@ def test_readme_has_the_four_scripts_each_at_most_25_lines():
         assert len(code.strip().splitlines()) <= 25, name
 
 
-def test_pipeline_1f1b_on_4_ranks_equals_single_process(tmp_path):
-    p = run_snippet("pipeline_1f1b.py", 4, tmp_path)
+def test_pipeline_1f1b_on_4_ranks_equals_single_process(four_rank_runs):
+    folder, printed_text = four_rank_runs["pipeline_1f1b.py"]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                           nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
     want, losses = reference(model, torch.optim.SGD(model.parameters(), lr=0.05), *dataset(512), 64, 2)
-    printed = [float(v) for v in re.findall(r"^loss (\S+)$", p.stdout, re.M)]
+    printed = [float(v) for v in re.findall(r"^loss (\S+)$", printed_text, re.M)]
     assert len(printed) == len(losses) == 16
     torch.testing.assert_close(torch.tensor(printed), torch.tensor(losses), rtol=1e-5, atol=1e-7)
-    check_params(merged(tmp_path, 4), want)
+    check_params(merged(folder, 4), want)
 
 
-def test_data_parallel_in_a_user_loop_equals_single_process(tmp_path):
+def test_data_parallel_in_a_user_loop_equals_single_process(four_rank_runs):
     """The optimizer wrapper syncs, and each epoch's short last batch (42 = 11/11/10/10 over 4
     ranks) is weighed by its shares: the same weights as one process."""
-    run_snippet("data_parallel.py", 4, tmp_path)
+    folder = four_rank_runs["data_parallel.py"][0]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
     want, _ = reference(model, torch.optim.SGD(model.parameters(), lr=0.05), *dataset(490), 64, 2)
-    check_params(torch.load(tmp_path / "model.pt", weights_only=True), want)
+    check_params(torch.load(folder / "model.pt", weights_only=True), want)
 
 
-def test_pipeline_x_data_parallel_with_a_short_last_batch_equals_single_process(tmp_path):
-    run_snippet("pipeline_x_dp.py", 4, tmp_path)
+def test_pipeline_x_data_parallel_with_a_short_last_batch_equals_single_process(four_rank_runs):
+    folder = four_rank_runs["pipeline_x_dp.py"][0]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
     want, _ = reference(model, torch.optim.Adam(model.parameters(), lr=1e-3), *dataset(480), 64, 2)
-    check_params(merged(tmp_path, 2), want)
+    check_params(merged(folder, 2), want)
 
 
 def test_checkpoint_resume_in_a_user_loop_is_bit_identical(tmp_path):

@@ -45,12 +45,6 @@ def test_mlp_parity_on_4_ranks_with_microbatches(tmp_path):
         assert {k.split(".")[0] for k in keys} == {f"fc{2 * r + 1}", f"fc{2 * r + 2}"}
 
 
-def test_split_cnn_parity_on_4_ranks(tmp_path):
-    out = check_parity(tmp_path, 4, ["split-cnn", "--epochs", "1", "--steps", "20", "--batch-size", "32",
-                                     "--width", "8", "--n-train", "640"])
-    assert "test accuracy" in out and "samples/s" in out
-
-
 # -- bad inputs: one clear line, non-zero exit, fast ------------------------------------------
 
 BAD = [   # one of each way a job ends; the other refusals: tests/mpi/cases_bad_input.py

@@ -48,6 +48,9 @@ CONFIGS = {   # name: (ranks, argv, what the run must also print)
                      ["(pp=2 dp=2 tp=1)"]),
     "qm9-pp2xdp2": (4, ["hybrid-dp-gnn-qm9", "--epochs", "1", "--steps", "20", *QM9],
                     ["(pp=2 dp=2 tp=1)", "mean-predictor baseline", " D (train MAE"]),
+    # the CNN cut over 4 stages, CIFAR-10's shipped subset (moved from test_run: its own job)
+    "split-cnn-pp4": (4, ["split-cnn", "--epochs", "1", "--steps", "20", "--batch-size", "32", "--width", "8",
+                          "--n-train", "640"], ["test accuracy", "samples/s"]),
 }
 
 
