@@ -117,7 +117,7 @@ def test_zero_used_directly_weighs_replicas_by_samples_and_refuses_to_guess():
 def test_only_forwards_that_backward_runs_through_are_counted():
     """A logging forward without torch.no_grad() (never backpropagated) adds no samples; forwards
     one backward call runs through count as one pass, each backward call as a pass of its own."""
-    from mpipar.data_parallel.buckets import SampleCounter
+    from mpipar.data_parallel.samples import SampleCounter
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     counter = SampleCounter(model)
     x = torch.randn(7, 3)
@@ -135,7 +135,7 @@ def test_a_sequence_first_rnn_needs_its_batch_dim():
     """An LSTM reading (time, batch, features) would be counted by its sequence length (equal on
     every replica, so uneven shards got equal weights): refused unless batch_dim says where the
     samples run."""
-    from mpipar.data_parallel.buckets import SampleCounter
+    from mpipar.data_parallel.samples import SampleCounter
     from mpipar.errors import ConfigError
     lstm = nn.LSTM(3, 4)
     with pytest.raises(ConfigError, match=r"batch_first=False.*batch_dim=1"):
@@ -161,7 +161,7 @@ def test_passes_split_unevenly_over_the_replicas_are_refused(passes, error):
     """Gradient accumulation with one weight per replica is exact only when every backward pass
     is split over the replicas in proportion to their samples (n_rp * N == n_r * B_p)."""
     import numpy as np
-    from mpipar.data_parallel.buckets import checked_passes, pass_row
+    from mpipar.data_parallel.samples import checked_passes, pass_row
     from mpipar.errors import ConfigError
     rows = np.array([pass_row(p) for p in passes])
     if error is None:

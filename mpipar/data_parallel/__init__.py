@@ -10,6 +10,7 @@ which keeps replicas identical, and ZeRO, which shards them instead.
     hier.py         the hierarchical collectives across hosts: on each host through shared memory,
                     across hosts one vector per host, cut into slices every local rank carries
     reduce.py       all_reduce / reduce_scatter / all_gather: choosing the algorithm, and running it
+    samples.py      each replica's sample count per backward pass: the weights of the gradient mean
     buckets.py      gradients bucketed and reduced from autograd hooks; replica fingerprints
     partitioned.py  tables partitioned over the replicas, rows fetched from their owners by message
     wrapper.py      DataParallel

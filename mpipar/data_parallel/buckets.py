@@ -15,7 +15,7 @@ training, while one used on some ranks only gets their (zero-padded) contributio
 
 op 'mean' is the one gradient convention of DataParallel and ShardedOptimizer in a user's loop:
 each replica's loss is a mean over its own samples, and its gradient is weighted by its share of
-the global batch (SampleCounter counts the samples), so the result is the global batch's mean
+the global batch (samples.py counts the samples), so the result is the global batch's mean
 gradient even when shards differ in size (2/2/1/1). A Pipeline weights its losses by that share
 itself and sums (op 'sum')."""
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 from ..errors import ConfigError, MpiparError
 from .plan import Handle, Plan
 from .reduce import AUTO_SEQ, make_plan
+from .samples import checked_passes, pass_row
 
 DEFAULT_BUCKET_MB = 4.0   # tuned with python -m mpipar.bench allreduce --overlap
 
@@ -100,136 +101,6 @@ def check_identical(world, tensors: Sequence[torch.Tensor], what: str) -> None:
             f"data-parallel replicas diverged: {what} on rank(s) {', '.join(map(str, bad))} differ "
             f"from rank {world.world_rank_of(0)} (checksums {int(sums[0])} vs "
             f"{', '.join(str(int(sums[r])) for r in range(world.size) if sums[r] != sums[0])})")
-
-
-# -------------------------------------------------------------------------------------------------
-# Sample counts: the weights of op 'mean'. A replica whose loss averaged n_r of the global batch's
-# N samples contributes n_r/N of its gradient; its gradient is scaled by n_r before the sum and the
-# sum divided by N after, so N (one small exchange) is needed only once the reduction is done.
-# -------------------------------------------------------------------------------------------------
-def output_tensors(out) -> list[torch.Tensor]:
-    """The tensors in a forward's output (a tensor, or tuples, lists and dicts of them)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in output_tensors(o)]
-    return []
-
-
-class SampleCounter:
-    """Samples `module`'s forward has seen since the last reset, per backward pass (`passes`): the
-    leading dimension of its first tensor argument, counted when backward reaches the output of
-    `last` (default: the module; ZeRO's units: the last one, where backward starts), so a forward
-    never backpropagated (evaluation, logging, no_grad) does not count. Forwards backpropagated
-    by the same backward call count as one pass. `batch_dim`: the dimension of that argument
-    that runs over samples (None: 0, refused for a module holding a sequence-first RNN, whose
-    input is (time, batch, ...): the count would be the sequence length)."""
-
-    def __init__(self, module: torch.nn.Module, last: torch.nn.Module | None = None, batch_dim: int | None = None):
-        if batch_dim is None:
-            rnn = next((name for name, m in module.named_modules()
-                        if isinstance(m, torch.nn.RNNBase) and not m.batch_first), None)
-            if rnn is not None:
-                raise ConfigError(
-                    f"{type(module).__name__} holds {rnn or 'an RNN'} with batch_first=False, whose input runs "
-                    f"over time first; the data-parallel weighting counts each replica's samples along one "
-                    f"dimension of the model's first input: pass batch_dim=1 (or 0 if that input is batch-first), "
-                    f"or build the RNN with batch_first=True")
-            batch_dim = 0
-        self.batch_dim = batch_dim
-        self.passes: list[int] = []
-        self.task = None                  # the autograd graph task of the last pass counted
-        self.pending = None               # samples of the forward under way
-        self.hooks = [module.register_forward_pre_hook(self._note, with_kwargs=True),
-                      (last or module).register_forward_hook(self._watch)]
-
-    @property
-    def n(self) -> int:
-        return sum(self.passes)
-
-    def _note(self, module, args, kwargs) -> None:
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        self.pending = None if first is None else int(first.shape[self.batch_dim]) if first.dim() > self.batch_dim else 1
-
-    def _watch(self, module, args, output) -> None:
-        outs = [t for t in output_tensors(output) if t.requires_grad]
-        if self.pending is None or not outs:
-            return
-        n, counted, self.pending = self.pending, set(), None
-
-        def on_grad(grad):
-            task = torch._C._current_graph_task_id()
-            if task not in counted:           # once per backward call, whichever output it reaches
-                counted.add(task)
-                self._add(n, task)
-        for t in outs:
-            t.register_hook(on_grad)
-
-    def _add(self, n: int, task: int) -> None:
-        if self.passes and task == self.task:
-            self.passes[-1] += n
-        else:
-            self.passes.append(n)
-            self.task = task
-
-    def reset(self) -> None:
-        self.passes, self.task = [], None
-
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
-
-
-def checked_total(total: float, who: str) -> float:
-    """The global batch's sample count, which op 'mean' divides by; none at all is a usage error."""
-    if total <= 0:
-        raise ConfigError(
-            f"{who} saw no samples on any replica this step, so it cannot weight their gradients: it counts "
-            f"the leading dimension of the first tensor passed to the model's forward, once backward runs "
-            f"through its output, since the last sync; run the forward through that model, and sync once "
-            f"per step (or pass op='sum' and weight each replica's loss by its share of the global batch yourself)")
-    return total
-
-
-PASSES_SENT = 8   # pass counts each replica shares at the sync (the first ones; zero-padded)
-
-
-def pass_row(passes: Sequence[int]) -> list[float]:
-    """What a replica shares at the sync: its samples, its backward passes, the first passes' samples."""
-    head = list(passes[:PASSES_SENT])
-    return [float(sum(passes)), float(len(passes))] + [float(k) for k in head] + [0.0] * (PASSES_SENT - len(head))
-
-
-def checked_passes(rows, world, who: str) -> float:
-    """The global batch's sample count N from every replica's pass_row, once the weights n_r/N are
-    exact: with several backward passes a step, only if each pass is split over the replicas in
-    proportion to their samples (n_rp * N == n_r * B_p: rank r's samples in pass p, B_p the pass's
-    global count), as gradient accumulation in one process weighs the passes."""
-    total = checked_total(float(rows[:, 0].sum()), who)
-    used = [r for r in range(len(rows)) if rows[r, 0] > 0]        # a replica with no samples weighs 0
-    counts = {int(rows[r, 1]) for r in used}
-    fix = ("or pass op='sum' and weight each pass's loss by its share of the global batch yourself "
-           "(len(y_pass) / global batch size)")
-    if len(counts) > 1:
-        raise ConfigError(
-            f"{who}: the replicas ran different numbers of backward passes this step "
-            f"({', '.join(f'rank {world.world_rank_of(r)}: {int(rows[r, 1])}' for r in used)}), so their samples "
-            f"cannot be weighed per pass: run the same passes on every replica (an empty shard still runs them), {fix}")
-    p_n = min(counts.pop(), PASSES_SENT) if counts else 0
-    shares = rows[:, 2:2 + p_n]
-    global_pass = shares.sum(axis=0)
-    for r in used:
-        for p in range(p_n):
-            if shares[r, p] * total != rows[r, 0] * global_pass[p]:
-                raise ConfigError(
-                    f"{who}: backward pass {p + 1} of this step covered {int(shares[r, p])} of rank "
-                    f"{world.world_rank_of(r)}'s {int(rows[r, 0])} samples but {int(global_pass[p])} of the "
-                    f"global batch's {int(total)}, so weighing each replica by its samples cannot equal "
-                    f"one process's gradient accumulation: split every pass over the replicas like the "
-                    f"whole batch (even passes), {fix}")
-    return total
 
 
 # -------------------------------------------------------------------------------------------------
@@ -390,7 +261,7 @@ class GradientWrites:
 
 class GradBuckets:
     """All-reduces the gradients of `params` over `world` in buckets: op 'sum', 'avg', or 'mean'
-    (weighted by `samples()`, this replica's sample count per backward pass: see SampleCounter).
+    (weighted by `samples()`, this replica's sample count per backward pass: see samples.py).
 
     Each gradient's version (bumped by any in-place change) is noted when backward has written
     it; finish() refuses gradients changed since (e.g. clip_grad_norm_ before the sync)."""

@@ -10,7 +10,7 @@ The gradient convention (the same as ShardedOptimizer's and Pipeline's): each re
 a mean over its own samples, and after the sync every replica holds the gradient of the mean over
 the GLOBAL batch -- each replica weighted by its share of it, so shards of different sizes (a
 short last batch split 2/2/1/1) train exactly as one process would. The shares are counted from
-the model's forward once backward runs through its output (buckets.SampleCounter: a logging
+the model's forward once backward runs through its output (samples.SampleCounter: a logging
 forward without no_grad does not count; the samples run along `batch_dim` of the forward's first
 tensor, 0 unless given, which a sequence-first RNN must be), with or without mpipar.batches; with several backward
 passes a step (gradient accumulation) each pass must be split over the replicas like the whole
@@ -42,7 +42,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import nn
 
 from ..errors import ConfigError
-from .buckets import DEFAULT_BUCKET_MB, GradBuckets, SampleCounter, check_identical
+from .buckets import DEFAULT_BUCKET_MB, GradBuckets, check_identical
+from .samples import SampleCounter
 from .compress import wire_dtype
 from .partitioned import is_partitioned
 

@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .buckets import GradientWrites, SampleCounter, checked_total
+from .buckets import GradientWrites
+from .samples import SampleCounter, checked_total
 from .reduce import all_gather, reduce_scatter, segment_of
 from .wrapper import broadcast_state
 from .zero3 import ShardedParameters, collective
