@@ -107,8 +107,9 @@ def preempted_after_epoch_1(cluster, job: Job) -> Job:
         cluster.run("scancel", "--signal=USR1", "--batch", str(job.id), check=False)
         while time.monotonic() < deadline:
             info = cluster.job(job.id)
-            if info.get("Restarts", "0") != "0" and info.get("JobState") != "PENDING":
-                return
+            if info.get("Restarts", "0") != "0" and info.get("JobState") in ("RUNNING", "COMPLETED", "FAILED",
+                                                                             "CANCELLED", "TIMEOUT"):
+                return          # the requeued job runs (or ended): not while it passes through REQUEUED
             if info.get("Reason") == "BeginTime":
                 cluster.run("scontrol", "update", f"JobId={job.id}", "StartTime=now", check=False)
             time.sleep(0.2)
