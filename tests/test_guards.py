@@ -2,22 +2,31 @@
 apply a non-finite loss or gradient (stopped, or skipped as single-process training that skips
 it would), checkpoint non-finite state, ignore SIGTERM/SIGUSR1 (the step finishes, a checkpoint
 is written, the process exits PREEMPTED_EXIT and the resume is bit-equal to an uninterrupted
-run), or take a flag value that would break silently. Several ranks agreeing on the same step:
-tests/mpi/cases_checkpoint.py; a real job's exit code and line: tests/test_run.py."""
+run), or take a flag value that would break silently. In a user's own loop: a loss function averaging
+over ignored targets only (Pipeline weighs by samples), the loss checks under fp16's loss scaler,
+and torch's clip (or a lost backward pass) under ZeRO 2 and 3 are refused at the user's line.
+Several ranks agreeing on the same step: tests/mpi/cases_checkpoint.py; a real job's exit code and
+line: tests/test_run.py; ZeRO's gradient accumulation over replicas: tests/mpi/cases_zero.py."""
+import functools
 import math
 import os
 import signal
 
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
 
+from mpipar import Pipeline
 from mpipar.app.run import parse
 from mpipar.app.session import build_trainer, run_facts
 from mpipar.callbacks import Callback
 from mpipar.checkpoint import store
 from mpipar.checkpoint.restart import newest_full_state
 from mpipar.comm import World
-from mpipar.errors import ConfigError
+from mpipar.comm.failure import place
+from mpipar.data_parallel.zero import ShardedOptimizer
+from mpipar.errors import ConfigError, ShapeError
 from mpipar.model import build_full
 from mpipar.rankmap import Grid, RankMap
 from mpipar.topology import Topology
@@ -25,6 +34,7 @@ from mpipar.train.batches import epoch_batches
 from mpipar.train.checkpointing import CheckpointConfig, attach_checkpoint
 from mpipar.train.guard import PREEMPTED_EXIT, NonFiniteError
 from mpipar.train.metrics import Tally
+from mpipar.train.amp import PipelineGradScaler
 from mpipar.train.trainer import TrainConfig, Trainer
 
 torch.set_num_threads(1)
@@ -202,3 +212,157 @@ def test_the_engine_refuses_non_finite_settings_too(tmp_path):
     sgd = torch.optim.SGD(trainer.params, lr=float("nan"))     # torch's SGD takes it
     with pytest.raises(ConfigError, match=r"learning rate nan \(--lr\)"):
         Trainer(trainer.pipe, sgd, TrainConfig())
+
+
+# -- your own loop: what would silently differ from one process is refused, naming your line ---------
+
+def one_rank() -> Topology:
+    return Topology.build(World(), Grid(1))
+
+
+def tiny(width: int = 2):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, width))
+
+
+def with_ignored():
+    """16 class indices in 0..1, three of them torch's ignore_index (-100), unevenly over the
+    4 micro-batches of 4 (none, one, none, two): a mean over the counted targets weighs them unlike
+    a mean over samples."""
+    y = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(1))
+    y[[5, 13, 14]] = -100
+    return y
+
+
+def sequences(alike: bool):
+    """16 samples of 3 class indices each, the first ignored in every sample (and, unless `alike`,
+    the second too in one sample)."""
+    y = torch.randint(0, 2, (16, 3), generator=torch.Generator().manual_seed(1))
+    y[:, 0] = -100
+    if not alike:
+        y[13, 1] = -100
+    return y
+
+
+def token_mean(out, y):
+    return F.cross_entropy(out.reshape(-1, 2), y.reshape(-1))        # a mean over the counted targets only
+
+
+def mean_over_all(out, y):
+    return F.cross_entropy(out, y, reduction="sum") / y.numel()     # the refusal's fix: ignored count as zero
+
+
+def signs(out, y):
+    return F.soft_margin_loss(out[:, 0], y.to(out.dtype))            # labels -1/+1: a plain mean over samples
+
+
+FIX = r".*is no plain mean over samples.*return one, e\.g\. F\.cross_entropy\(out, y, reduction='sum'\) / y\.numel\(\)"
+LOSS_CASES = {   # loss, targets, micro-batches, what the refusal says (None: trains as one process)
+    "token-mean": (lambda out, y: F.cross_entropy(out, y), with_ignored, 4,
+                   r"loss function <lambda> gets integer targets below 0 \(-100: " + FIX),
+    "cross_entropy": (F.cross_entropy, with_ignored, 4,
+                      r"loss function cross_entropy gets integer targets below 0" + FIX),
+    "partial-ignore_index": (functools.partial(F.cross_entropy, ignore_index=2), lambda: with_ignored() % 3, 4,
+                             r"CrossEntropyLoss with targets equal to ignore_index=2"),    # -100 % 3: class 2
+    "sequences-unlike": (token_mean, lambda: sequences(alike=False), 4, r"loss function token_mean" + FIX),
+    "mean-over-all": (mean_over_all, with_ignored, 4, None),
+    "labels-minus-one": (signs, lambda: torch.where(with_ignored() == 1, 1, -1), 4, None),
+    "one-micro-batch": (lambda out, y: F.cross_entropy(out, y), with_ignored, 1, None),
+    "sequences-alike": (token_mean, lambda: sequences(alike=True), 4, None)}
+
+
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_a_loss_function_on_ignored_targets_is_exact_or_refused(case):
+    """A plain function given class indices of torch's ignore_index (-100) that averages over the
+    counted targets only cannot be weighed by samples as Pipeline weighs micro-batches: refused at
+    the user's line, with the fix. The fix itself, -1/+1 labels (pipeline/stage.py check_mean_loss
+    shows such a function to be a mean over samples), a batch not split, and samples that each hold
+    as many counted targets train as one process does."""
+    loss_fn, y, microbatches, refused = LOSS_CASES[case]
+    x, y = torch.randn(16, 3, generator=torch.Generator().manual_seed(2)), y()
+    width = 2 * y.shape[1] if y.dim() == 2 else int(y.max()) + 1
+    pipe = Pipeline(tiny(width), one_rank(), loss_fn=loss_fn, microbatches=microbatches)
+    if refused:
+        with pytest.raises(ConfigError, match=refused) as e:
+            pipe.step(x, y)
+        assert "test_guards.py:" in place(e.value), place(e.value)
+        return
+    pipe.step(x, y)
+    ref = tiny(width)
+    loss_fn(ref(x), y).backward()
+    for got, want in zip(pipe.parameters(), ref.parameters()):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("loss_fn, out_width, refused", [
+    (nn.CrossEntropyLoss(reduction="sum"), 2, (ConfigError, r"CrossEntropyLoss with reduction='sum'")),
+    (nn.MSELoss(), 1, (ShapeError, r"MSELoss gets an output of shape \(4, 1\) and targets of shape \(4, 3\)"))],
+    ids=["sum", "broadcast"])
+def test_amp_loss_scaling_keeps_the_pipelines_loss_checks(loss_fn, out_width, refused):
+    """fp16's loss scaler wraps the last stage's loss (amp.ScaledLoss): the checks still judge the
+    loss inside, a sum over samples and an output the loss would broadcast ((4, 1) against
+    (4, 3): the numbers of elements differ) as without it."""
+    torch.manual_seed(0)
+    pipe = Pipeline(nn.Sequential(nn.Linear(3, out_width)), one_rank(), loss_fn=loss_fn, microbatches=4)
+    trainer = Trainer(pipe, torch.optim.SGD(pipe.parameters(), lr=0.1), TrainConfig())
+    PipelineGradScaler(pipe.topo.world).attach(trainer)
+    y = torch.randint(0, 2, (16,)) if out_width == 2 else torch.randn(16, 3)
+    with pytest.raises(refused[0], match=refused[1]) as e:
+        pipe.step(torch.randn(16, 3), y)
+    assert "test_guards.py:" in place(e.value), place(e.value)
+
+
+class WithUnused(nn.Module):
+    """A layer backward never reaches, registered last: ZeRO 2's first bucket (and 3's first unit
+    in its reduce order) never completes in backward, so every gradient is still whole at the step."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.unused = tiny(), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def clip_norm(params):
+    torch.nn.utils.clip_grad_norm_(params, 1e-3)
+
+
+def clip_value(params):
+    torch.nn.utils.clip_grad_value_(params, 1e-3)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("misuse", ["clip-norm", "clip-value", "clip-unreduced", "no-zero-grad", "extra-pass"])
+def test_zero_2_and_3_refuse_what_would_silently_drop_a_gradient_change(stage, misuse):
+    """ZeRO stages 2 and 3 keep no whole gradient after backward: torch's clip_grad_norm_ or
+    clip_grad_value_ there would clip nothing (.grad used to be None), is refused at the clip; on
+    gradients still whole (a layer backward never reaches holds their reduction back) it is
+    refused at the step; so are a backward without opt.zero_grad() since the last step (its
+    gradients used to be dropped) and a backward pass more than begin_step said (used to be lost)."""
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    model = WithUnused() if misuse == "clip-unreduced" else tiny()
+    opt = ShardedOptimizer(model, one_rank(), torch.optim.SGD, stage=stage, lr=0.1)
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    if misuse == "no-zero-grad":
+        opt.step()
+        F.mse_loss(model(x), y).backward()
+        with pytest.raises(ConfigError, match=r"has a gradient that no reduction took.*call opt\.zero_grad\(\) before "
+                                              r"each step's backward") as e:
+            opt.step()
+    elif misuse == "extra-pass":
+        with pytest.raises(ConfigError, match=r"add_ on a \.grad that ZeRO stage 2 or 3 already reduced.*"
+                                              r"call opt\.begin_step\(passes\) before the first") as e:
+            F.mse_loss(model(x), y).backward()
+    elif misuse == "clip-unreduced":
+        clip_norm(model.parameters())
+        with pytest.raises(ConfigError, match=r"changed in place after backward.*clip with opt\.step\(clip=\.\.\.\) "
+                                              r"instead") as e:
+            opt.step()
+    else:
+        with pytest.raises(ConfigError, match=r"on a \.grad that ZeRO stage 2 or 3 already reduced .*torch's "
+                                              r"clip_grad_norm_ or clip_grad_value_ would clip nothing\): clip with "
+                                              r"opt\.step\(clip=\.\.\.\)") as e:
+            (clip_norm if misuse == "clip-norm" else clip_value)(model.parameters())
+    assert "test_guards.py:" in place(e.value), place(e.value)

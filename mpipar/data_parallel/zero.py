@@ -20,13 +20,15 @@ Only elementwise optimizers are sharded (their step on a slice equals the slice 
 others are refused with one line. Clipping by the global norm is exact in exact arithmetic:
 the squared norms of the owned segments are summed over the replicas (and over `norm_worlds`,
 e.g. the pipeline's other stages) before scaling: clip with step(clip=...), not torch's
-clip_grad_norm_ (stage 1 refuses gradients changed after backward; under stages 2 and 3 .grad is
-None by then, so torch's clip would see nothing).
+clip_grad_norm_, which is refused: every stage refuses a gradient changed in place between backward
+and the step, and under stages 2 and 3 a .grad already reduced is a ReducedGrad (zero3.py) until the
+step, which refuses any use (a None there would make torch's clip clip nothing).
 
 The gradient convention is DataParallel's (wrapper.py): each replica's loss is a mean over its
 own samples and the step uses the global batch's mean gradient, each replica weighted by its
-share of the samples (op 'mean'); a Pipeline's optimizer sums (op 'sum'), as the Pipeline
-weights its micro-batches' losses by their share itself.
+share of the samples (op 'mean'; with several backward passes a step, each pass must split over
+the replicas like the batch, or the step refuses: samples.checked_passes); a Pipeline's optimizer
+sums (op 'sum'), as the Pipeline weights its micro-batches' losses by their share itself.
 
     opt = ShardedOptimizer(model, topo, torch.optim.Adam, stage=2, lr=1e-3)
     # stage 3: the model's children gathered one at a time (or units=[...])
@@ -44,10 +46,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from .buckets import GradientWrites
-from .samples import SampleCounter, checked_total
+from .samples import SampleCounter, checked_passes, pass_row
 from .reduce import all_gather, reduce_scatter, segment_of
 from .wrapper import broadcast_state
-from .zero3 import ShardedParameters, collective
+from .zero3 import ReducedGrad, ShardedParameters, collective, drop_reduced
 
 BUCKET_MB = 25   # stage 2: gradients reduced per bucket of about this many MiB
 
@@ -103,6 +105,8 @@ class ShardedOptimizer:
             broadcast_state(module if module is not None else nn.ModuleList(units), dp_world)
         seen: set[int] = set()
         self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+        named = {id(p): n for n, p in module.named_parameters()} if module is not None else {}
+        self.names = [named.get(id(p), f"parameter {i} {tuple(p.shape)}") for i, p in enumerate(self.params)]
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
             raise ConfigError(f"ZeRO here keeps one flat vector: parameters must share a dtype, "
@@ -116,6 +120,7 @@ class ShardedOptimizer:
         if stage == 3:                         # the parameters themselves sharded (zero3.py)
             self.sharded = ShardedParameters(self.params, units, dp_world)
             self.sharded.scale = self._weight if self.weighted else None
+            self.writes = self.sharded.writes
             self.flat = self.grad = None
             self.shard = nn.Parameter(self.sharded.data)
             self.inner = optimizer([self.shard], **kwargs)
@@ -135,10 +140,10 @@ class ShardedOptimizer:
         a, b = self.segment
         self.shard = nn.Parameter(self.flat[a:b])      # shares the flat vector's storage
         self.inner = optimizer([self.shard], **kwargs)
+        self.writes = GradientWrites()   # torch's clip_grad_norm_ before step() would clip a replica's own gradient
         if stage == 2:
             self._buckets(bucket_mb)
-        else:            # torch's clip_grad_norm_ before step() would clip this replica's own gradient
-            self.writes = GradientWrites()
+        else:
             self.hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: self.writes.note(i, p.grad))
                           for i, p in enumerate(self.params)]
         self.zero_grad()
@@ -177,7 +182,11 @@ class ShardedOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Stage 1: each .grad becomes a zeroed view of the flat gradient (backward accumulates
-        into it in place; `set_to_none` is ignored). Stage 2: .grad None, the owned sum zeroed."""
+        into it in place; `set_to_none` is ignored). Stage 2: .grad None, the owned sum zeroed.
+        The samples counted start again (a step skipped after backward leaves its own behind)."""
+        self.count = None
+        if self.counter is not None:
+            self.counter.reset()
         if self.stage == 1:
             self.grad.zero_()
             for p, at in zip(self.params, self.offsets):
@@ -204,6 +213,7 @@ class ShardedOptimizer:
             self.buckets[-1].append(i)
             size += nbytes
         self.bucket_of = {i: k for k, members in enumerate(self.buckets) for i in members}
+        self.reduced = [ReducedGrad(p) for p in self.params]     # .grad once reduced, until the step
         # each bucket's range [lo, hi) of the flat vector, and every replica's segment within it
         segments = [segment_of(self.flat.numel(), self.world.size, j) for j in range(self.world.size)]
         self.spans = []
@@ -224,10 +234,13 @@ class ShardedOptimizer:
         self.seen = [0] * len(self.params)
         self.waiting = [set(m) for m in self.buckets]
         self.next_bucket = 0
+        self.writes.clear()
+        drop_reduced(self.params)
 
     def _hook(self, i: int):
         def on_grad(p: torch.Tensor) -> None:
             self.seen[i] += 1
+            self.writes.note(i, p.grad)
             if self.seen[i] == self.passes:
                 self.waiting[self.bucket_of[i]].discard(i)
                 while self.next_bucket < len(self.buckets) and not self.waiting[self.next_bucket]:
@@ -242,7 +255,8 @@ class ShardedOptimizer:
             p = self.params[i]
             if p.grad is not None:
                 scratch[self.offsets[i] - lo:self.offsets[i] - lo + p.numel()].copy_(p.grad.reshape(-1))
-                p.grad = None                     # its memory goes back now, not at the step
+            p.grad = self.reduced[i]              # its memory goes back now, not at the step
+            self.writes.grads.pop(i, None)
         if self.weighted:
             scratch.mul_(self._weight())
         a, b = self.segment
@@ -375,13 +389,13 @@ class ShardedOptimizer:
         """The gradient this replica holds for the step, once the reductions backward left are
         done: stages 2, 3 its segment of the sum over the replicas; stage 1 its own whole
         gradient (summed at the step). What a loss scaler unscales and checks for inf."""
+        self.writes.check(self.params, self.names.__getitem__, "clip with opt.step(clip=...) instead")
         if self.stage == 3:
             return [self.sharded.finish()]
         if self.stage == 2:
             while self.next_bucket < len(self.buckets):     # buckets backward left incomplete, in order
                 self._reduce(self.next_bucket)
             return [self.owned]
-        self.writes.check(self.params, lambda i: f"parameter {i}", "clip with opt.step(clip=...) instead")
         for p, at in zip(self.params, self.offsets):
             dst = self.grad[at:at + p.numel()]
             if p.grad is None:
@@ -389,6 +403,24 @@ class ShardedOptimizer:
             elif p.grad.data_ptr() != dst.data_ptr():   # not our view
                 dst.copy_(p.grad.reshape(-1))
         return [self.grad]
+
+    def _check_reduced(self) -> None:
+        """Stages 2, 3 at the step: every gradient went into a reduction, weighed by the samples of
+        the whole step; then .grad is None again."""
+        stray = next((i for i, p in enumerate(self.params)
+                      if p.grad is not None and not isinstance(p.grad, ReducedGrad)), None)
+        if stray is not None:
+            raise ConfigError(
+                f"ShardedOptimizer stage {self.stage}: {self.names[stray]} has a gradient that no reduction took: "
+                f"backward ran after this step's reductions were done (no opt.zero_grad() since the last step, "
+                f"which arms them): call opt.zero_grad() before each step's backward")
+        if self.weighted and self.count is not None and self.count != self.counter.n:
+            raise ConfigError(
+                f"ShardedOptimizer stage {self.stage} weighed this replica's gradients by its {self.count} samples "
+                f"counted when backward reduced the first of them, but the step had {self.counter.n}: its backward "
+                f"passes ran in rounds of opt.begin_step(...); declare them all before the first: "
+                f"opt.begin_step(passes)")
+        drop_reduced(self.params)
 
     def skip_step(self) -> None:
         """The next step() changes nothing (a loss scaler found inf on some rank: every rank skips)."""
@@ -399,9 +431,15 @@ class ShardedOptimizer:
         """Reduce-scatter the gradients (sum over replicas; stages 2, 3: the buckets backward
         left), clip by the global norm if `clip`, step the owned segment, all-gather the
         parameters (stage 3: gathered when used). Afterwards .grad holds nothing meaningful
-        until zero_grad. Returns the global norm (nan when skipped: skip_step)."""
+        (stages 2, 3: None) until zero_grad. Refused (one line): passes that split over the
+        replicas unlike the batch (op 'mean', samples.checked_passes), and under stages 2 and 3
+        a gradient backward wrote after the reductions were done (_check_reduced). Returns the
+        global norm (nan when skipped: skip_step)."""
         grad = self.gradients()[0]
+        if self.stage != 1:
+            self._check_reduced()
         count, self.count = (self._weight() if self.weighted else 0), None
+        passes = list(self.counter.passes) if self.counter is not None else []
         if self.counter is not None:
             self.counter.reset()
         if getattr(self, "skipping", False):
@@ -410,14 +448,15 @@ class ShardedOptimizer:
         if self.stage == 1 and self.weighted:        # stages 2, 3 weighed theirs when reducing them
             grad.mul_(count)
         mine = reduce_scatter(self.world, grad) if self.stage == 1 and self.world.size > 1 else grad
-        sums = torch.tensor([float(mine.double().pow(2).sum()), count], dtype=torch.float64)
-        if self.world.size > 1:
-            sums = self.world.allreduce_native(sums)
+        square = float(mine.double().pow(2).sum())
         if self.weighted:                            # the sum of n_r x gradient, over N
-            total = checked_total(float(sums[1]), "ShardedOptimizer")
+            rows = self.world.allgather_floats(pass_row(passes) + [square])
+            total = checked_passes(rows[:, :-1], self.world, "ShardedOptimizer")
             mine.div_(total)
-            sums[0] /= total ** 2
-        squares = sums[:1].clone()
+            square = float(rows[:, -1].sum()) / total ** 2
+        elif self.world.size > 1:
+            square = float(self.world.allreduce_native(torch.tensor([square], dtype=torch.float64))[0])
+        squares = torch.tensor([square], dtype=torch.float64)
         for w in self.norm_worlds:
             if w.size > 1:
                 squares = w.allreduce_native(squares)

@@ -7,7 +7,8 @@ it is freed. Its backward needs the weights again: a hook on the unit's output f
 gradient reaches it, before the unit's own backward runs, and gathers the vector once more;
 when every parameter of the unit has received its gradient (post-accumulate hooks) the vector
 is freed again, and on the step's last backward pass the unit's gradients are reduce-scattered
-(each replica keeps the sum of its own segment) and dropped.
+(each replica keeps the sum of its own segment) and dropped: .grad is a ReducedGrad until the
+step, which refuses any use (torch's clip_grad_norm_ would clip nothing; clip at the step).
 
 Freeing shrinks the vector's storage to nothing instead of dropping it: the tensors autograd
 saved in the forward (a weight, its transpose) are views of that storage and see the data again
@@ -37,9 +38,39 @@ import torch
 from ..comm.shared import SharedBuffer, one_host
 from ..comm.waits import BOARD
 from ..errors import ConfigError
-from .buckets import digest
+from .buckets import GradientsChangedError, GradientWrites, digest
 from .reduce import all_gather, reduce_scatter, segment_of
 from .shm import shared_all_gather_start
+
+
+class ReducedGrad(torch.Tensor):
+    """A parameter's .grad once ZeRO stage 2 or 3 has reduced it over the replicas, until the step:
+    no memory, and any use refused with one line -- torch's clip_grad_norm_ would otherwise clip
+    nothing (a None .grad is skipped), and another backward pass into it would be lost."""
+
+    @staticmethod
+    def __new__(cls, p: torch.Tensor):
+        return torch.Tensor._make_wrapper_subclass(cls, p.shape, dtype=p.dtype, device=p.device)
+
+    def untyped_storage(self):
+        """None of its own (what memory.held_bytes counts: nothing)."""
+        return torch.UntypedStorage(0)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise GradientsChangedError(
+            f"{func.overloadpacket.__name__} on a .grad that ZeRO stage 2 or 3 already reduced over the "
+            f"data-parallel replicas (each keeps only its segment of the sum, so .grad holds nothing until the step "
+            f"and torch's clip_grad_norm_ or clip_grad_value_ would clip nothing): clip with opt.step(clip=...), "
+            f"which returns the global norm; with several backward passes a step, call opt.begin_step(passes) "
+            f"before the first")
+
+
+def drop_reduced(params) -> None:
+    """.grad None again where it is a ReducedGrad: a new round of backward passes, or the step."""
+    for p in params:
+        if isinstance(p.grad, ReducedGrad):
+            p.grad = None
 
 
 class ShardedParameters:
@@ -87,6 +118,8 @@ class ShardedParameters:
         self.grad = torch.zeros(owned, dtype=dtype)
         self.full = [torch.zeros(n, dtype=dtype) for n in self.sizes]
         self.stand_in = [torch.zeros(1, dtype=dtype).expand(p.shape) for p in params]
+        self.reduced = [ReducedGrad(p) for p in params]       # .grad once reduced, until the step
+        self.writes = GradientWrites()      # gradients not reduced yet: changed in place (a clip) before the step?
         self.is_gathered = [True] * len(self.members)
         with torch.no_grad():
             for u, mine in enumerate(self.members):
@@ -221,6 +254,8 @@ class ShardedParameters:
         self.arrived = [0] * len(self.members)
         self.waiting = [set(self.members[u]) for u in reversed(range(len(self.members)))]
         self.next = 0                                 # position in the reduce order (last unit first)
+        self.writes.clear()
+        drop_reduced(self.params)
 
     def _on_grad(self, i: int):
         def hook(p: torch.Tensor) -> None:
@@ -229,6 +264,7 @@ class ShardedParameters:
             if self.arrived[u] % len(self.members[u]) == 0:   # the unit's backward is done for this pass
                 self.free(u)
             self.seen[i] += 1
+            self.writes.note(i, p.grad)
             if self.seen[i] == self.passes:
                 self.waiting[len(self.members) - 1 - u].discard(i)
                 while self.next < len(self.members) and not self.waiting[self.next]:
@@ -243,7 +279,8 @@ class ShardedParameters:
             p = self.params[i]
             if p.grad is not None:
                 scratch[self.offset[i]:self.offset[i] + p.numel()].copy_(p.grad.reshape(-1))
-                p.grad = None
+            p.grad = self.reduced[i]
+            self.writes.grads.pop(i, None)
         if self.scale is not None:
             scratch.mul_(self.scale())
         mine = reduce_scatter(self.world, scratch) if self.world.size > 1 else scratch

@@ -49,6 +49,11 @@ class ScaledLoss(nn.Module):
         super().__init__()
         self.loss_fn, self.scaler = loss_fn, scaler
 
+    @property
+    def unscaled(self):
+        """The loss it scales: what Pipeline's loss checks judge (pipeline/stage.py judged)."""
+        return self.loss_fn
+
     def forward(self, out, y):
         return self.loss_fn(out, y) * self.scaler.scale
 

@@ -8,7 +8,8 @@ second forward finds the units freed again); shards of different sizes; with a l
 never reaches and a branch some replicas or steps skip (stage 2's buckets, stage 3's units left
 incomplete by backward, reduced at the step); each replica holds 1/N of Adam's state; a
 non-elementwise optimizer is refused; stage 3's gathered() names itself as a collective, and a
-state_dict taken inside it saves and loads. Adam's parity runs are float64 (`parity_dtype`).
+state_dict taken inside it saves and loads; gradient accumulation exact when each pass splits
+over the replicas like the batch, refused when not (or when its passes were declared in rounds). Adam's parity runs are float64 (`parity_dtype`).
 (The Pipeline's ZeRO, which sums its own weighted losses: cases_parity.py, cases_api.py.)"""
 from contextlib import contextmanager
 
@@ -301,3 +302,83 @@ def test_gathered_waits_say_they_are_a_collective_every_rank_must_call(world, mo
     monkeypatch.undo()
     want = f"[in ShardedOptimizer.gathered(), which every rank of {world.name} ({world.size} ranks) must call]"
     assert seen and all(d.endswith(want) for d in seen), seen
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("split", ["in-proportion", "uneven", "rounds"])
+def test_gradient_accumulation_is_exact_or_refused(world, stage, split):
+    """ShardedOptimizer(model, world, ...) in a user's loop, two backward passes a step, each a
+    mean over this replica's part of a global micro-batch, halved (float64, SGD with momentum):
+    exact when each pass splits over the replicas like the whole batch (6 + 6: on 4 ranks 2/2/1/1
+    twice), refused on every rank when not (7 + 5: 4/3 then 3/2 on 2 ranks), as DataParallel does.
+    `rounds`: opt.begin_step(1) before each pass instead of begin_step(2) before the first; stages 2
+    and 3 then weigh the first pass's reduction by its samples alone, which is refused (stage 1
+    reduces at the step: exact)."""
+    passes = (7, 5) if split == "uneven" else (6, 6)
+
+    def data():
+        g = torch.Generator().manual_seed(1)
+        f64 = dict(generator=g, dtype=torch.float64)
+        return [(torch.randn(12, 12, **f64), torch.randn(12, 3, **f64)) for _ in range(3)]
+
+    def step(model, opt, x, y, mine, begin=lambda n: None):
+        opt.zero_grad()
+        begin(len(passes))
+        for xp, yp in zip(x.split(passes), y.split(passes)):
+            if split == "rounds":
+                begin(1)
+            (loss_of(model, mine(xp), mine(yp)) / len(passes)).backward()
+        opt.step()
+
+    kw = dict(lr=0.03, momentum=0.9)
+    ref = mlp().double()
+    ref_opt = torch.optim.SGD(ref.parameters(), **kw)
+    for x, y in data():
+        step(ref, ref_opt, x, y, lambda t: t)
+    model = mlp().double()
+    opt = ShardedOptimizer(model, world, torch.optim.SGD, stage=stage, **kw)
+    refused = {"uneven": r"ShardedOptimizer: backward pass 1 of this step covered \d+ of rank \d+'s \d+ samples but 7 "
+                         r"of the global batch's 12.*op='sum'",
+               "rounds": rf"ShardedOptimizer stage {stage} weighed this replica's gradients by its \d+ samples .*"
+                         rf"opt\.begin_step\(passes\)" if stage > 1 else None}.get(split)
+    for x, y in data():
+        mine = lambda t: t.tensor_split(world.size)[world.rank]   # noqa: E731
+        if refused:
+            with pytest.raises(ConfigError, match=refused):
+                step(model, opt, x, y, mine, opt.begin_step)
+            return
+        step(model, opt, x, y, mine, opt.begin_step)
+    with opt.gathered():
+        got = model.state_dict()
+        for (name, want), have in zip(ref.state_dict().items(), got.values()):
+            torch.testing.assert_close(have, want, msg=lambda m: f"stage {stage}, {split}: {name}: {m}")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_step_skipped_after_backward_leaves_no_samples_behind(world, stage):
+    """A user's loop that skips opt.step() after backward (a non-finite gradient, as
+    Checkpoint.finite says on every rank): the next step weighs its replicas by its own samples
+    only (global batches of 12, skipped, then 7 and 7: shards 4/3 on 2 ranks), as one process that
+    skips the step (float64, SGD with momentum)."""
+    def data():
+        g = torch.Generator().manual_seed(1)
+        f64 = dict(generator=g, dtype=torch.float64)
+        return [(torch.randn(b, 12, **f64), torch.randn(b, 3, **f64)) for b in (12, 7, 7)]
+
+    kw = dict(lr=0.03, momentum=0.9)
+    ref = mlp().double()
+    ref_opt = torch.optim.SGD(ref.parameters(), **kw)
+    for x, y in data()[1:]:
+        ref_opt.zero_grad()
+        loss_of(ref, x, y).backward()
+        ref_opt.step()
+    model = mlp().double()
+    opt = ShardedOptimizer(model, world, torch.optim.SGD, stage=stage, **kw)
+    for i, (x, y) in enumerate(data()):
+        opt.zero_grad()
+        loss_of(model, x.tensor_split(world.size)[world.rank], y.tensor_split(world.size)[world.rank]).backward()
+        if i > 0:
+            opt.step()
+    with opt.gathered():
+        for (name, want), have in zip(ref.state_dict().items(), model.state_dict().values()):
+            torch.testing.assert_close(have, want, msg=lambda m: f"stage {stage}: {name}: {m}")
