@@ -246,6 +246,105 @@ def recv(world, src: int, tag: int, **expect) -> torch.Tensor:
     return irecv(world, src, tag, **expect).wait()
 
 
+# -------------------------------------------------------------------------------------------------
+# Tuples: what flows between the stages of a traced (split) module -- tensors and the Python
+# numbers that cross a cut (a sequence length read at the top of forward). One header of
+# (kind, word) pairs goes first (numbers travel in it), then each tensor as above, all under one
+# tag: MPI keeps them in order, and the receiver takes the tensors one after another.
+# -------------------------------------------------------------------------------------------------
+TUPLE_MAGIC = 0x6D707054  # "mppT"
+MAX_VALUES = 64
+TENSOR, INT, FLOAT, BOOL = range(4)
+
+
+def encode_values(values) -> np.ndarray:
+    """The header of a tuple: [magic, n, (kind, word) per value]; a number is its own word."""
+    if len(values) > MAX_VALUES:
+        raise ValueError(f"mpipar sends tuples of at most {MAX_VALUES} values, got {len(values)}")
+    h = np.zeros(2 + 2 * len(values), dtype=np.int64)
+    h[0], h[1] = TUPLE_MAGIC, len(values)
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            kind, word = TENSOR, 0
+        elif isinstance(v, bool):
+            kind, word = BOOL, int(v)
+        elif isinstance(v, int):
+            kind, word = INT, v
+        elif isinstance(v, float):
+            kind, word = FLOAT, int(np.float64(v).view(np.int64))
+        else:
+            raise TypeError(f"mpipar sends tensors, ints, floats and bools between ranks, not {type(v).__name__}")
+        h[2 + 2 * i], h[3 + 2 * i] = kind, word
+    return h
+
+
+def decode_values(h: np.ndarray) -> list[tuple[int, object]]:
+    """[(kind, number or None)] from a tuple header; ValueError if it is not one of ours."""
+    if int(h[0]) != TUPLE_MAGIC or not 0 <= int(h[1]) <= MAX_VALUES:
+        raise ValueError("received bytes are not an mpipar tuple header (mismatched send/recv pairing?)")
+    out = []
+    for kind, word in h[2:2 + 2 * int(h[1])].reshape(-1, 2).tolist():
+        value = {TENSOR: None, INT: word, BOOL: bool(word),
+                 FLOAT: float(np.int64(word).view(np.float64))}.get(kind, ValueError)
+        if value is ValueError:
+            raise ValueError(f"corrupt mpipar tuple header {h.tolist()}")
+        out.append((kind, value))
+    return out
+
+
+class TupleSend:
+    """A tuple's header and tensors in flight."""
+
+    def __init__(self, world, values, dst: int, tag: int):
+        self.hdr = encode_values(values)
+        BOARD.sent(self.hdr.nbytes)
+        self.parts = [SendHandle(world, [world.comm.Isend(self.hdr, dest=dst, tag=tag)], self.hdr, dst, tag)]
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                part = isend(world, v, dst, tag)
+                if isinstance(part, StagedSend):
+                    part.post(block=True)   # its payload goes before the next tensor's header
+                self.parts.append(part)
+
+    def wait(self) -> None:
+        for part in self.parts:
+            part.wait()
+
+    def done(self) -> bool:
+        return all([part.done() for part in self.parts])
+
+
+class TupleRecv:
+    """A tuple's receive: the header is posted at once, the tensors are taken by wait()."""
+
+    def __init__(self, world, src: int, tag: int, device):
+        self.world, self.src, self.tag, self.device = world, src, tag, device
+        self.hdr = np.zeros(2 + 2 * MAX_VALUES, dtype=np.int64)
+        self.hreq = world.comm.Irecv(self.hdr, source=src, tag=tag)
+        self.result = None
+
+    def wait(self) -> tuple:
+        if self.result is None:
+            w, peer = self.world, self.world.world_rank_of(self.src)
+            BOARD.wait(self.hreq, "RECV {tag} header from", peer, self.tag)
+            try:
+                kinds = decode_values(self.hdr)
+            except ValueError as e:
+                raise ShapeError(f"rank {w.world_rank}: from rank {peer}: {e}") from None
+            self.result = tuple(recv(w, self.src, self.tag, device=self.device) if kind == TENSOR else value
+                                for kind, value in kinds)
+        return self.result
+
+
+def isend_tuple(world, values, dst: int, tag: int) -> TupleSend:
+    """Start sending a tuple of tensors and numbers (ints, floats, bools) to `dst`."""
+    return TupleSend(world, values, dst, tag)
+
+
+def irecv_tuple(world, src: int, tag: int, *, device="cpu") -> TupleRecv:
+    return TupleRecv(world, src, tag, device)
+
+
 # Headerless transfers, for internal traffic whose sizes both sides already know
 # (ring all-reduce chunks): one message each, nothing to decode.
 

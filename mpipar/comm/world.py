@@ -62,14 +62,18 @@ class World:
         self.comm.Allgather(mine, allh)
         return [bytes(r).rstrip(b"\0").decode(errors="replace") for r in allh]
 
-    def split(self, color: int, key: int, name: str) -> "World":
-        return World(self.comm.Split(color, key), name=name, policy=self.policy)
+    def split(self, color: int | None, key: int, name: str) -> "World | None":
+        """Collective: the ranks of each color in a World of their own (color None: in none)."""
+        comm = self.comm.Split(MPI.UNDEFINED if color is None else color, key)
+        return None if comm == MPI.COMM_NULL else World(comm, name=name, policy=self.policy)
 
     # -- point to point (see messages.py) ---------------------------------------------------
     isend = messages.isend
     send = messages.send
     irecv = messages.irecv
     recv = messages.recv
+    isend_tuple = messages.isend_tuple
+    irecv_tuple = messages.irecv_tuple
     isend_raw = messages.isend_raw
     irecv_raw = messages.irecv_raw
 

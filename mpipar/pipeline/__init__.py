@@ -2,6 +2,7 @@
 process runs, and executed by one engine on stages; Pipeline is what a user holds.
 
     pipe.py       Pipeline: this rank's share of a model, one call for a batch's forward and backward
+    split.py      any traceable nn.Module cut by torch.fx into units at named submodules; tied parameters
     balance.py    cutting the layers into stages by what they cost (profiled), and the balance table
     schedules.py  schedules as data: (stages, micro-batches, stage) -> that stage's ordered actions
     pipedream.py  PipeDream-2BW: 1F1B that never flushes, sound through double-buffered weights

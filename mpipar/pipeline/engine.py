@@ -27,7 +27,11 @@ PEER_OF = {"RECV_F": "prev", "RECV_B": "next"}
 
 
 class Engine:
-    def __init__(self, stages: Stage | Sequence[Stage], lookahead: int = 4, send_window: int = 8):
+    """`tuples`: the stages pass tuples (the units of a traced module, pipeline/split.py) rather
+    than single tensors."""
+
+    def __init__(self, stages: Stage | Sequence[Stage], lookahead: int = 4, send_window: int = 8,
+                 tuples: bool = False):
         self.stages = list(stages) if isinstance(stages, (list, tuple)) else [stages]
         self.stage = self.stages[0]
         self.world = self.stage.world
@@ -38,6 +42,8 @@ class Engine:
             raise ConfigError(f"rank {self.s}'s chunks are virtual stages {[st.index for st in self.stages]}; "
                               f"with p={self.p} they must be {self.s}, {self.s}+{self.p}, ...")
         self.lookahead, self.send_window = max(1, lookahead), max(2, send_window)
+        w = self.world   # a tuple travels as one header and its tensors, under the message's tag
+        self.isend, self.irecv = (w.isend_tuple, w.irecv_tuple) if tuples else (w.isend, w.irecv)
         self.sends: deque = deque()
         self.received: dict[tuple, torch.Tensor] = {}
         self.outbox: dict[tuple, torch.Tensor] = {}     # (op, mb, chunk) -> tensor its SEND will send
@@ -50,9 +56,9 @@ class Engine:
         peer, kind, k = message(a, self.s, self.p)
         return peer, tag(KINDS[kind], base + a.mb, k if self.v > 1 else 0)
 
-    def _send(self, t: torch.Tensor, a: Action, base: int) -> None:
+    def _send(self, t, a: Action, base: int) -> None:
         peer, tg = self._tag(a, base)
-        self.sends.append(self.world.isend(t, peer, tg))
+        self.sends.append(self.isend(t, peer, tg))
         while len(self.sends) > self.send_window:
             self.sends.popleft().wait()
 
@@ -97,7 +103,7 @@ class Engine:
             while recv_queue and len(posted) < self.lookahead:
                 a = recv_queue.popleft()
                 peer, tg = self._tag(a, base)
-                posted[(a.op, base + a.mb, a.chunk)] = self.world.irecv(peer, tg, device=self.stage.device)
+                posted[(a.op, base + a.mb, a.chunk)] = self.irecv(peer, tg, device=self.stage.device)
 
         post_more()
         for a in actions:

@@ -6,9 +6,11 @@ a batch's forward and backward over all its micro-batches.
     opt.zero_grad(); loss = pipe.step(x, y); opt.step()
 
 The model is an `nn.Sequential` (split between its children; build it from the same seed on
-every rank) or a list of LayerSpecs (each rank builds only its own layers, each from its own
-seed). The rank map cuts the layers into p*v contiguous stages (v model chunks per rank for
-interleaved schedules; rank s holds virtual stages s, s+p, ...), by `balance`. With dp > 1 in
+every rank), any other traceable nn.Module (traced by torch.fx and cut before named submodules,
+`split=["blocks.2"]`, see split.py; also built alike on every rank), or a list of LayerSpecs
+(each rank builds only its own layers, each from its own seed). The rank map cuts the layers
+into p*v contiguous stages (v model chunks per rank for interleaved schedules; rank s holds
+virtual stages s, s+p, ...), by `balance`. With dp > 1 in
 the grid, the replicas of each stage keep identical through our all-reduce, overlapped with
 backward; with tp > 1, layers that have a tensor-parallel twin (LayerSpec.tp) hold their shard.
 """
@@ -30,6 +32,7 @@ from .balance import partition
 from .engine import Engine
 from .pipedream import WeightStash
 from .schedules import Schedule
+from .split import Ties, Traced, split_units
 from .stage import Stage
 
 
@@ -44,35 +47,30 @@ class DataParallelOptions:
                                   # ShardedOptimizer (pipe.make_optimizer; Trainer: ShardedOptimizer.like)
 
 
-def specs_of(model) -> list[LayerSpec]:
-    """LayerSpecs from an nn.Sequential (its children, already built) or a LayerSpec list."""
+def specs_of(model, split=None) -> tuple[list[LayerSpec], Traced | None]:
+    """LayerSpecs from an nn.Sequential (its children, already built) or a LayerSpec list; any
+    other nn.Module (or any module with `split` names) traced into units (split.py)."""
     if isinstance(model, nn.Module):
-        check_splittable(model)
-        return [LayerSpec(name, build=lambda child=child: child) for name, child in model.named_children()]
+        if split is None and type(model).forward is nn.Sequential.forward:
+            check_splittable(model)
+            return [LayerSpec(name, build=lambda child=child: child) for name, child in model.named_children()], None
+        traced = split_units(model)
+        return traced.specs, traced
     specs = list(model)
     if not all(isinstance(s, LayerSpec) for s in specs):
-        raise ConfigError(f"Pipeline takes an nn.Sequential or a list of LayerSpecs, not {type(model).__name__}")
-    return specs
+        raise ConfigError(f"Pipeline takes an nn.Module or a list of LayerSpecs, not {type(model).__name__}")
+    if split is not None:
+        raise ConfigError("split= names submodules of an nn.Module to cut before; LayerSpecs are cut by balance=")
+    return specs, None
 
 
-SPLIT_FIX = ("write the model as an nn.Sequential of blocks (a block with a skip connection stays one child, "
-             "its forward intact) or a list of mpipar.LayerSpec")
-
-
-def check_splittable(model: nn.Module) -> None:
-    """Pipeline runs a model's children one after the other, which is the model itself only for
-    nn.Sequential's own forward: anything else (a subclass's forward, a module that is not a
-    Sequential, hooks, a child listed twice) would be split into something else, so it is refused."""
+def check_splittable(model: nn.Sequential) -> None:
+    """Pipeline runs a plain Sequential's children one after the other, which is the model itself
+    unless it has hooks or lists a child twice (shared weights): those are refused."""
     kind = type(model).__name__
-    if not isinstance(model, nn.Sequential):
-        raise ConfigError(f"Pipeline splits an nn.Sequential between its children; {kind} is an nn.Module "
-                          f"whose forward it cannot split: {SPLIT_FIX}")
-    if type(model).forward is not nn.Sequential.forward:
-        raise ConfigError(f"{kind} is an nn.Sequential with its own forward, which Pipeline would not run (it "
-                          f"runs the children one after the other): {SPLIT_FIX}")
     if model._forward_hooks or model._forward_pre_hooks:
         raise ConfigError(f"{kind} has forward hooks, which Pipeline would not run (it runs the children one "
-                          f"after the other): put them on a child, or {SPLIT_FIX}")
+                          f"after the other): put them on a child")
     children = list(model)
     if len({id(c) for c in children}) != len(children):
         raise ConfigError(f"{kind} lists the same module at two places (shared weights); pipeline stages cannot "
@@ -143,11 +141,12 @@ class BatchRunner:
 
     def run(self, xs: Sequence, ys: Sequence, weights: Sequence[float], on_output=None,
             position: tuple[int, int] = (0, 1), batch: int = 0, update: Callable[[], None] | None = None,
-            dp=None) -> None:
+            dp=None, ties: Ties | None = None) -> None:
         """`position` = (step, steps) in the epoch (a stream spans them), `batch` the batch
-        number (weight versions), `dp` the DataParallel that reduces the gradients (or None).
+        number (weight versions), `dp` the DataParallel that reduces the gradients (or None),
+        `ties` the parameters shared with other stages, whose gradients are summed after it.
         A streaming schedule runs `update` at its OPT actions; otherwise the caller steps the
-        optimizer after this returns (gradients reduced over dp by then)."""
+        optimizer after this returns (gradients reduced over dp and ties by then)."""
         m = len(xs)
         if not self.schedule.streaming:
             if dp is not None:
@@ -155,6 +154,8 @@ class BatchRunner:
             self.engine.run(self.schedule(self.p, m, self.s, self.v), xs, ys, weights, on_output)
             if dp is not None:
                 dp.finish()
+            if ties:
+                ties.sync()
             return
         step, steps = position
         if step != self._next_step:      # a stream starts: at step 0, or mid-epoch after a resume
@@ -170,6 +171,8 @@ class BatchRunner:
             if dp is not None:
                 dp.begin_step(m)
                 dp.finish()
+            if ties:
+                ties.sync()
             if update is not None:
                 update()
 
@@ -181,9 +184,12 @@ class BatchRunner:
 class Pipeline:
     """This rank's layers of a model split over topo's pipeline ranks, and how to train them.
 
-    Arguments: `model` (nn.Sequential or LayerSpecs), `topo` (mpipar.init's Topology; default:
-    every rank a stage), `loss_fn(out, target)` (a mean over the batch), `schedule` (gpipe |
-    1f1b | eager-1f1b | interleaved | zb | pipedream, or a schedules.Schedule), `microbatches`,
+    Arguments: `model` (nn.Sequential, any traceable nn.Module, or LayerSpecs), `topo`
+    (mpipar.init's Topology; default: every rank a stage), `split` (a traced module's cut points:
+    the submodules to cut before, e.g. ["blocks.2", "blocks.4"], p*v - 1 of them; None or 'auto':
+    cut where `balance` says, between its top-level children and container items),
+    `loss_fn(out, target)` (a mean over the batch), `schedule` (gpipe | 1f1b | eager-1f1b |
+    interleaved | zb | pipedream, or a schedules.Schedule), `microbatches`,
     `chunks` (interleaved, default 2), `balance` (a rankmap.Balance or what Balance.parse takes;
     'auto': 'time' when a micro-batch `sample` is given, else 'params'; see partition), `sample`,
     `recompute` (True, or pp ranks),
@@ -196,7 +202,7 @@ class Pipeline:
                  microbatches: int = 1, chunks: int | None = None, balance: Balance | str | list = "auto",
                  sample: torch.Tensor | None = None, recompute=False, seed: int = 0,
                  timeline: str | None = None, data_parallel: DataParallelOptions | None = None,
-                 rankmap: RankMap | None = None, device="cpu"):
+                 rankmap: RankMap | None = None, device="cpu", split: str | Sequence[str] | None = None):
         if topo is None:
             from ..topology import init
             topo = init()
@@ -205,14 +211,21 @@ class Pipeline:
         self.topo, self.loss_fn, self.microbatches = topo, loss_fn, int(microbatches)
         if self.microbatches < 1:
             raise ConfigError(f"microbatches={microbatches}: need at least 1")
-        specs = specs_of(model)
+        specs, self.traced = specs_of(model, split)
         check_unique(specs)
         p, s = topo.grid.pp, topo.pp_rank
         self.schedule = schedules.get(schedule, chunks)     # names parsed here, once; values from here on
         balance = Balance.parse(balance)
+        if self.traced is not None and split not in (None, "auto"):
+            if balance.kind != "auto" or rankmap is not None:
+                raise ConfigError(f"split={split!r} and balance={balance} (or a rank map) both cut the model: give one")
+            balance = Balance.parse(self.traced.sizes(split, virtual_stages(self.schedule, p)))
+        if self.traced is not None and balance.kind == "time":
+            raise ConfigError("balance='time' profiles the layers one by one on a tensor; a traced module's units "
+                              "pass tuples: name the cuts with split=[...], or balance='params', 'layers' or sizes")
         if rankmap is None:
             if balance.kind == "auto":
-                balance = Balance("time" if sample is not None else "params")
+                balance = Balance("time" if sample is not None and self.traced is None else "params")
             n = virtual_stages(self.schedule, p, balance)
             rankmap = RankMap(topo.grid, partition(specs, balance, n, topo.world, sample, seed, chunks=n // p))
         if len(rankmap.stages) % p:
@@ -234,7 +247,10 @@ class Pipeline:
         self.stages = [Stage(ch, s + c * p, p * self.v, topo.pp_world, loss_fn, self.device, recompute=recompute,
                              weights=WeightStash(ch) if self.schedule.streaming else None)
                        for c, ch in enumerate(chunks_)]
-        self.engine = Engine(self.stages)
+        self.engine = Engine(self.stages, tuples=self.traced is not None)
+        # parameters that units on other pipeline ranks use too (a head tied to the embedding)
+        self.ties = (Ties.build({sp.name: sp.build() for sp in specs}, rankmap.stages, topo.pp_world)
+                     if self.traced is not None else None)
         from ..tensor.sharding import tp_plan
         plan = tp_plan(self.module)
         self.sharded_ids = {id(q) for name, q in self.module.named_parameters() if name in plan}
@@ -249,6 +265,10 @@ class Pipeline:
             if self.streaming or self.tp_group is not None or self.device.type != "cpu":
                 raise ConfigError(f"--zero {o.zero} runs with synchronous schedules, tp=1 and CPU tensors so far, not "
                                   f"--schedule {self.schedule} with tp={topo.grid.tp} on {self.device}")
+            if self.ties:
+                raise ConfigError(f"--zero {o.zero} shards gradients over the replicas of each stage, and "
+                                  f"{self.traced.kind} has a parameter that units on several pipeline ranks use "
+                                  f"(tied weights), whose gradient is summed between them: use zero=0 with it")
             if o.zero == 3 and self.schedule.name == "zb":
                 raise ConfigError("--zero 3 gathers a layer's weights once for its whole backward; --schedule zb "
                                   "splits a backward in two: use 1f1b, eager-1f1b, gpipe or interleaved")
@@ -317,7 +337,10 @@ class Pipeline:
 
     def parameter_order(self) -> list[int]:
         """For each of parameters(), its place in the whole model's parameters() order (layer
-        index, then position in the layer): what the global-norm clip combines norms by."""
+        index, then position in the layer; a traced module's own order, a tied parameter's the
+        same on each of its ranks): what the global-norm clip combines norms by."""
+        if self.traced is not None:
+            return [self.traced.order[id(q)] for q in self.trainable()]
         index, seen, order = {spec.name: i for i, spec in enumerate(self.specs)}, set(), []
         for name, layer in self.module.named_children():
             for j, q in enumerate(layer.parameters()):
@@ -327,8 +350,11 @@ class Pipeline:
         return order
 
     def state_dict(self) -> dict:
-        """This rank's layers under the single-process model's names; with tp > 1 the shards are
-        gathered (a collective over tp: every tp rank calls it)."""
+        """This rank's layers under the single-process model's names (a traced module's own
+        state-dict keys); with tp > 1 the shards are gathered (a collective over tp: every tp rank
+        calls it)."""
+        if self.traced is not None:
+            return self.traced.state_dict(self.units())
         if self.tp_group is not None:
             from ..tensor.sharding import gather_full_state_dict
             return gather_full_state_dict(self.module, self.tp_group)
@@ -373,7 +399,7 @@ class Pipeline:
                     total[0] += float(self.loss_fn(out.detach(), ys[mb])) * len(ys[mb])
         if self.recorder is not None:
             self.recorder.begin_step()
-        self.runner.run(xs, ys, weights, on_out, position, batch, update, dp=self.dp)
+        self.runner.run(xs, ys, weights, on_out, position, batch, update, dp=self.dp, ties=self.ties)
         self.last_loss = (total[0], global_n) if on_output is None and self.loss_fn is not None else None
         return total[0] / max(n, 1) if self.is_last and on_output is None else None
 

@@ -2,6 +2,9 @@
 its neighbours. Backward comes whole (B) or split (B: input gradient now, W: weights later)."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -21,12 +24,29 @@ ELEMENTWISE_FUNCTIONS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, 
                          F.binary_cross_entropy_with_logits, F.soft_margin_loss, F.kl_div, F.poisson_nll_loss)
 
 
+CLASS_LOSSES = {F.cross_entropy: nn.CrossEntropyLoss, F.nll_loss: nn.NLLLoss}
+
+
+def judged(loss_fn):
+    """The loss the checks below judge: what a wrapper that only scales it stands for (amp's
+    ScaledLoss: its `unscaled`), and functools.partial(F.cross_entropy, ...) (or F.nll_loss) as
+    the loss module of the same settings, so that its reduction, weight and ignore_index are read."""
+    loss_fn = getattr(loss_fn, "unscaled", loss_fn)
+    if isinstance(loss_fn, functools.partial) and loss_fn.func in CLASS_LOSSES and not loss_fn.args:
+        try:
+            return CLASS_LOSSES[loss_fn.func](**loss_fn.keywords)
+        except TypeError:
+            pass
+    return loss_fn
+
+
 def check_loss_shapes(loss_fn, out, target) -> None:
     """Refuse an output and targets that the loss would broadcast into another loss (e.g. (16, 1)
     against (16,): a 16 x 16 mean, with only torch's warning). An elementwise loss needs equal
     shapes; any other loss is refused floating tensors of as many elements in other shapes only
     when its value changes once the output takes the targets' shape (it broadcasts them rather
     than reshaping them itself). Class indices against logits ((B, C) against (B,) integers) pass."""
+    loss_fn = judged(loss_fn)
     if not (isinstance(out, torch.Tensor) and isinstance(target, torch.Tensor)) or out.shape == target.shape:
         return
     if not (isinstance(loss_fn, ELEMENTWISE_LOSSES) or loss_fn in ELEMENTWISE_FUNCTIONS):
@@ -48,12 +68,76 @@ def check_loss_shapes(loss_fn, out, target) -> None:
                      f"broadcast into another loss: give them the same shape ({fix})")
 
 
-def check_mean_loss(loss_fn, target) -> None:
-    """Refuse a torch loss that is not a plain mean over samples: Pipeline weighs each micro-batch's
+MEANS_OVER_SAMPLES = weakref.WeakSet()   # functions shown to be one on integer targets below 0
+COUNTED = weakref.WeakKeyDictionary()    # loss -> the targets it counts in each sample, alike in all so far
+
+
+def counted_alike(loss_fn, counted: torch.Tensor) -> tuple[bool, bool]:
+    """(whether some target is not counted, whether every sample so far held the same number k > 0
+    of counted ones): `counted` is a mask shaped like the targets. Then a mean over the counted
+    targets is a mean over samples too (e.g. sub-graphs with as many labelled nodes each). The k is
+    remembered per loss for the whole run, so micro-batches without ignored targets (k: all of a
+    sample's) count too; replicas are not compared (a replica whose samples all held another k
+    throughout would pass)."""
+    if counted.dim() == 0 or not len(counted):
+        return False, False
+    lo, hi = torch.aminmax(counted.reshape(len(counted), -1).sum(1))
+    lo, hi = torch.stack([lo, hi]).tolist()
+    if lo != hi or lo == 0:
+        return lo < counted[0].numel(), False
+    try:
+        return lo < counted[0].numel(), COUNTED.setdefault(loss_fn, lo) == lo
+    except TypeError:                         # not weakly referable: cannot be remembered
+        return lo < counted[0].numel(), False
+
+
+def mean_over_samples(loss_fn, out, target) -> bool:
+    """Whether a function given integer targets below 0 (torch's ignore_index, -100 by default, or
+    labels such as -1) still averages over samples: its value on the batch followed by a copy of
+    it whose targets all hold the lowest one, v, must be the mean of its values on the two. A mean
+    over the targets not ignored keeps its value on the batch instead (and has none, NaN, on the
+    copy). Shown once per function; a zero loss shows nothing."""
+    if loss_fn in MEANS_OVER_SAMPLES:
+        return True
+    if not isinstance(out, torch.Tensor):
+        return False
+    with torch.no_grad():
+        fill = torch.full_like(target, int(target.min()))
+        alone, filled = loss_fn(out, target), loss_fn(out, fill)
+        both = loss_fn(torch.cat([out, out]), torch.cat([target, fill]))
+    alone, filled, both = (torch.as_tensor(v, dtype=torch.float64) for v in (alone, filled, both))
+    if not torch.allclose(2 * both, alone + filled, rtol=1e-3, atol=0.0):
+        return False
+    if bool(alone != 0):
+        with contextlib.suppress(TypeError):          # not weakly referable: shown again next time
+            MEANS_OVER_SAMPLES.add(loss_fn)
+    return True
+
+
+def check_mean_loss(loss_fn, out, target, whole: bool = False) -> None:
+    """Refuse a loss that is not a plain mean over samples: Pipeline weighs each micro-batch's
     loss by its share of the samples, which equals one process's loss only for such a mean (a sum,
     a mean weighted by the targets' classes, or one over the targets not ignored, would not split
-    so). A plain function is trusted to be one. Checked per micro-batch (ignore_index targets)."""
-    if not isinstance(loss_fn, nn.modules.loss._Loss):
+    so). A plain function is trusted to be one, except on integer targets below 0 (ignored class
+    indices: it must show it, mean_over_samples). Ignored targets pass too where nothing is weighed
+    (`whole`: one micro-batch, one replica) or every sample holds as many counted ones
+    (counted_alike). Checked per micro-batch."""
+    given, loss_fn = loss_fn, judged(loss_fn)     # what the Stage holds: what counted_alike remembers
+    indices = isinstance(target, torch.Tensor) and not (target.is_floating_point() or target.is_complex())
+    plain = not isinstance(loss_fn, nn.modules.loss._Loss)
+    ignoring = indices and (plain or isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)))
+    ignored, alike = (counted_alike(given, target >= 0 if plain else target != loss_fn.ignore_index) if ignoring
+                      else (False, False))
+    ignored = ignored and not whole and not alike
+    if plain:
+        if ignored and not mean_over_samples(loss_fn, out, target):
+            name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+            raise ConfigError(
+                f"the loss function {name} gets integer targets below 0 ({int(target.min())}: ignored class "
+                f"indices, torch's ignore_index) and is no plain mean over samples with them (a mean over the other "
+                f"targets only), which Pipeline needs (it weighs each micro-batch's loss by its share of the "
+                f"samples): return one, e.g. F.cross_entropy(out, y, reduction='sum') / y.numel() (an ignored "
+                f"target counts as zero)")
         return
     why = None
     if getattr(loss_fn, "reduction", "mean") not in ("mean", "batchmean"):
@@ -61,8 +145,7 @@ def check_mean_loss(loss_fn, target) -> None:
     elif isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         if loss_fn.weight is not None:
             why = "weight= (a mean weighted by the targets' classes)"
-        elif (isinstance(target, torch.Tensor) and not target.is_floating_point()
-              and bool((target == loss_fn.ignore_index).any())):
+        elif ignored:
             why = f"targets equal to ignore_index={loss_fn.ignore_index} (a mean over the other targets only)"
     if why:
         raise ConfigError(
@@ -72,22 +155,67 @@ def check_mean_loss(loss_fn, target) -> None:
             f"function returning one")
 
 
+def leaves(x):
+    """A received activation as this stage's input: leaves, the floating-point tensors asking for a
+    gradient (a tuple's numbers and integer tensors -- positions, masks -- as they are)."""
+    if isinstance(x, tuple):
+        return tuple(leaves(v) for v in x)
+    return x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+
+
+def needing_grad(v) -> list[torch.Tensor]:
+    """The tensors of an activation (a tensor, or a tuple of values) that backward reaches."""
+    return [t for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def floats(v) -> list[torch.Tensor]:
+    """A tuple's floating-point tensors: those whose gradients travel back, one each, in order."""
+    return [t for t in v if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def with_grads(out, grad) -> tuple[list, list]:
+    """(roots, their gradients) for backward from a stage's output: the tensor and its gradient
+    (None under a loss), or of a tuple the floating-point tensors with the gradients the next stage
+    sent for them, in order, less those that need none here (no weights behind them)."""
+    if not isinstance(out, tuple):
+        return [out], [grad]
+    pairs = [(t, g) for t, g in zip(floats(out), grad, strict=True) if t.requires_grad]
+    return [t for t, _ in pairs], [g for _, g in pairs]
+
+
+def input_grads(x, grads: dict):
+    """What B sends back for the stage input x: x's gradient, or for a tuple one per floating-point
+    tensor, in order (zeros where this stage's graph does not reach it). `grads`: by tensor id."""
+    if not isinstance(x, tuple):
+        return grads.get(id(x))
+    return tuple(grads.get(id(t)) if grads.get(id(t)) is not None else torch.zeros_like(t) for t in floats(x))
+
+
+def describe_value(x) -> str:
+    """An activation as error messages show it: '[16, 64] float32', or a tuple of such and numbers."""
+    if isinstance(x, tuple):
+        return "(" + ", ".join(describe_value(v) for v in x) + ")"
+    return describe(x.shape, x.dtype) if isinstance(x, torch.Tensor) else repr(x)
+
+
 @dataclass
 class Stashed:
     """What one micro-batch's backward needs, and nothing more."""
-    x: torch.Tensor                                   # the stage input (a leaf when it needs a gradient)
-    root: torch.Tensor | None = None                  # loss (last stage) or output: where backward starts
-    ys: list = field(default_factory=list)            # each layer's output (split backward only)
+    x: object                                         # the stage input, a tensor or tuple (leaves needing gradients)
+    root: object = None                               # loss (last stage) or output: where backward starts
+    ys: list = field(default_factory=list)            # each layer's output tensors needing gradients (split only)
     target: object = None                             # recompute: to rebuild the loss
     weight: float = 1.0
     params: dict | None = None                        # 2BW: the weight version this micro-batch uses
     rng: tuple | None = None                          # recompute: the RNG states the forward saw (CPU, GPU)
-    grad_root: torch.Tensor | None = None             # split: the gradient B started from
-    grad_ys: list = field(default_factory=list)       # split: each layer output's gradient, for W
+    grad_root: object = None                          # split: the gradient B started from
+    grad_ys: list = field(default_factory=list)       # split: the gradients of ys, for W
 
 
 class Stage:
-    """Runs F, B and W for micro-batches; `index` is the virtual stage (chunk * p + pp rank)."""
+    """Runs F, B and W for micro-batches; `index` is the virtual stage (chunk * p + pp rank).
+    Activations are tensors, or tuples of tensors and numbers between the units of a traced
+    module (pipeline/split.py): a tuple's floating-point tensors carry gradients back."""
 
     def __init__(self, module: nn.Module, index: int, n_stages: int, pp_world, loss_fn=None,
                  device="cpu", recompute: bool = False, weights=None):
@@ -97,6 +225,14 @@ class Stage:
         self.recompute, self.weights = recompute, weights     # weights: a pipedream.WeightStash
         self.layers = list(module.named_children()) if isinstance(module, nn.Sequential) else [("", module)]
         self.layer_names = [n for n, _ in self.layers] or ["(empty)"]
+        # each layer's parameters by its own names -> the stage module's names (2BW's versions are
+        # keyed so); a parameter two layers share (tied) is W's work in the last of them, whose
+        # output's gradient covers both uses (walking the layers between again: `shared`)
+        full = {id(q): n for n, q in module.named_parameters()}
+        self.param_names = [{k: full[id(q)] for k, q in layer.named_parameters()} for _, layer in self.layers]
+        last_user = {g: i for i, names in enumerate(self.param_names) for g in names.values()}
+        self.w_names = [[g for g in names.values() if last_user[g] == i] for i, names in enumerate(self.param_names)]
+        self.shared = sum(map(len, self.param_names)) > len(last_user)
         self.stash: dict[int, Stashed] = {}
         self.peak_held = 0
 
@@ -123,31 +259,30 @@ class Stage:
 
     # -- forward ------------------------------------------------------------------------------
     def _run(self, x, params, keep: bool):
-        """The layers on x (with `params` standing in for the weights when given)."""
+        """The layers on x (with `params` standing in for the weights when given); `keep`: each
+        layer's output tensors that need a gradient, for split backward."""
         ys, h = [], x
-        for name, layer in self.layers:
+        for (name, layer), names in zip(self.layers, self.param_names):
             if params is None:
                 h = layer(h)
             else:
-                sub = {k[len(name) + 1:] if name else k: v for k, v in params.items()
-                       if not name or k.startswith(name + ".")}
-                h = functional_call(layer, sub, (h,))
+                h = functional_call(layer, {k: params[g] for k, g in names.items() if g in params}, (h,))
             if keep:
-                ys.append(h)
+                ys.append(needing_grad(h))
         return h, ys
 
     def _loss(self, out, target, weight):
         check_loss_shapes(self.loss_fn, out, target)
-        check_mean_loss(self.loss_fn, target)
+        check_mean_loss(self.loss_fn, out, target, whole=weight == 1)
         return self.loss_fn(out, target) * weight
 
-    def forward(self, mb: int, x: torch.Tensor, target=None, weight: float = 1.0,
-                params: dict | None = None, split: bool = False) -> torch.Tensor:
+    def forward(self, mb: int, x, target=None, weight: float = 1.0,
+                params: dict | None = None, split: bool = False):
         """Forward one micro-batch and stash what its backward needs (each layer's output too
         when its backward will be `split`); returns the output."""
         training = torch.is_grad_enabled()
         if training and not self.is_first:
-            x = x.detach().requires_grad_(x.is_floating_point())
+            x = leaves(x)
         has_loss = self.is_last and target is not None and self.loss_fn is not None
         try:
             if training and self.recompute:
@@ -174,7 +309,7 @@ class Stage:
         src = self.world.world_rank_of(self.prev)
         return ShapeError(
             f"stage {self.index} (rank {self.world.world_rank}, layers {self.layer_names[0]}.."
-            f"{self.layer_names[-1]}) cannot take the activation {describe(x.shape, x.dtype)} from rank "
+            f"{self.layer_names[-1]}) cannot take the activation {describe_value(x)} from rank "
             f"{src} (stage {self.index - 1}): {' '.join(str(e).split())}")
 
     def _materialize(self, e: Stashed, split: bool) -> None:
@@ -192,42 +327,51 @@ class Stage:
         e.ys = ys[:-1] if split else []
 
     # -- backward -----------------------------------------------------------------------------
-    def backward(self, mb: int, grad: torch.Tensor | None = None, split: bool = False) -> torch.Tensor | None:
-        """B: the gradient for the previous stage. Whole (weights too) unless `split`, when
-        the weight gradients wait for backward_weight(mb)."""
+    def backward(self, mb: int, grad=None, split: bool = False):
+        """B: the gradient for the previous stage (a tuple's: one per floating-point tensor).
+        Whole (weights too) unless `split`, when the weight gradients wait for backward_weight(mb)."""
         if not split:
             e = self.stash.pop(mb)
             self._materialize(e, False)
-            e.root.backward(grad)
-            return None if self.is_first else e.x.grad
+            if isinstance(e.root, torch.Tensor):
+                e.root.backward(grad)
+            else:
+                roots, grads = with_grads(e.root, grad)
+                if roots:
+                    torch.autograd.backward(roots, grads)
+            if self.is_first:
+                return None
+            return e.x.grad if isinstance(e.x, torch.Tensor) else input_grads(e.x, {id(t): t.grad for t in e.x
+                                                                                  if isinstance(t, torch.Tensor)})
         e = self.stash[mb]
         self._materialize(e, True)
         e.grad_root = grad
-        wanted = ([e.x] if e.x.requires_grad else []) + [y for y in e.ys if y.requires_grad]
-        grads = torch.autograd.grad(e.root, wanted, grad, retain_graph=True, allow_unused=True) if wanted else []
-        gx = grads[0] if e.x.requires_grad else None
-        rest = iter(grads[1:] if e.x.requires_grad else grads)
-        e.grad_ys = [next(rest) if y.requires_grad else None for y in e.ys]
-        return None if self.is_first else gx
+        roots, grads = with_grads(e.root, grad)
+        xs = needing_grad(e.x)
+        wanted = xs + [y for ys in e.ys for y in ys]
+        got = list(torch.autograd.grad(roots, wanted, grads, retain_graph=True, allow_unused=True)
+                   if wanted and roots else [None] * len(wanted))
+        rest = iter(got[len(xs):])
+        e.grad_ys = [[next(rest) for _ in ys] for ys in e.ys]
+        return None if self.is_first else input_grads(e.x, dict(zip(map(id, xs), got)))
 
     def backward_weight(self, mb: int) -> None:
         """W: each layer's weight gradients from its output's gradient kept by B; only that
         layer's part of the graph is walked, so no input-gradient work is repeated."""
         e = self.stash.pop(mb)
         last = len(self.layers) - 1
-        for i, (name, layer) in enumerate(self.layers):
-            params = self._layer_params(name, layer, e.params)
-            root, g = (e.root, e.grad_root) if i == last else (e.ys[i], e.grad_ys[i])
-            if not params or g is None and i != last:
-                continue
-            # accumulates into .grad like a plain backward (post-accumulate hooks fire: dp overlap)
-            torch.autograd.backward(root, g, inputs=params)
-
-    @staticmethod
-    def _layer_params(name, layer, params) -> list[torch.Tensor]:
-        if params is None:
-            return [p for p in layer.parameters() if p.requires_grad]
-        return [v for k, v in params.items() if not name or k.startswith(name + ".")]
+        source = e.params if e.params is not None else {
+            n: q for n, q in self.module.named_parameters() if q.requires_grad}
+        for i in range(len(self.layers)):
+            params = [source[g] for g in self.w_names[i] if g in source]
+            if i == last:
+                roots, grads = with_grads(e.root, e.grad_root)
+            else:   # a tensor passed on unchanged sits in two layers' outputs: its gradient counts once
+                kept = {id(y): (y, g) for y, g in zip(e.ys[i], e.grad_ys[i]) if g is not None and y.grad_fn is not None}
+                roots, grads = [y for y, _ in kept.values()], [g for _, g in kept.values()]
+            if params and roots:
+                # accumulates into .grad like a plain backward (post-accumulate hooks fire: dp overlap)
+                torch.autograd.backward(roots, grads, inputs=params, retain_graph=self.shared)
 
     def loss_of(self, mb: int) -> float:
         return float(self.stash[mb].root.detach())

@@ -30,7 +30,7 @@ def clip_global_norm(params, max_norm: float, pp_world, tp_world=None, sharded=(
     if pp_world.size > 1:
         width = 2 * int(pp_world.allgather_floats([len(held)]).max())
         rows = pp_world.allgather_floats(mine + [float("nan")] * (width - len(mine)))
-        pairs = sorted((k, n) for row in rows for k, n in zip(row[0::2], row[1::2]) if k == k)
+        pairs = sorted({(k, n) for row in rows for k, n in zip(row[0::2], row[1::2]) if k == k})   # tied: once
     else:
         pairs = sorted(zip(mine[0::2], mine[1::2]))
     if not pairs:
