@@ -51,7 +51,12 @@ print("\n".join(find().command(int(sys.argv[1]), sys.argv[2:], python=sys.execut
 # on: the MPI's launcher, srun and the supervisor hand it to every rank, which write a
 # checkpoint and exit 75 (PREEMPTED). Then the job is requeued, as --requeue jobs expect, and
 # resumes from that checkpoint (without --checkpoint-dir nothing was saved: it is not requeued,
-# as it would start again from step 0, each time).
+# as it would start again from step 0, each time). USR1, never TERM: Open MPI's mpirun SIGKILLs
+# the ranks ~0.25 s after a SIGTERM (measured; no MCA parameter changes it), too soon to finish a
+# step. The SIGTERM that SLURM itself sends to every process of the job (at the time limit, or at
+# a preemption with a grace time) reaches mpirun too: under Open MPI only the supervisor
+# (fault-tolerant.sbatch), which starts mpirun with SIGTERM blocked, saves the ranks on its host
+# then; hence the warning, 120 s early. MPICH's mpiexec forwards SIGTERM and waits for the ranks.
 MPIPAR_PREEMPTED_EXIT=75   # mpipar.train.survive.PREEMPTED_EXIT
 mpipar_preemptible() {
   local pid rc=0 got trapped=0

@@ -1,7 +1,9 @@
 """Checkpoint logic in one process: atomic writes, manifests, verification (truncated and
 corrupted shards fall back to the previous checkpoint), weights_only loading (no pickle),
 keep-K, re-keying optimizer state by layer name across partitions, bit-identical resume, the
-auto interval. The 4-rank cases (resume, fallback, resharding, async) are tests/mpi/cases_checkpoint.py."""
+auto interval; mpipar.Checkpoint guarding a user's loop (non-finite steps stopped or skipped,
+SIGTERM saving and exiting 75). The 4-rank cases (resume, fallback, resharding, async, the
+guarded user loop) are tests/mpi/cases_checkpoint.py."""
 import os
 import pickle
 import shutil
@@ -20,6 +22,7 @@ from mpipar.checkpoint.checkpointer import Checkpointer
 from mpipar.checkpoint.restart import newest_full_state
 from mpipar.checkpoint.store import CheckpointError, Manifest, ShardInfo
 from mpipar.checkpoint.state import deserialize, rng_state, serialize, set_rng_state
+from mpipar.errors import ConfigError
 from mpipar.model import LayerSpec, build_stage
 from mpipar.rankmap import Grid, RankMap
 from mpipar.train.metrics import Tally
@@ -466,3 +469,149 @@ def test_zero_stage2_resumes_bit_identical_and_on_another_dp_size(tmp_path):
     for k in a:
         assert torch.equal(a[k], c[k]), k
         torch.testing.assert_close(d[k], a[k], msg=lambda m: f"dp=3 resume: {k}: {m}")
+
+
+# -- issue 30: mpipar.Checkpoint guards a user's loop as the Trainer's is guarded -------------------
+# (one rank here; every rank agreeing on the same step: tests/mpi/cases_checkpoint.py; SIGTERM to a
+# real job's launcher and ranks: tests/test_run.py)
+import signal  # noqa: E402
+
+import mpipar  # noqa: E402
+from mpipar.train.guard import PREEMPTED_EXIT, NonFiniteError, Signals  # noqa: E402
+
+BAD = 4   # 0-based: the fifth step's batch holds a NaN
+
+
+def solo_topology():
+    from mpipar.comm import World
+    from mpipar.topology import Topology
+    return Topology.build(World(), Grid(1))
+
+
+def user_batch(step: int, poison=()):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    if step in poison:
+        x[0, 0] = float("nan")
+    return x
+
+
+def user_loop(root, steps: int, *, poison=(), signal_after=None, guard=True, data_parallel=False, **options):
+    """README (d)'s loop over a whole model on one rank (Adam, noise from torch's RNG), with
+    `ckpt.finite(loss)` before opt.step() unless not `guard`; `signal_after`: SIGTERM to this
+    process after that step (the handler only notes it). Returns the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 6)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    if data_parallel:
+        opt = mpipar.DataParallel(model, solo_topology()).optimizer(opt)   # syncs on opt.step()
+    ckpt = mpipar.Checkpoint(root, model, opt, solo_topology(), log=lambda *a: None, **{"every": 3, **options})
+    try:
+        step = ckpt.resume()
+        while step < steps:
+            x = user_batch(step, poison)
+            opt.zero_grad()
+            loss = ((model(noisy(x)) - x) ** 2).mean()
+            loss.backward()
+            if not guard or ckpt.finite(loss):
+                opt.step()
+            step += 1
+            if step == signal_after:
+                os.kill(os.getpid(), signal.SIGTERM)
+            ckpt.step(step)
+        ckpt.close()
+    finally:
+        ckpt.guard.close()   # this test process's handlers back, however the loop ended
+    return model
+
+
+def plain_loop(steps: int, skip=()):
+    """The same training in a plain loop without mpipar, skipping the updates of steps `skip`."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 6)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        x = user_batch(step, skip)
+        opt.zero_grad()
+        ((model(noisy(x)) - x) ** 2).mean().backward()
+        if step not in skip:
+            opt.step()
+    return model.state_dict()
+
+
+def finite_checkpoints(root) -> list[int]:
+    steps = []
+    for step, folder in store.step_dirs(root):
+        for shard in folder.glob("rank-*.pt"):
+            for k, v in deserialize(shard.read_bytes())["model"].items():
+                assert bool(v.isfinite().all()), f"{shard}: {k} not finite"
+        steps.append(step)
+    return steps
+
+
+def test_a_signal_in_a_user_loop_saves_the_next_step_exits_75_and_the_resume_is_bit_equal(tmp_path, capfd):
+    noted = []
+    previous = signal.signal(signal.SIGTERM, lambda s, f: noted.append(s))   # runs if nothing else is installed
+    try:
+        with pytest.raises(SystemExit) as e:
+            user_loop(tmp_path / "ck", 12, signal_after=4)
+        assert e.value.code == PREEMPTED_EXIT and not noted
+        line = capfd.readouterr().err.strip().splitlines()[-1]
+        assert line.endswith(f"preempted by SIGTERM (first on rank 0) after step 5: checkpoint "
+                             f"{store.step_dir(tmp_path / 'ck', 5)} written; the same command resumes from it; "
+                             f"exit {PREEMPTED_EXIT}"), line
+        assert signal.getsignal(signal.SIGTERM).__name__ == "<lambda>"     # the user's handler is back
+        assert [s for s, _ in store.step_dirs(tmp_path / "ck")] == [5, 3]
+        assert_bit_equal(user_loop(tmp_path / "ck", 12).state_dict(), plain_loop(12))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_after_a_preemption_a_second_signal_cannot_kill_the_exiting_process():
+    """SLURM's SIGTERM and the supervisor's SIGUSR1 are one preemption: once it is handled, a
+    default action (death) becomes 'ignore'; a handler of the user's comes back as it was."""
+    mine = lambda s, f: None  # noqa: E731
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL), signal.signal(signal.SIGUSR1, mine)
+    try:
+        for leaving, term in ((False, signal.SIG_DFL), (True, signal.SIG_IGN)):
+            Signals().install().close(leaving=leaving)
+            assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == (term, mine)
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGUSR1, before[1])
+
+
+@pytest.mark.parametrize("data_parallel", [False, True])
+def test_a_non_finite_step_in_a_user_loop_is_skipped_as_a_plain_loop_that_skips_it(tmp_path, data_parallel):
+    """on_nonfinite='skip': the step's update is not applied, nothing else changes (with a
+    DataParallel optimizer too: finite() syncs its gradients, opt.step() does not sync again)."""
+    got = user_loop(tmp_path / "ck", 9, poison={BAD}, on_nonfinite="skip", data_parallel=data_parallel)
+    assert_bit_equal(got.state_dict(), plain_loop(9, skip={BAD}))
+    assert finite_checkpoints(tmp_path / "ck") == [9, 6, 3]
+
+
+def test_a_non_finite_step_in_a_user_loop_stops_before_its_update_with_one_line(tmp_path):
+    with pytest.raises(NonFiniteError) as e:
+        user_loop(tmp_path / "ck", 9, poison={BAD})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(
+        f"step {BAD + 1}: non-finite loss (first on rank 0), non-finite gradients (first on rank 0); "
+        f"on_nonfinite='stop': this step was not applied") and "mpipar.Checkpoint(..., on_nonfinite='skip')" in msg, msg
+    assert finite_checkpoints(tmp_path / "ck") == [3]
+    with pytest.raises(NonFiniteError, match=rf"step {BAD + 2}: .*; 2 in a row, nonfinite_limit=2: "):
+        user_loop(tmp_path / "ck2", 9, poison={BAD, BAD + 1}, on_nonfinite="skip", nonfinite_limit=2)
+
+
+def test_a_user_loop_without_finite_stops_at_non_finite_parameters_and_never_saves_them(tmp_path):
+    """README (d) before issue 30 (no ckpt.finite): the NaN reaches the weights, step() stops
+    every rank there, and no checkpoint holds it (one every step: the last is the step before)."""
+    with pytest.raises(NonFiniteError, match=rf"^step {BAD + 1}: parameters are not finite after the update "
+                                             r"\(first on rank 0\); nothing non-finite was checkpointed"):
+        user_loop(tmp_path / "ck", 9, poison={BAD}, guard=False, every=1)
+    assert finite_checkpoints(tmp_path / "ck")[0] == BAD
+
+
+def test_a_non_finite_learning_rate_is_refused_by_the_checkpoint(tmp_path):
+    model = nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match="learning rate nan"):
+        mpipar.Checkpoint(tmp_path, model, torch.optim.SGD(model.parameters(), lr=float("nan")), solo_topology())

@@ -173,9 +173,9 @@ def start_job(np_, argv, tmp_path, name):
                             env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)}, cwd=ROOT, start_new_session=True)
 
 
-def ranks_of(proc) -> list[int]:
-    """The Python processes (the ranks) the launcher started: its descendants (Open MPI's ranks
-    are its children, hydra's its proxy's, each in a session of its own)."""
+def family(proc) -> dict[int, str]:
+    """{pid: command name} of `proc` and its descendants (Open MPI's ranks are the launcher's
+    children, hydra's its proxy's, each in a session of its own)."""
     parent, comm = {}, {}
     for d in Path("/proc").iterdir():
         try:
@@ -183,10 +183,15 @@ def ranks_of(proc) -> list[int]:
         except (OSError, ValueError):
             continue
         parent[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
-    family = {proc.pid}
-    while more := {p for p, pp in parent.items() if pp in family} - family:
-        family |= more
-    return sorted(p for p in family if comm.get(p, "").startswith("python"))
+    found = {proc.pid}
+    while more := {p for p, pp in parent.items() if pp in found} - found:
+        found |= more
+    return {p: comm.get(p, "") for p in found}
+
+
+def ranks_of(proc) -> list[int]:
+    """The Python processes (the ranks) the launcher `proc` started."""
+    return sorted(p for p, name in family(proc).items() if name.startswith("python") and p != proc.pid)
 
 
 def preempt(proc, when: Path, tmp_path, name, ranks: int, sig):
@@ -234,3 +239,87 @@ def test_a_signal_checkpoints_and_exits_75_and_the_next_launch_resumes_from_it(t
         if saved is not None:   # the relaunch went on from the first one's checkpoint
             assert f"resumed from {saved.name} " in (tmp_path / f"{name}.out").read_text()
         saved = Path(m.group(2))
+
+
+# -- issue 30: SIGTERM to every process of the job at once, as SLURM's time limit sends it ---------------
+
+def readme_checkpoint_job(folder: Path, steps: int, supervised: bool = False):
+    """The README's checkpoint_resume.py, as written, on 2 ranks in `folder` (its checkpoints in
+    folder/ckpt), plain or under the supervisor; not waited for (output in folder/job.out, .err)."""
+    import subprocess
+    from mpirun import ENV
+    from test_readme_api import SNIPPETS
+    folder.mkdir(exist_ok=True)
+    script = folder / "checkpoint_resume.py"
+    script.write_text(SNIPPETS["checkpoint_resume.py"])
+    cmd = ([sys.executable, "-m", "mpipar.supervise", "--np", "2", "--", str(script), str(steps)] if supervised
+           else MPIEXEC.command(2, [str(script), str(steps)]))
+    with open(folder / "job.out", "w") as out, open(folder / "job.err", "w") as err:
+        return subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=folder, start_new_session=True,
+                                env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)})
+
+
+def term_everything(proc, folder: Path) -> int:
+    """Once the job's step-5 checkpoint is written, SIGTERM to `proc` and every process under it
+    at once (as SLURM signals a job); checks the exit code 75, the one line that says the job
+    was preempted and the checkpoint it names; returns that checkpoint's step."""
+    import signal
+    from mpipar.checkpoint import store
+    from mpipar.train.guard import PREEMPTED_EXIT
+    from mpirun import kill_group
+    t0 = time.monotonic()
+    try:
+        while not (store.step_dir(folder / "ckpt", 5) / "manifest.json").exists():
+            assert proc.poll() is None, f"the job ended ({proc.returncode}): {(folder / 'job.err').read_text()[-2000:]}"
+            assert time.monotonic() - t0 < 120, "no step-5 checkpoint after 120 s"
+            time.sleep(0.02)
+        everyone = family(proc)
+        assert len([n for n in everyone.values() if n.startswith("python")]) >= 2, everyone
+        for pid in everyone:
+            os.kill(pid, signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        kill_group(proc)
+    err = (folder / "job.err").read_text()
+    lines = [ln.lstrip("\0 ") for ln in err.splitlines() if "preempted" in ln]
+    assert rc == PREEMPTED_EXIT and len(lines) == 1, f"exit {rc}\n{err[-3000:]}"
+    m = re.match(rf"rank 0 \(.*\): preempted by SIGTERM \(first on rank \d\) after step (\d+): checkpoint (\S+) "
+                 rf"written; the same command resumes from it; exit {PREEMPTED_EXIT}$", lines[0])
+    assert m and folder / m.group(2) == store.step_dir(folder / "ckpt", int(m.group(1))), lines[0]   # relative to the job's
+    assert (folder / m.group(2) / "manifest.json").exists(), lines[0]
+    return int(m.group(1))
+
+
+def test_term_to_the_supervisor_its_launcher_and_every_rank_at_once_checkpoints_and_exits_75(tmp_path):
+    """SLURM's time limit (or a preemption without --signal) sends SIGTERM to every process of the
+    job at once. Under the supervisor the README's checkpoint script still saves a step and exits
+    75 with one line, under either MPI: Open MPI's mpirun, which kills its ranks 0.25 s after a
+    SIGTERM, is started with SIGTERM blocked, and a rank that has saved ignores the SIGUSR1 the
+    supervisor then passes on."""
+    folder = tmp_path / "job"
+    proc = readme_checkpoint_job(folder, 100000, supervised=True)
+    assert term_everything(proc, folder) > 5
+    out = (folder / "job.out").read_text()
+    assert "supervisor: preempted (SIGTERM): the job wrote a checkpoint and stopped; exit 75" in out, out[-2000:]
+
+
+if MPIEXEC.kind != "openmpi":   # Open MPI's mpirun kills its ranks 0.25 s after a SIGTERM: see the supervisor's test
+    def test_term_to_mpiexec_and_every_rank_checkpoints_exits_75_and_resumes_bit_equal(tmp_path):
+        """MPICH's hydra (Intel MPI's mpiexec is hydra too) forwards a SIGTERM and waits for the
+        ranks: SIGTERM to mpiexec, its proxy and the ranks at once (SLURM's time limit) saves a
+        step and exits 75; run again, the script resumes from it and ends bit-equal to an
+        uninterrupted run."""
+        from mpirun import kill_group
+        saved = term_everything(readme_checkpoint_job(tmp_path / "cut", 100000), tmp_path / "cut")
+        jobs = {name: readme_checkpoint_job(tmp_path / name, saved + 3) for name in ("cut", "whole")}   # side by side
+        for name, proc in jobs.items():
+            try:
+                assert proc.wait(timeout=150) == 0, (tmp_path / name / "job.err").read_text()[-3000:]
+            finally:
+                kill_group(proc)
+        assert f"resumed from step-{saved:09d} " in (tmp_path / "cut" / "job.out").read_text()
+        for stage in ("stage0.pt", "stage1.pt"):
+            got, want = (torch.load(tmp_path / name / stage, weights_only=True) for name in ("cut", "whole"))
+            assert sorted(got) == sorted(want)
+            for k in want:
+                assert torch.equal(got[k], want[k]), (stage, k)

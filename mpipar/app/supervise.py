@@ -19,7 +19,13 @@ $MPIPAR_DONE_DIR, mpipar.comm.mpi.mark_done).
 SIGTERM or SIGUSR1 to the supervisor (SLURM's warning signal: `#SBATCH --signal=B:USR1@120`) is
 a preemption: the job's launcher gets SIGUSR1 and passes it to every rank, which write a
 checkpoint and exit PREEMPTED_EXIT; the supervisor then exits with that code and one line (the
-sbatch scripts requeue). SIGINT stops the job as before.
+sbatch scripts requeue). SIGINT stops the job as before. Open MPI's mpirun is started with
+SIGTERM blocked: on a SIGTERM it would kill the ranks 0.25 s later, too soon to finish a step,
+and SLURM's time limit (or a preemption without --signal) sends SIGTERM to every process of the
+job at once, the supervisor, mpirun and the ranks; so the ranks on mpirun's host save and exit
+PREEMPTED_EXIT (Open MPI's daemons on other hosts are started by srun or ssh, not by us, and
+still end theirs: there the warning signal is the answer). The supervisor ends that mpirun with
+SIGINT. MPICH's mpiexec forwards SIGTERM and waits for the ranks: left as it is.
 
 Inside a SLURM allocation (SLURM_JOB_ID set) -np defaults to SLURM_NTASKS and mpirun is not
 told to oversubscribe; --launcher srun uses `srun --mpi=pmix` instead. mpirun is whichever MPI
@@ -86,6 +92,11 @@ def launcher_command(np_: int, python_argv: list[str], launcher: str = "mpirun",
     return mpi.command(np_, python_argv, oversubscribe="SLURM_JOB_ID" not in env, extra=extra)
 
 
+def shields_term(launcher: str, env=None) -> bool:
+    """Whether the job's launcher is started with SIGTERM blocked: Open MPI's mpirun (above)."""
+    return launcher == "mpirun" and find(os.environ if env is None else env).kind == "openmpi"
+
+
 def launch_env(attempt: int, done_dir: str = "") -> dict:
     env = {**os.environ, "MPIPAR_ATTEMPT": str(attempt), "MPIPAR_SUPERVISED": "1", "MPIPAR_DONE_DIR": done_dir}
     for k, v in find(env).environment(oversubscribed="SLURM_JOB_ID" not in env).items():
@@ -137,11 +148,18 @@ def alive(pid: int) -> bool:
 class Launch:
     """One launch: stdout and stderr pass through (their tails are kept to classify the end:
     hydra reports a killed rank on stdout, Open MPI on stderr), and the first line that says the
-    job has failed (a rank's report, the launcher's lost host) is noted with its time."""
+    job has failed (a rank's report, the launcher's lost host) is noted with its time. `shield`:
+    the launcher starts with SIGTERM blocked (shields_term) and is ended with SIGINT."""
 
-    def __init__(self, cmd: list[str], env: dict):
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     errors="replace", start_new_session=True)
+    def __init__(self, cmd: list[str], env: dict, shield: bool = False):
+        self.stop_signal = signal.SIGINT if shield else signal.SIGTERM
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if shield else None
+        try:   # the child inherits this thread's mask
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         errors="replace", start_new_session=True)
+        finally:
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.tail: deque[str] = deque(maxlen=400)
         self.failed: tuple[float, str] | None = None     # (monotonic time, line)
         self.ended = False                                # the supervisor ended it
@@ -166,13 +184,14 @@ class Launch:
             pass
 
     def end(self) -> None:
-        """SIGTERM, then SIGKILL, to the launcher and every process it started on this host."""
+        """SIGTERM (the launcher: its stop signal), then SIGKILL, to the launcher and every
+        process it started on this host."""
         self.ended = True
         pids = set(job_pids(self.proc.pid)) | {self.proc.pid}
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in sorted(pids):
                 try:
-                    os.kill(pid, sig)
+                    os.kill(pid, self.stop_signal if sig == signal.SIGTERM and pid == self.proc.pid else sig)
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + KILL_GRACE
@@ -272,7 +291,7 @@ def supervise(python_argv: list[str], np_: int, max_restarts: int, launcher: str
             cmd = launcher_command(np_, python_argv, launcher, extra)
             log(f"supervisor: launch {attempt + 1} (restarts left {max_restarts - attempt}): {' '.join(cmd)}")
             done_dir = new_done_dir()
-            launch, handled = Launch(cmd, launch_env(attempt, done_dir)), 0
+            launch, handled = Launch(cmd, launch_env(attempt, done_dir), shields_term(launcher)), 0
             while (rc := launch.poll(0.25)) is None:
                 while handled < len(signals):
                     forward(launch, signals[:handled + 1], log)
@@ -319,7 +338,7 @@ def supervise(python_argv: list[str], np_: int, max_restarts: int, launcher: str
 def forward(launch: Launch, received: list[int], log) -> None:
     """The supervisor got received[-1]. SIGINT: to the launcher, which ends the job. The first
     SIGTERM/SIGUSR1: SIGUSR1 to the launcher, which passes it on to every rank (SIGTERM would make
-    it end them): they write a checkpoint and exit PREEMPTED_EXIT. Later ones add nothing (under
+    Open MPI's end them): they write a checkpoint and exit PREEMPTED_EXIT. Later ones add nothing (under
     SLURM one preemption can arrive twice: SIGTERM to every process of the job, and the batch
     shell's USR1); SLURM kills what is left after its KillWait, SIGINT at once."""
     sig = received[-1]

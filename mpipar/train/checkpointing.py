@@ -3,11 +3,19 @@ Trainer. Both use mpipar.checkpoint's protocol: each rank writes its shard atomi
 writes the manifest (sizes, sha256) once every shard is on disk, resume picks the newest
 checkpoint whose shards verify, and loading never executes pickle.
 
+`Checkpoint` also guards a user's loop as the Trainer's loop is guarded (guard.py, the same
+StepGuard): a step whose loss or gradients are not finite on any rank is stopped (or skipped)
+by every rank before its update, and SIGTERM/SIGUSR1 make every rank save the same step and
+exit PREEMPTED_EXIT.
+
     ckpt = mpipar.Checkpoint("ckpt", pipe, opt, topo, every=50)
     step = ckpt.resume()               # 0, or the step it resumed from (weights, optimizer, RNG)
     while step < total:
-        ...; opt.step(); step += 1
-        ckpt.step(step)                # writes when `every` steps have passed
+        opt.zero_grad(); loss = pipe.step(x, y)
+        if ckpt.finite(loss):          # every rank: finite loss and gradients (else stop, or skip)
+            opt.step()
+        step += 1
+        ckpt.step(step)                # writes when `every` steps have passed; preempted: now, exit 75
     ckpt.close()                       # the last one committed (collective)
 """
 from __future__ import annotations
@@ -17,10 +25,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import DEFAULT_KEEP, fault
+import torch
+
+from ..checkpoint import DEFAULT_KEEP, fault, store
 from ..checkpoint.checkpointer import Checkpointer
 from ..checkpoint.restart import layer_of
+from ..data_parallel.wrapper import LIVE as LIVE_DATA_PARALLEL
 from ..rankmap import RankMap
+from .guard import NonFiniteError, StepGuard, all_finite, finite_lr, step_gradients
 
 
 @dataclass
@@ -70,10 +82,13 @@ class Checkpoint:
     """Checkpoint/resume for a user's loop. `model` is a Pipeline (its rank map names the
     layers) or any nn.Module held whole by this rank (replicated over dp); `topo` defaults to
     the Pipeline's. Each rank saves its model and optimizer (and scheduler) state and its RNG
-    states; a replica (dp > 0) saves only its RNG."""
+    states; a replica (dp > 0) saves only its RNG. `on_nonfinite`, `nonfinite_limit`: what
+    finite() does with a non-finite step ('stop', or 'skip' until that many in a row). From
+    here to close(), SIGTERM and SIGUSR1 are only noted (step() acts on them)."""
 
     def __init__(self, root, model, optimizer=None, topo=None, *, every: int = 100, keep: int = DEFAULT_KEEP,
-                 scheduler=None, background: bool = False, log=None, restart_from_scratch: bool = False):
+                 scheduler=None, background: bool = False, log=None, restart_from_scratch: bool = False,
+                 on_nonfinite: str = "stop", nonfinite_limit: int = 3):
         self.pipe = model if hasattr(model, "rankmap") else None
         self.module = model.module if self.pipe is not None else model
         self.topo = topo or (self.pipe.topo if self.pipe is not None else None)
@@ -90,6 +105,11 @@ class Checkpoint:
         self._ck = Checkpointer(root, self.topo, rankmap, every, keep, background, None, say,
                                 {"every": every}, epochs=None,     # a loop of steps: no epochs to speak of
                                 restart_from_scratch=restart_from_scratch)
+        finite_lr(optimizer)
+        self.params = self.pipe.parameters() if self.pipe is not None else list(self.module.parameters())
+        self.guard = StepGuard(self.topo.world, on_nonfinite, nonfinite_limit, owner="mpipar.Checkpoint")
+        self.say, self.judged = say, False     # judged: finite() ran for the step under way
+        self.guard.listen()
 
     def resume(self) -> int:
         """Load the newest verified checkpoint (the same on every rank; collective) into the
@@ -97,19 +117,65 @@ class Checkpoint:
         man = self._ck.resume(self)
         return man.step if man is not None else 0
 
+    def finite(self, loss=None) -> bool:
+        """Call after backward, before opt.step() (collective: every rank, every step; `loss`:
+        this rank's, None where it has none, e.g. a pipeline's first stages). True when every
+        rank's loss and gradients are finite: apply the step. False when some are not and
+        on_nonfinite='skip': skip opt.step() (and the scheduler's) on every rank. A NonFiniteError
+        on every rank when the policy stops. A DataParallel's gradients are synced here first,
+        as the optimizer would (so every replica judges the same gradients)."""
+        for dp in list(LIVE_DATA_PARALLEL):
+            if dp.buckets.unreduced and any(id(p) in dp.params for p in self.params):
+                dp.finish()
+        loss_ok = loss is None or bool(torch.as_tensor(loss).detach().isfinite().all())
+        grads = step_gradients(self.optimizer, self.params) if self.optimizer is not None else \
+            [p.grad for p in self.params]
+        self.judged = True
+        return self.guard.judge(loss_ok, all_finite(grads), f"step {self.step_count + 1}", self.say)
+
     def step(self, step: int) -> bool:
-        """Call after optimizer step number `step` (collective); writes a checkpoint when due."""
+        """Call after optimizer step number `step` (collective): writes a checkpoint when due
+        (returns whether it did). After SIGTERM or SIGUSR1 on any rank, every rank writes this
+        step's checkpoint and exits PREEMPTED_EXIT (Preempted, a SystemExit). Parameters that
+        the update made non-finite stop every rank, unsaved (without finite() this step, the
+        ranks agree on that here, and on the signal)."""
+        self.step_count = step
+        params_ok = all_finite(self.params)
+        if not self.judged:
+            v = self.guard.agree(True, params_ok)
+            if v.nonfinite:
+                raise NonFiniteError(self._not_finite(step, v.grad_rank))
+        elif not params_ok:   # finite gradients, yet the update overflowed (this rank alone may know)
+            raise NonFiniteError(self._not_finite(step, self.topo.world.rank))
+        self.judged = False
+        if self.guard.preempted is not None:
+            if self._ck.interval.last != step:
+                self._write(step)
+            self.close()
+            self.guard.stop_preempted(f"step {step}", str(store.step_dir(self._ck.root, step)))
         if not self._ck.interval.due(step):
-            self.step_count = step
             return False
-        self.save(step)
+        self._write(step)
         return True
 
+    def _not_finite(self, step: int, rank: int) -> str:
+        return (f"step {step}: parameters are not finite after the update (first on rank {rank}); nothing "
+                f"non-finite was checkpointed; lower the learning rate or clip gradients, and call "
+                f"ckpt.finite(loss) before opt.step() to stop (or skip) such a step before its update")
+
     def save(self, step: int) -> None:
-        """Write a checkpoint of step `step` now (collective)."""
+        """Write a checkpoint of step `step` now (collective); refused if this rank's parameters
+        are not finite."""
+        if not all_finite(self.params):
+            raise NonFiniteError(self._not_finite(step, self.topo.world.rank))
+        self._write(step)
+
+    def _write(self, step: int) -> None:
         self.step_count = step
         self._ck.save(self, 0, step, [0.0, 0.0, 0.0], [])
 
     def close(self) -> None:
-        """Commit a checkpoint still being written (collective)."""
+        """Commit a checkpoint still being written (collective); SIGTERM and SIGUSR1 act as they
+        did before the Checkpoint."""
         self._ck.commit()
+        self.guard.close()

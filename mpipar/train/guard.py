@@ -8,17 +8,21 @@ none), right before the optimizer step. It is the only job-wide collective of a 
 gradient all-reduce spans only a stage's replicas and clipping's only the stages, and without dp
 or clipping a pipeline has none. It adds a latency, not a synchronisation: a pipeline's flush
 already ends every step on every stage. So every rank skips the same step, stops at the same
-step, or saves and exits at the same step.
+step, or saves and exits at the same step. The Trainer and mpipar.Checkpoint (a user's loop) both
+judge their steps here.
 """
 from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 
 import torch
 
+from ..comm.mpi import MPI
+from ..data_parallel.zero import ShardedOptimizer
 from ..errors import ConfigError, MpiparError
 
 PREEMPTED_EXIT = 75   # EX_TEMPFAIL: asked to stop, checkpoint written, run again to resume
@@ -55,6 +59,12 @@ def all_finite(tensors) -> bool:
     return bool(torch.stack(sums).sum().isfinite()) if sums else True
 
 
+def step_gradients(optimizer, params) -> list:
+    """The gradients a step would apply: a ZeRO optimizer's (its shard, once reduced), else the
+    parameters'."""
+    return optimizer.gradients() if isinstance(optimizer, ShardedOptimizer) else [p.grad for p in params]
+
+
 class Signals:
     """SIGTERM and SIGUSR1 only noted (the step in progress finishes) while training runs; the
     previous handlers come back on close(). Python runs handlers in the main thread only, so
@@ -72,9 +82,15 @@ class Signals:
     def _note(self, signum, frame) -> None:
         self.got = self.got or signum
 
-    def close(self) -> None:
+    def close(self, leaving: bool = False) -> None:
+        """`leaving`: the process is on its way out after a preemption. Where the previous
+        action was the default (end the process), the signals are ignored instead: the same
+        preemption can come twice (SLURM's SIGTERM to every process, and SIGUSR1 through the
+        launcher from the supervisor or the batch script), and the second must not kill a rank
+        that is exiting PREEMPTED_EXIT."""
         for s, handler in self.old.items():
-            signal.signal(s, handler)
+            handler = signal.SIG_DFL if handler is None else handler
+            signal.signal(s, signal.SIG_IGN if leaving and handler == signal.SIG_DFL else handler)
         self.old = {}
 
 
@@ -102,14 +118,29 @@ class Verdict:
 class StepGuard:
     """The per-step agreement on `world` (the whole job: a signal reaches every rank's handler
     at its own time, the verdict is the same everywhere), and the policy for non-finite steps:
-    'stop' at the first, or 'skip' them until `limit` in a row."""
+    'stop' at the first, or 'skip' them until `limit` in a row. `owner`: the API a user set the
+    policy with (e.g. 'mpipar.Checkpoint'), named in a stop's line; None: the command line."""
 
-    def __init__(self, world, on_nonfinite: str = "stop", limit: int = 3):
+    def __init__(self, world, on_nonfinite: str = "stop", limit: int = 3, owner: str | None = None):
         check_policy(on_nonfinite, limit)
         self.world, self.policy, self.limit = world, on_nonfinite, limit
+        self.owner = owner
         self.signals: Signals | None = None
+        self.preempted: Verdict | None = None   # the verdict of the step at which a signal was agreed on
         self.in_a_row = 0        # consecutive non-finite steps (skipped)
-        self.skipped = 0         # skipped steps since the last reset_count()
+        self.skipped = 0         # skipped steps since the owner last reset it
+
+    def listen(self) -> None:
+        """Note SIGTERM and SIGUSR1 from now on (until close()); only when `world` is the whole
+        job: ranks outside it would not hear of the agreement."""
+        job = MPI.COMM_WORLD.Get_size() if MPI.Is_initialized() else 1
+        if self.signals is None and self.world.size == job:
+            self.signals = Signals().install()
+
+    def close(self) -> None:
+        if self.signals is not None:
+            self.signals.close(leaving=self.preempted is not None)
+            self.signals = None
 
     def agree(self, loss_ok: bool, grads_ok: bool) -> Verdict:
         """The one collective of a step: every rank calls it once, at the same point."""
@@ -123,18 +154,50 @@ class StepGuard:
         v = Verdict(loss_rank if loss_rank < n else None, grad_rank if grad_rank < n else None,
                     sig // 64 if sig < n * 64 else None, sig % 64 if sig < n * 64 else 0)
         self.in_a_row = self.in_a_row + 1 if v.nonfinite else 0
+        if v.signal_rank is not None and self.preempted is None:
+            self.preempted = v
         return v
+
+    def judge(self, loss_ok: bool, grads_ok: bool, where: str, log=print) -> bool:
+        """The ranks' verdict on a step (`where`, e.g. 'step 5 (epoch 1)'), before its update:
+        True to apply it, False to skip it (rank 0 logs it), NonFiniteError when the policy
+        stops. A signal is kept in `preempted` for the owner to act on after the update."""
+        v = self.agree(loss_ok, grads_ok)
+        if not v.nonfinite:
+            return True
+        if self.must_stop():
+            raise NonFiniteError(self.describe_stop(v, where))
+        self.skipped += 1
+        if self.world.rank == 0:
+            log(f"{where}: {v.what()}: skipped ({self.in_a_row} in a row; {self.limit} in a row stop the job)")
+        return False
 
     def must_stop(self) -> bool:
         """After a non-finite verdict: does the policy stop the job now (else: skip the step)?"""
         return self.policy == "stop" or self.in_a_row >= self.limit
 
     def describe_stop(self, v: Verdict, where: str) -> str:
-        rule = ("on_nonfinite='stop' (--on-nonfinite stop)" if self.policy == "stop" else
-                f"{self.in_a_row} in a row, nonfinite_limit={self.limit} (--nonfinite-limit)")
+        cli = self.owner is None
+        rule = (f"on_nonfinite='stop'{' (--on-nonfinite stop)' if cli else ''}" if self.policy == "stop" else
+                f"{self.in_a_row} in a row, nonfinite_limit={self.limit}{' (--nonfinite-limit)' if cli else ''}")
+        fix = ("lower the learning rate (--lr), clip gradients (--clip-grad) or skip such steps (--on-nonfinite skip)"
+               if cli else f"lower the learning rate, clip gradients or skip such steps ({self.owner}(..., "
+               f"on_nonfinite='skip'))")
         return (f"{where}: {v.what()}; {rule}: this step was not applied and nothing non-finite was "
-                f"checkpointed; lower the learning rate (--lr), clip gradients (--clip-grad) or skip such "
-                f"steps (--on-nonfinite skip)")
+                f"checkpointed; {fix}")
+
+    def stop_preempted(self, after: str, saved: str | None, unsaved: str = "") -> None:
+        """Every rank agreed on a signal and what could be saved is: rank 0 says so in one line
+        (`after`: the last step applied; `saved`: the checkpoint's folder, or None and why not
+        in `unsaved`), and every rank raises Preempted."""
+        v = self.preempted
+        line = (f"preempted by {v.signal_name} (first on rank {v.signal_rank}) after {after}: "
+                + (f"checkpoint {saved} written; the same command resumes from it" if saved else
+                   f"no checkpoint written ({unsaved})") + f"; exit {PREEMPTED_EXIT}")
+        if self.world.rank == 0:
+            sys.stderr.write(f"rank 0 ({self.world.host}): {line}\n")
+            sys.stderr.flush()
+        raise Preempted(line)
 
 
 def finite_lr(optimizer) -> None:

@@ -10,7 +10,6 @@ checkpoints without writing the loop:
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,12 @@ import numpy as np
 import torch
 
 from ..callbacks import Callback
-from ..comm.mpi import MPI
 from ..data_parallel.zero import ShardedOptimizer, gathered
 from ..errors import ConfigError
 from .amp import PipelineGradScaler
 from .batches import size_of, sized_batches
 from .clip import clip_global_norm
-from .guard import PREEMPTED_EXIT, NonFiniteError, Preempted, Signals, StepGuard, all_finite, check_policy, finite_lr
+from .guard import NonFiniteError, StepGuard, all_finite, check_policy, finite_lr, step_gradients
 from .metrics import MetricsFile, Tally, error_metric, format_row, summarize
 from .observe import Dashboard, RankStats
 
@@ -47,10 +45,15 @@ class TrainConfig:
     inject_error: tuple[int, int] | None = None   # (rank, step): raise there (tests of the abort path)
     on_nonfinite: str = "stop"      # a non-finite loss or gradient: 'stop' the job, or 'skip' the step
     nonfinite_limit: int = 3        # 'skip': this many non-finite steps in a row stop the job
+    progress_every: int | None = None   # a progress line every N steps (None: 10 per epoch of >= 500 steps; 0: none)
+    tokens_per_sample: int = 0      # > 0: the progress line counts tokens/s too (a language model's context)
 
     def __post_init__(self):
-        for name, least in (("epochs", 1), ("batch_size", 1), ("steps", 0), ("num_workers", 0)):
+        for name, least in (("epochs", 1), ("batch_size", 1), ("steps", 0), ("num_workers", 0),
+                            ("progress_every", 0), ("tokens_per_sample", 0)):
             value = getattr(self, name)
+            if name == "progress_every" and value is None:
+                continue
             if not isinstance(value, int) or value < least:
                 raise ConfigError(f"{name}={value!r}: must be an integer >= {least}")
         if not (math.isfinite(self.clip_grad) and self.clip_grad >= 0):
@@ -76,7 +79,6 @@ class Trainer:
             raise ConfigError(f"on_nonfinite='skip' (--on-nonfinite skip): schedule {pipe.schedule.name} updates "
                               f"the weights inside its lists, before the step's verdict; use 'stop'")
         self.guard = StepGuard(self.topo.world, self.config.on_nonfinite, self.config.nonfinite_limit)
-        self.preempted = None      # the verdict of the step at which a signal was agreed on
         self._grads_ok = True      # a streaming step's updates so far had finite gradients here
 
     # -- one step -------------------------------------------------------------------------
@@ -131,8 +133,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.after_backward(self)
         handled = scaler is not None and scaler.skipped > scaler_skips   # the loss scaler's overflow rule
-        grads_ok = handled or all_finite(self.optimizer.gradients() if isinstance(self.optimizer, ShardedOptimizer)
-                                         else [p.grad for p in self.params])   # dropped this step already
+        grads_ok = handled or all_finite(step_gradients(self.optimizer, self.params))   # dropped this step already
         if handled and loss_ok is not None:
             loss_ok = True
         if loss_ok is None:       # streaming: keep a non-finite update out of this rank's weights
@@ -160,19 +161,7 @@ class Trainer:
     def judge(self, loss_ok: bool, grads_ok: bool) -> bool:
         """The ranks' verdict on this step (the one collective, guard.py): True to apply it;
         False to skip it; NonFiniteError when the policy stops. A signal is kept for fit."""
-        v = self.guard.agree(loss_ok, grads_ok)
-        if v.signal_rank is not None and self.preempted is None:
-            self.preempted = v
-        if not v.nonfinite:
-            return True
-        where = f"step {self.step_count + 1} (epoch {self.epoch + 1})"
-        if self.guard.must_stop():
-            raise NonFiniteError(self.guard.describe_stop(v, where))
-        self.guard.skipped += 1
-        if self.topo.world.rank == 0:
-            self.log(f"{where}: {v.what()}: skipped ({self.guard.in_a_row} in a row; {self.guard.limit} in a row "
-                     f"stop the job)")
-        return False
+        return self.guard.judge(loss_ok, grads_ok, f"step {self.step_count + 1} (epoch {self.epoch + 1})", self.log)
 
     @torch.no_grad()
     def evaluate(self, data, batch_size: int) -> list[float]:
@@ -190,14 +179,11 @@ class Trainer:
         finishes the step, the ranks agree on it (guard.py), the callbacks checkpoint, and every
         rank raises Preempted (exit PREEMPTED_EXIT). Only when this Trainer's world is the whole
         job: ranks outside it would not hear of the agreement."""
-        whole_job = self.topo.world.size == MPI.COMM_WORLD.Get_size()
-        self.guard.signals = Signals().install() if whole_job else None
+        self.guard.listen()
         try:
             return self._fit(train, test)
         finally:
-            if self.guard.signals is not None:
-                self.guard.signals.close()
-                self.guard.signals = None
+            self.guard.close()
 
     def _fit(self, train, test) -> list[dict]:
         c, topo, world = self.config, self.topo, self.topo.world
@@ -216,6 +202,8 @@ class Trainer:
             count = -(-n // c.batch_size)
             count = min(count, c.steps) if c.steps else count
             self.step_seconds, self.epoch, self.guard.skipped = [], epoch, 0
+            every = c.progress_every if c.progress_every is not None else (count // 10 if count >= 500 else 0)
+            self._shown = tally.vector()   # what the last progress line had counted
             for cb in cbs:
                 cb.on_epoch_start(self, epoch, tally)
             world.barrier()
@@ -228,15 +216,14 @@ class Trainer:
                 self.train_step(x, y, tally, position=(i, count), global_n=global_n)
                 for cb in cbs:
                     cb.after_step(self, epoch, i + 1, count, tally, rows)
-                if self.preempted is not None:
+                if every and (i + 1) % every == 0:
+                    self.progress(epoch, i + 1, count, tally, time.perf_counter() - t0, samples)
+                if self.guard.preempted is not None:
                     self.stop_preempted(epoch, i + 1, count, tally, rows)
             world.barrier()
             seconds = time.perf_counter() - t0
             vec = tally.vector() + self.evaluate(test, c.batch_size)
-            every = world.allgather_floats(vec)
-            sums = every[topo.reporter]
-            if topo.grid.dp > 1:   # each data-parallel replica tallied its own shard of the batches
-                sums[:4] = sum(every[topo.grid.rank_of(topo.grid.pp - 1, d, 0)][:4] for d in range(topo.grid.dp))
+            sums = self.job_sums(vec)
             p50, p95, p99 = (np.percentile(np.array(self.step_seconds) * 1e3, [50, 95, 99])
                              if self.step_seconds else (float("nan"),) * 3)
             error = error_metric(self.loss_fn)
@@ -266,20 +253,41 @@ class Trainer:
             cb.on_fit_end(self)
         return rows
 
+    def job_sums(self, vec: list[float]):
+        """The job's tally sums from every rank's `vec` (collective): the reporting rank's, its
+        first four (a training Tally's) summed over the data-parallel replicas, each of which
+        tallied its own shard of the batches."""
+        topo = self.topo
+        every = topo.world.allgather_floats(vec)
+        sums = every[topo.reporter]
+        if topo.grid.dp > 1:
+            sums[:4] = sum(every[topo.grid.rank_of(topo.grid.pp - 1, d, 0)][:4] for d in range(topo.grid.dp))
+        return sums
+
+    def progress(self, epoch: int, done: int, count: int, tally: Tally, seconds: float, samples: int) -> None:
+        """Rank 0's progress line (collective: every rank calls it at the same steps): the step,
+        the training loss since the last line, samples (and tokens) per second so far this epoch,
+        and the time the remaining training steps will take at that pace (evaluation not counted)."""
+        c = self.config
+        now = tally.vector()
+        loss, _, _, weight = self.job_sums([a - b for a, b in zip(now, self._shown)])
+        self._shown = now
+        if self.topo.world.rank != 0:
+            return
+        total = c.epochs * count
+        left = seconds / done * (total - epoch * count - done)
+        rate = (f"{samples * c.tokens_per_sample / seconds:,.0f} tokens/s" if c.tokens_per_sample
+                else f"{samples / seconds:,.0f} samples/s")
+        self.log(f"step {epoch * count + done}/{total}  train loss {loss / max(weight, 1):.4f}  {rate}  "
+                 f"ETA {duration(left)}")
+
     def stop_preempted(self, epoch: int, done: int, count: int, tally: Tally, rows: list[dict]) -> None:
         """Every rank agreed on a signal at this step: the callbacks save (collective), rank 0 says
         so in one line, every rank raises Preempted."""
-        v, world = self.preempted, self.topo.world
         saved = [w for cb in self.callbacks if (w := cb.on_preempt(self, epoch, done, count, tally, rows))]
-        line = (f"preempted by {v.signal_name} (first on rank {v.signal_rank}) after step {self.step_count} "
-                f"(epoch {epoch + 1}, batch {done} of {count}): "
-                + (f"checkpoint {saved[0]} written; the same command resumes from it" if saved else
-                   "no checkpoint written (none configured, or a schedule with weights in flight mid-epoch)")
-                + f"; exit {PREEMPTED_EXIT}")
-        if world.rank == 0:
-            sys.stderr.write(f"rank 0 ({world.host}): {line}\n")
-            sys.stderr.flush()
-        raise Preempted(line)
+        self.guard.stop_preempted(f"step {self.step_count} (epoch {epoch + 1}, batch {done} of {count})",
+                                  saved[0] if saved else None,
+                                  "none configured, or a schedule with weights in flight mid-epoch")
 
     def state_dict(self) -> dict:
         """This stage's parameters as the single-process model names them, copied (tp > 1:
@@ -296,6 +304,12 @@ class Trainer:
         """Parameters this rank would hold without tensor parallelism (shards counted whole)."""
         tp = self.topo.grid.tp
         return sum(p.numel() * (tp if id(p) in self.pipe.sharded_ids else 1) for p in self.module.parameters())
+
+
+def duration(seconds: float) -> str:
+    """'45s', '3m12s', '1h02m'."""
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def parse_inject(text: str | None):

@@ -5,7 +5,9 @@ pp=2 x dp=2 and on pp=2 with the same model function and trains on to the uninte
 parameters; async writes give the same result. A signal on one rank stops every rank at the same
 step with a checkpoint the resume continues bit-equal from; a NaN gradient on one rank stops every
 rank at the same step with nothing non-finite checkpointed, or is skipped by every rank alike; an
-epoch resumed mid-way on another grid reports the loss of every replica's batches."""
+epoch resumed mid-way on another grid reports the loss of every replica's batches. The same for
+a user's own loop with mpipar.Checkpoint: a signal on one rank (pp=2 x dp=2), a NaN on one
+DataParallel replica (skipped as single-process training that skips it, or stopped)."""
 import os
 import shutil
 import signal
@@ -273,3 +275,117 @@ def test_every_kept_checkpoint_corrupt_stops_every_rank_alike_and_deletes_nothin
         kept = k / "quarantine" / name
         assert {f.name: f.read_bytes() for f in kept.iterdir() if not f.name.startswith("WHY-")} == files, name
         assert "corrupted" in (kept / f"WHY-rank-{int(name[-9:]) // 4:05d}.txt").read_text(), name
+
+
+# -- issue 30: mpipar.Checkpoint guards a user's loop on every rank at the same step --------------------
+
+def user_pipeline_loop(world, folder, until, signal_after=None):
+    """README (d)'s loop (ckpt.finite before opt.step) on pp=2 x dp=2 in float64, checkpoints
+    every 3 steps; `signal_after`: (rank, step) that sends itself SIGUSR1. Returns this rank's
+    parameters (single-process names)."""
+    import mpipar
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)).double()
+    pipe = mpipar.Pipeline(model, Topology.build(world, Grid.parse("pp=2,dp=2", world.size)), microbatches=2,
+                           loss_fn=nn.MSELoss())
+    opt = torch.optim.Adam(pipe.parameters(), lr=1e-2)
+    ckpt = mpipar.Checkpoint(folder, pipe, opt, every=3, log=quiet)
+    try:
+        step = ckpt.resume()
+        while step < until:
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(32, 16, generator=g, dtype=torch.float64), torch.randn(32, 4, generator=g, dtype=torch.float64)
+            opt.zero_grad()
+            if ckpt.finite(pipe.step(x, y)):
+                opt.step()
+            step += 1
+            if signal_after == (world.rank, step):
+                os.kill(os.getpid(), signal.SIGUSR1)
+            ckpt.step(step)
+        ckpt.close()
+    finally:
+        ckpt.guard.close()
+    return {k: v.detach().clone() for k, v in pipe.state_dict().items()}
+
+
+def test_a_signal_on_one_rank_of_a_user_loop_stops_every_rank_at_the_same_step_and_resumes_bit_equal(world, root):
+    want = user_pipeline_loop(world, root / "user-whole", 9)
+    with pytest.raises(SystemExit) as e:
+        user_pipeline_loop(world, root / "user-cut", 9, signal_after=(2, 4))
+    assert e.value.code == PREEMPTED_EXIT
+    world.barrier()
+    assert [s for s, _ in store.step_dirs(root / "user-cut")] == [5, 3]   # the next step's agreement, everywhere
+    same_bits(user_pipeline_loop(world, root / "user-cut", 9), want, "a user loop resumed after a signal")
+
+
+def user_dp_loop(world, folder, steps, policy, bad=(3, 2)):
+    """A user's DataParallel loop on dp=4 (the optimizer syncs), float64, global batches of 32
+    and 30 in turn (shards 8/8/8/8, 8/8/7/7: a skipped step left unsynced would weigh the next
+    one wrongly); rank bad[0]'s shard of step bad[1] (0-based) holds a NaN. Returns the model."""
+    import mpipar
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    topo = Topology.build(world, Grid.parse("dp=4", world.size))
+    dp = mpipar.DataParallel(model, topo)
+    opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    ckpt = mpipar.Checkpoint(folder, model, opt, topo, every=2, on_nonfinite=policy, log=quiet)
+    try:
+        for step in range(steps):
+            x, y = (t.tensor_split(4)[world.rank].clone() for t in dp_batch(step))
+            if (world.rank, step) == bad:
+                x[0, 0] = float("nan")
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if ckpt.finite(loss):      # syncs the replicas' gradients first: every rank sees the NaN
+                opt.step()
+            ckpt.step(step + 1)
+        ckpt.close()
+    finally:
+        ckpt.guard.close()
+        dp.remove()
+    return model
+
+
+def dp_batch(step):
+    g, n = torch.Generator().manual_seed(100 + step), 32 - 2 * (step % 2)
+    return torch.randn(n, 8, generator=g, dtype=torch.float64), torch.randn(n, 4, generator=g, dtype=torch.float64)
+
+
+def dp_reference(steps, skip):
+    """Single-process training on the whole batches, without the updates of steps `skip`."""
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        if step not in skip:
+            x, y = dp_batch(step)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_a_nan_on_one_replica_of_a_user_loop_is_skipped_or_stops_every_rank_alike(world, root, policy):
+    import zlib
+    folder = root / f"user-dp-{policy}"
+    if policy == "skip":
+        got = user_dp_loop(world, folder, 6, policy).state_dict()
+        want = dp_reference(6, skip={2})
+    else:
+        with pytest.raises(NonFiniteError) as e:
+            user_dp_loop(world, folder, 6, policy)
+        msg = str(e.value)   # rank 3's loss, and after the sync every replica's gradients
+        assert msg.startswith("step 3: non-finite loss (first on rank 3), non-finite gradients (first on rank 0); "
+                              "on_nonfinite='stop'"), msg
+        assert len(set(world.allgather_floats([zlib.crc32(msg.encode())])[:, 0])) == 1, "ranks differ"
+        world.barrier()
+        man, got = newest_full_state(folder)
+        assert man.step == 2
+        want = dp_reference(2, skip=())
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, msg=lambda m: f"{policy}: {k}: {m}")
