@@ -2,7 +2,8 @@
 the checkout, each compared with single-process training of the same model, seed and batches
 (torch.testing.assert_close); the checkpoint script is also interrupted and resumed. The three
 4-rank scripts run one after the other in one job (each in its own folder, as its own __main__):
-a job's start, 4 imports of torch, costs more than such a script."""
+a job's start, 4 imports of torch, costs more than such a script; so do the checkpoint script's
+uninterrupted run and the run it is interrupted in (the resume is a job of its own)."""
 import re
 from pathlib import Path
 
@@ -37,14 +38,22 @@ def run_snippet(name: str, np: int, cwd: Path, *argv: str):
     return p
 
 
-RUN_IN_TURN = """import contextlib, os, runpy, sys
-for path in sys.argv[1:]:                  # each script in its folder, as `python script.py` runs it
-    os.chdir(os.path.dirname(path))
-    sys.argv = [path]
+RUN_IN_TURN = """import contextlib, os, runpy, shlex, sys
+for line in sys.argv[1:]:                  # each script in its folder, as `python script.py ARGS` runs it
+    sys.argv = shlex.split(line)
+    os.chdir(os.path.dirname(sys.argv[0]))
     with open(f"stdout-{os.getpid()}.txt", "w") as out, contextlib.redirect_stdout(out):
-        runpy.run_path(path, run_name="__main__")
+        runpy.run_path(sys.argv[0], run_name="__main__")
 """
-FOUR_RANKS = ("pipeline_1f1b.py", "data_parallel.py", "pipeline_x_dp.py")
+FOUR_RANKS = ("pipeline_1f1b.py", "data_parallel.py", "pipeline_x_dp.py", "transformer.py")
+
+
+def in_turn(np: int, root: Path, *lines: str):
+    """`python SCRIPT ARGS` for each line, one after the other in ONE job (each in its script's
+    folder, as its own __main__; what it printed in stdout-PID.txt there)."""
+    (root / "run_in_turn.py").write_text(RUN_IN_TURN)
+    p = mpirun(np, str(root / "run_in_turn.py"), *lines, cwd=root, timeout=240)
+    assert p.returncode == 0, f"{lines} failed on {np} ranks:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +65,7 @@ def four_rank_runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
         (root / name[:-3]).mkdir()
         paths.append(root / name[:-3] / name)
         paths[-1].write_text(SNIPPETS[name])
-    (root / "run_in_turn.py").write_text(RUN_IN_TURN)
-    p = mpirun(4, str(root / "run_in_turn.py"), *map(str, paths), cwd=root, timeout=240)
-    assert p.returncode == 0, f"the 4-rank scripts failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    in_turn(4, root, *map(str, paths))
     return {name: (path.parent, "".join(f.read_text() for f in sorted(path.parent.glob("stdout-*.txt"))))
             for name, path in zip(FOUR_RANKS, paths)}
 
@@ -95,10 +102,11 @@ def check_params(got: dict, want: dict):
         torch.testing.assert_close(got[k], v, msg=lambda m: f"{k}: {m}")
 
 
-def test_readme_has_the_four_scripts_each_at_most_25_lines():
-    assert set(SNIPPETS) == {"pipeline_1f1b.py", "data_parallel.py", "pipeline_x_dp.py", "checkpoint_resume.py"}
+def test_readme_has_the_five_scripts_each_at_most_25_lines_and_the_transformer_30():
+    assert set(SNIPPETS) == {"pipeline_1f1b.py", "data_parallel.py", "pipeline_x_dp.py", "checkpoint_resume.py",
+                             "transformer.py"}
     for name, code in SNIPPETS.items():
-        assert len(code.strip().splitlines()) <= 25, name
+        assert len(code.strip().splitlines()) <= (30 if name == "transformer.py" else 25), name
 
 
 def test_pipeline_1f1b_on_4_ranks_equals_single_process(four_rank_runs):
@@ -132,13 +140,15 @@ def test_pipeline_x_data_parallel_with_a_short_last_batch_equals_single_process(
 
 
 def test_checkpoint_resume_in_a_user_loop_is_bit_identical(tmp_path):
+    name = "checkpoint_resume.py"
     whole, split = tmp_path / "whole", tmp_path / "split"
-    whole.mkdir(), split.mkdir()
-    run_snippet("checkpoint_resume.py", 2, whole, "17")
-    first = run_snippet("checkpoint_resume.py", 2, split, "12")     # checkpoints at 5 and 10
+    for folder in (whole, split):
+        folder.mkdir()
+        (folder / name).write_text(SNIPPETS[name])
+    in_turn(2, tmp_path, f"{whole / name} 17", f"{split / name} 12")   # the second checkpoints at 5 and 10
     assert sorted(p.name for p in (split / "ckpt").glob("step-*")) == ["step-000000005", "step-000000010"]
-    again = run_snippet("checkpoint_resume.py", 2, split, "17")     # resumes at 10, not 12
-    assert "resumed from step-000000010" in again.stdout, again.stdout + first.stdout
+    again = run_snippet(name, 2, split, "17")                            # a job of its own resumes at 10, not 12
+    assert "resumed from step-000000010" in again.stdout, again.stdout
     got, full = merged(split, 2), merged(whole, 2)
     for k, v in full.items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=0)
@@ -152,3 +162,27 @@ def test_checkpoint_resume_in_a_user_loop_is_bit_identical(tmp_path):
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     check_params(full, model.state_dict())
+
+
+def test_your_own_transformer_split_over_4_ranks_equals_single_process(four_rank_runs):
+    """The user's GPT module (not a Sequential), cut at its blocks over 4 ranks, with its head tied
+    to the embedding: every parameter (the tied one from both stages that hold it) and the last
+    loss as one process trains the same module on the same batches."""
+    folder, printed_text = four_rank_runs["transformer.py"]
+    code = SNIPPETS["transformer.py"]
+    scope = {}
+    exec(compile(code[:code.index("torch.manual_seed(0)")], "transformer.py", "exec"), scope)   # the user's class
+    torch.manual_seed(0)
+    model = scope["GPT"]()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for seq in (torch.arange(40 * 16 * 33) * 7 % 32).view(40, 16, 33):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(seq[:, :-1]).flatten(0, 1), seq[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+    printed = [float(v) for v in re.findall(r"^stage 3: loss (\S+)$", printed_text, re.M)]
+    assert len(printed) == 1
+    torch.testing.assert_close(printed[0], float(loss.detach()))
+    stages = [torch.load(folder / f"stage{s}.pt", weights_only=True) for s in range(4)]
+    torch.testing.assert_close(stages[0]["tok.weight"], stages[3]["tok.weight"], rtol=0, atol=0)   # one parameter
+    check_params(merged(folder, 4), model.state_dict())
