@@ -37,6 +37,9 @@ COPIES = {  # shipped path (under examples/data) -> source path (under shared/da
        for n in ("ambient_temperature_system_failure", "machine_temperature_system_failure")},
     **{f"temperature/labels/{n}": f"iot_temperature_nab/labels/{n}"
        for n in ("combined_labels.json", "combined_windows.json")},
+    **{f"shakespeare/texts/{n}_gut.txt": f"shakespeare/texts/{n}_gut.txt"
+       for n in ("comedy_of_errors", "julius_caesar", "macbeth", "midsummer_nights_dream", "romeo_and_juliet")},
+    "shakespeare/COPYING.txt": "shakespeare/COPYING.txt",
 }
 
 

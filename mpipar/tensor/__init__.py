@@ -9,10 +9,14 @@ slice of the neurons of every layer.
     attention.py    self-attention with its heads split over tp
     norm.py         normalisation under tensor parallelism (ShardedBatchNorm1d)
     transformer.py  a tensor-parallel Transformer block and language model, and their unsplit twins
+    embedding.py    VocabParallelEmbedding: an embedding table split by vocabulary rows
+    gpt.py          nanoGPT's model (head tied to the embedding) and its stock-PyTorch twin
     sharding.py     which slice of each full tensor a rank holds: state dicts cut and put back together
     clip.py         clipping by the norm of the full model's gradient under tensor parallelism
 """
 from .attention import ParallelSelfAttention
+from .embedding import VocabParallelEmbedding
+from .gpt import GPT, ReferenceGPT, generate, padded_vocab
 from .group import CommCounter, TPGroup
 from .init import counter_init_
 from .linear import ColumnParallelLinear, RowParallelLinear
@@ -29,4 +33,5 @@ __all__ = [
     "ReferenceTransformerLM", "reference_block", "counter_init_", "ShardRule", "COLUMN", "ROW", "QKV",
     "tp_plan", "shard_state_dict", "gather_state_dict", "gather_full_state_dict", "load_full_state_dict",
     "copy_to_tp", "reduce_from_tp", "gather_from_tp", "scatter_to_tp",
+    "VocabParallelEmbedding", "GPT", "ReferenceGPT", "generate", "padded_vocab",
 ]

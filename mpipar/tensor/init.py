@@ -102,11 +102,15 @@ def counter_init_(module: nn.Module, seed: int, group=None) -> nn.Module:
                              for m in module.modules() if getattr(m, "shard_rules", None)):
         raise ValueError("counter_init_ of a tensor-parallel module needs its TPGroup: "
                          "counter_init_(model, seed, group)")
+    drawn = {}   # id of a tensor already drawn -> (it, its new value): a tied weight (GPT's head) stays one
     for prefix, m in module.named_modules():
         rules = getattr(m, "shard_rules", {}) if group is not None else {}
         for store in (m._parameters, m._buffers):
             for pname, t in list(store.items()):
                 if t is None:
+                    continue
+                if id(t) in drawn:
+                    store[pname] = drawn[id(t)][1]
                     continue
                 name = f"{prefix}.{pname}" if prefix else pname
                 if pname == "num_batches_tracked":
@@ -116,4 +120,5 @@ def counter_init_(module: nn.Module, seed: int, group=None) -> nn.Module:
                 shape = full_shape(t, rule, size)
                 values = shard_values(seed, name, init_kind(m, pname, shape), shape, rule, rank, size, t.dtype)
                 store[pname] = nn.Parameter(values, t.requires_grad) if store is m._parameters else values
+                drawn[id(t)] = (t, store[pname])
     return module

@@ -26,27 +26,31 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 
 
 class TPTransformerBlock(nn.Module):
-    """x + attn(norm1(x)), then + linear2(act(linear1(norm2(x)))); x replicated [B, T, E]."""
+    """x + attn(norm1(x)), then + linear2(act(linear1(norm2(x)))); x replicated [B, T, E].
+    `dropout` where nn.TransformerEncoderLayer puts it (attention weights, after attention, after
+    the activation, after linear2); tp = 1 only (attention.check_dropout)."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, group: TPGroup,
-                 activation: str = "gelu", layer_norm_eps: float = 1e-5, bias: bool = True):
+                 activation: str = "gelu", layer_norm_eps: float = 1e-5, bias: bool = True, dropout: float = 0.0):
         super().__init__()
-        self.self_attn = ParallelSelfAttention(d_model, nhead, group, bias=bias)
+        self.self_attn = ParallelSelfAttention(d_model, nhead, group, bias=bias, dropout=dropout)
         self.linear1 = ColumnParallelLinear(d_model, dim_feedforward, group, bias=bias)
         self.linear2 = RowParallelLinear(dim_feedforward, d_model, group, bias=bias)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.dropout, self.dropout1, self.dropout2 = (nn.Dropout(dropout) for _ in range(3))
         self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        x = x + self.self_attn(self.norm1(x), is_causal=is_causal)
-        return x + self.linear2(self.activation(self.linear1(self.norm2(x))))
+        x = x + self.dropout1(self.self_attn(self.norm1(x), is_causal=is_causal))
+        return x + self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(self.norm2(x))))))
 
 
 def reference_block(d_model: int, nhead: int, dim_feedforward: int, activation: str = "gelu",
-                    layer_norm_eps: float = 1e-5, bias: bool = True) -> nn.TransformerEncoderLayer:
+                    layer_norm_eps: float = 1e-5, bias: bool = True,
+                    dropout: float = 0.0) -> nn.TransformerEncoderLayer:
     """The single-device module a TPTransformerBlock must equal."""
-    return nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout=0.0, activation=activation,
+    return nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout=dropout, activation=activation,
                                       layer_norm_eps=layer_norm_eps, batch_first=True, norm_first=True,
                                       bias=bias)
 

@@ -12,15 +12,16 @@ from ..errors import ConfigError
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
-                  dp_rank: int = 0, dp_size: int = 1) -> list[torch.Tensor]:
-    """Index tensors of this rank's part of each global batch of `batch_size`."""
+                  dp_rank: int = 0, dp_size: int = 1, steps: int = 0) -> list[torch.Tensor]:
+    """Index tensors of this rank's part of each global batch of `batch_size` (`steps` > 0: of
+    the first `steps` only, the same ones)."""
     if shuffle:
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(n, generator=g)
     else:
         order = torch.arange(n)
     out = []
-    for start in range(0, n, batch_size):
+    for start in range(0, min(n, steps * batch_size) if steps else n, batch_size):
         batch = order[start:start + batch_size]
         out.append(batch.tensor_split(dp_size)[dp_rank] if dp_size > 1 else batch)
     return out
@@ -49,9 +50,7 @@ def sized_batches(data, batch_size: int, seed: int = 0, epoch: int = 0, shuffle:
     """(x, y, global_n) for this rank's shard of each global batch of the epoch from batch
     `start` on; `steps` > 0 ends the epoch after that many batches (counted from its first)."""
     n = size_of(data)
-    idx = epoch_batches(n, batch_size, seed, epoch, shuffle, dp_rank, dp_size)
-    if steps:
-        idx = idx[:steps]
+    idx = epoch_batches(n, batch_size, seed, epoch, shuffle, dp_rank, dp_size, steps)
     sizes = [min(batch_size, n - i * batch_size) for i in range(len(idx))]
     idx, sizes = idx[start:], sizes[start:]
     held = tensors_of(data)

@@ -1,6 +1,6 @@
 """Learning-rate schedules the examples use, as LambdaLRs stepped after every optimizer step:
 Noam ("Attention Is All You Need", section 5.3: linear warm-up, then decay with the inverse
-square root of the step) and a half-cosine decay to a floor."""
+square root of the step) and a half-cosine decay to a floor (after a linear warm-up, if asked)."""
 from __future__ import annotations
 
 import math
@@ -23,11 +23,18 @@ def noam(optimizer, d_model: int, warmup: int) -> LambdaLR:
     return LambdaLR(optimizer, lambda k: noam_factor(k + 1, d_model, warmup))
 
 
-def cosine(optimizer, total_steps: int, floor: float = 0.05) -> LambdaLR:
+def cosine(optimizer, total_steps: int, floor: float = 0.05, warmup: int = 0) -> LambdaLR:
     """The base lr down to `floor` times it along a half cosine over `total_steps` steps, then
-    held there: the last epochs settle instead of landing on a noisy step."""
+    held there: the last epochs settle instead of landing on a noisy step. `warmup` > 0: first a
+    linear rise over that many steps, the cosine over the rest (nanoGPT's schedule)."""
     total = max(1, total_steps)
-    return LambdaLR(optimizer, lambda k: floor + (1 - floor) / 2 * (1 + math.cos(math.pi * min(k, total) / total)))
+
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / (warmup + 1)
+        done = min(k - warmup, total - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) / 2 * (1 + math.cos(math.pi * done))
+    return LambdaLR(optimizer, factor)
 
 
 def run_steps(n_train: int, batch_size: int, epochs: int, steps: int = 0) -> int:

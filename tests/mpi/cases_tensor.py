@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from mpipar.errors import ConfigError
-from mpipar.tensor import (ColumnParallelLinear, ParallelMLP, ParallelSelfAttention, ReferenceTransformerLM,
-                           RowParallelLinear, TPGroup, TPTransformerBlock, TPTransformerLM, counter_init_,
+from mpipar.tensor import (GPT, ColumnParallelLinear, ParallelMLP, ParallelSelfAttention, ReferenceTransformerLM,
+                           ReferenceGPT, RowParallelLinear, TPGroup, TPTransformerBlock, TPTransformerLM, counter_init_,
                            gather_full_state_dict, reference_block, reference_mlp, shard_state_dict, tp_plan)
 from mpipar.tensor.clip import clip_grad_norm_tp
 
@@ -197,6 +197,23 @@ def test_training_tp_transformer_lm_stays_equal(group):
                  ReferenceTransformerLM(V, E, NH, 32, L, 8, bias=False),
                  lambda s: (seqs[s * 4:(s + 1) * 4, :-1], seqs[s * 4:(s + 1) * 4, 1:]),
                  lambda logits, y: xent(logits.reshape(-1, V), y.reshape(-1)), 20, 3e-3)
+
+
+def test_gpt_tp(group):
+    """GPT (mpipar.tensor.gpt): the vocabulary-parallel embedding shares its shard with the
+    column-parallel head; forward, gradients (the tied shard's: its rows of the twin's embedding +
+    head gradient), communication counts, gathered state dict and 20 Adam steps equal ReferenceGPT."""
+    v, make = 16, lambda: GPT(16, T, L, NH, E, group=group)     # every rank's vocabulary rows looked up
+    tokens = torch.randint(0, v, (4, T), generator=torch.Generator().manual_seed(3))
+    gpt = make()
+    parity(group, "GPT", gpt, ReferenceGPT(v, T, L, NH, E), tokens,
+           fwd={"allreduce": 2 * L + 1, "allgather": 1}, bwd={"allreduce": 2 * L + 1})
+    assert gpt.head.weight is gpt.tok_emb.weight and gpt.head.weight.shape == (v // group.size, E)
+    seqs = torch.randint(0, v, (20 * 4, T + 1), generator=torch.Generator().manual_seed(8))
+    xent = nn.CrossEntropyLoss()
+    train_parity(group, "GPT", make(), ReferenceGPT(v, T, L, NH, E),
+                 lambda s: (seqs[s * 4:(s + 1) * 4, :-1], seqs[s * 4:(s + 1) * 4, 1:]),
+                 lambda logits, y: xent(logits.reshape(-1, v), y.reshape(-1)), 20, 3e-3)
 
 
 # -- errors at construction, on every rank -----------------------------------------------------

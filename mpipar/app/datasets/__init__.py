@@ -17,6 +17,7 @@ when files are missing or garbled. torch_geometric and wfdb are imported only by
     cora_parts.py     Cora cut into sub-graphs (cluster-GCN style), each one sample
     ppi.py            PPI graphs, or a synthetic stand-in of the same shape
     qm9.py            QM9 small molecules as 3-D graphs
+    shakespeare.py    Shakespeare's works, character level, validation on held-out works
 """
 from .accelerometer import load_basicmotions, load_wisdm
 from .appliances import load_appliances, persistence_rmse, rmse_wh
