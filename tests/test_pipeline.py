@@ -290,3 +290,58 @@ def test_a_loss_that_is_not_a_mean_over_samples_is_refused(loss_fn, target, mess
     with pytest.raises(ConfigError, match=message + r".*not a plain mean over samples.*reduction='mean', no "
                                                     r"class weights, no ignored targets"):
         pipe.step(torch.randn(16, 3), target())
+
+
+def test_predict_keeps_each_submodules_own_mode():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    model.train()
+    model[1].eval()                                          # a user's partial eval toggle
+    Pipeline(model, one_rank()).predict(torch.randn(2, 3))
+    assert [m.training for m in model.modules()] == [True, True, False, True]
+
+
+def test_a_stage_whose_layers_are_all_frozen_trains_the_rest():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    model.requires_grad_(False)
+    x, y = torch.randn(4, 3), torch.randn(4, 4)
+    for split in (False, True):
+        stage = Stage(model, 0, 1, None, nn.MSELoss())
+        stage.forward(0, x, y, 1.0, split=split)
+        assert stage.backward(0, None, split=split) is None
+        if split:
+            stage.backward_weight(0)
+    assert all(q.grad is None for q in model.parameters())
+
+
+def test_zero_on_a_stage_of_frozen_layers_says_no_trainable_parameters():
+    pipe = Pipeline(nn.Sequential(nn.Linear(3, 2).requires_grad_(False)), one_rank(), loss_fn=nn.MSELoss())
+    pipe.zero = 1
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        pipe.make_optimizer(torch.optim.SGD, lr=0.1)
+
+
+def test_a_second_step_on_gradients_already_reduced_over_dp_is_refused():
+    pipe = Pipeline(nn.Sequential(nn.Linear(3, 2)), one_rank(), loss_fn=nn.MSELoss())
+    opt = pipe.make_optimizer(torch.optim.SGD, lr=0.1)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    pipe.step(x, y)
+    pipe._reduced = [(q, q.grad, q.grad._version) for q in pipe.module.parameters()]   # as dp > 1 leaves them
+    opt.zero_grad(set_to_none=False)
+    pipe.step(x, y)                                          # zeroed in place: fine
+    pipe._reduced = [(q, q.grad, q.grad._version) for q in pipe.module.parameters()]
+    with pytest.raises(ConfigError, match=r"call opt.zero_grad\(\) before each pipe.step"):
+        pipe.step(x, y)
+
+
+def test_a_sequential_with_tied_children_is_traced_and_equals_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Tanh(), nn.Linear(4, 7, bias=False))
+    model[2].weight = model[0].weight
+    ref = __import__("copy").deepcopy(model)
+    x, y = torch.randint(0, 7, (6,)), torch.randn(6, 7)
+    pipe = Pipeline(model, one_rank(), loss_fn=nn.MSELoss(), microbatches=2)
+    assert pipe.traced is not None
+    pipe.step(x, y)
+    nn.functional.mse_loss(ref(x), y).backward()
+    torch.testing.assert_close(model[0].weight.grad, ref[0].weight.grad)

@@ -51,10 +51,19 @@ def specs_of(model, split=None) -> tuple[list[LayerSpec], Traced | None]:
     """LayerSpecs from an nn.Sequential (its children, already built) or a LayerSpec list; any
     other nn.Module (or any module with `split` names) traced into units (split.py)."""
     if isinstance(model, nn.Module):
-        if split is None and type(model).forward is nn.Sequential.forward:
+        plain = split is None and type(model).forward is nn.Sequential.forward
+        if plain:
             check_splittable(model)
-            return [LayerSpec(name, build=lambda child=child: child) for name, child in model.named_children()], None
-        traced = split_units(model)
+            if not shares_parameters(model):
+                return [LayerSpec(name, build=lambda child=child: child) for name, child in model.named_children()], None
+        try:
+            traced = split_units(model)
+        except ConfigError as e:
+            if not plain:
+                raise
+            raise ConfigError(f"{type(model).__name__}'s children share a parameter (tied weights), which Pipeline "
+                              f"handles by tracing the model, and tracing it failed ({e}): untie the weights or pass "
+                              f"a module whose forward traces") from None
         return traced.specs, traced
     specs = list(model)
     if not all(isinstance(s, LayerSpec) for s in specs):
@@ -62,6 +71,17 @@ def specs_of(model, split=None) -> tuple[list[LayerSpec], Traced | None]:
     if split is not None:
         raise ConfigError("split= names submodules of an nn.Module to cut before; LayerSpecs are cut by balance=")
     return specs, None
+
+
+def shares_parameters(model: nn.Sequential) -> bool:
+    """Whether two of the Sequential's children hold the same parameter (tied weights, e.g. an
+    output head sharing the embedding's): such a model takes the traced path, which handles ties."""
+    owner = {}
+    for i, child in enumerate(model.children()):
+        for q in child.parameters():
+            if owner.setdefault(id(q), i) != i:
+                return True
+    return False
 
 
 def check_splittable(model: nn.Sequential) -> None:
@@ -323,7 +343,7 @@ class Pipeline:
             return optimizer(self.parameters(), **kwargs)
         if not self.trainable():
             layers = ", ".join(f"{name} ({type(layer).__name__})" for name, layer in self.module.named_children())
-            raise ConfigError(f"pipeline stage {self.s} (rank {self.topo.world.rank}) holds no parameters (layers "
+            raise ConfigError(f"pipeline stage {self.s} (rank {self.topo.world.rank}) holds no trainable parameters (layers "
                               f"{layers}), so ZeRO has nothing to shard there: use fewer pipeline stages than the "
                               f"model has layers with weights, or a balance that gives every stage one")
         from ..data_parallel.zero import ShardedOptimizer
@@ -385,6 +405,7 @@ class Pipeline:
         n = len(x)
         if global_n is None:
             global_n = n if self.topo.grid.dp == 1 else int(self.topo.dp_world.allgather_floats([n]).sum())
+        self._check_zeroed()
         x, y = self.place(x, y)
         xs, ys, weights = split_batch(x, y, self.microbatches, global_n)
         if self.sharded is not None and not self.streaming:   # ZeRO stages 2, 3 reduce a gradient once its
@@ -400,8 +421,19 @@ class Pipeline:
         if self.recorder is not None:
             self.recorder.begin_step()
         self.runner.run(xs, ys, weights, on_out, position, batch, update, dp=self.dp, ties=self.ties)
+        if self.dp is not None and self.sharded is None and not self.streaming:
+            self._reduced = [(q, q.grad, q.grad._version) for q in self.module.parameters() if q.grad is not None]
         self.last_loss = (total[0], global_n) if on_output is None and self.loss_fn is not None else None
         return total[0] / max(n, 1) if self.is_last and on_output is None else None
+
+    def _check_zeroed(self) -> None:
+        """With dp > 1 (no ZeRO) each step all-reduces .grad in place at its end: a gradient the
+        last step left (not zeroed since) would be summed over dp again, so accumulating over
+        steps is refused (pp only and ZeRO accumulate exactly)."""
+        reduced, self._reduced = getattr(self, "_reduced", None), None
+        if reduced and any(q.grad is g and g._version == v for q, g, v in reduced):
+            raise ConfigError("call opt.zero_grad() before each pipe.step (Pipeline reduces over dp at the end "
+                              "of every step); to accumulate, give one step the whole batch with more microbatches")
 
     def global_loss(self) -> float | None:
         """The mean loss over the whole global batch of the last step() on the last stage (None
@@ -436,12 +468,13 @@ class Pipeline:
     def predict(self, x: torch.Tensor) -> torch.Tensor | None:
         """The model's output for x (eval mode) on the last stage; None on the others."""
         got = []
-        was = self.module.training
+        was = [(m, m.training) for m in self.module.modules()]     # each submodule's own mode
         self.module.eval()
         try:
             self.forward_only(x, None, lambda mb, out: got.append(out))
         finally:
-            self.module.train(was)
+            for m, flag in was:
+                m.training = flag
         return got[0] if got else None
 
     def write_timeline(self, log=print) -> float | None:

@@ -334,7 +334,8 @@ class Stage:
             e = self.stash.pop(mb)
             self._materialize(e, False)
             if isinstance(e.root, torch.Tensor):
-                e.root.backward(grad)
+                if e.root.requires_grad:       # not when nothing here needs a gradient (all frozen)
+                    e.root.backward(grad)
             else:
                 roots, grads = with_grads(e.root, grad)
                 if roots:
@@ -347,6 +348,8 @@ class Stage:
         self._materialize(e, True)
         e.grad_root = grad
         roots, grads = with_grads(e.root, grad)
+        kept = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]     # all frozen: none
+        roots, grads = [r for r, _ in kept], [g for _, g in kept]
         xs = needing_grad(e.x)
         wanted = xs + [y for ys in e.ys for y in ys]
         got = list(torch.autograd.grad(roots, wanted, grads, retain_graph=True, allow_unused=True)
