@@ -264,6 +264,12 @@ def test_every_kept_checkpoint_corrupt_stops_with_one_line_and_deletes_nothing(t
         assert {f.name: f.read_bytes() for f in kept.iterdir() if not f.name.startswith("WHY-")} == files, name
         assert "corrupted" in (kept / "WHY-rank-00000.txt").read_text()
     assert store.step_dirs(tmp_path) == []
+    with pytest.raises(CheckpointError) as e:      # the same command again (a resubmit): still stops
+        checkpointer(tmp_path).resume(MiniTrainer())
+    msg = str(e.value)
+    assert "\n" not in msg and "no usable checkpoint" in msg and "earlier run rejected 3" in msg, msg
+    assert "--restart-from-scratch" in msg, msg
+    assert sorted(p.name for p in quarantined.iterdir()) == sorted(found)
     torch.manual_seed(123)
     t = MiniTrainer()
     ck = Checkpointer(tmp_path, topo(), RankMap(Grid(1, 1, 1), [NAMES]), 3, 3, False, None, lambda *a, **k: None,

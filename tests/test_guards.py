@@ -366,3 +366,35 @@ def test_zero_2_and_3_refuse_what_would_silently_drop_a_gradient_change(stage, m
                                               r"opt\.step\(clip=\.\.\.\)") as e:
             (clip_norm if misuse == "clip-norm" else clip_value)(model.parameters())
     assert "test_guards.py:" in place(e.value), place(e.value)
+
+
+def test_checkpoint_refuses_the_whole_module_under_pipeline_parallelism(tmp_path):
+    """mpipar.Checkpoint given the nn.Module instead of the Pipeline while the grid has pp > 1 would
+    save every stage's stale copy of the other stages' layers and resume from one of them: refused
+    with one line naming the fix (pp = 1, one rank, is fine)."""
+    from types import SimpleNamespace
+    import mpipar
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    topo = one_rank()
+    fake = SimpleNamespace(grid=SimpleNamespace(pp=2), world=topo.world)
+    with pytest.raises(ConfigError, match=r"give Checkpoint the Pipeline: mpipar\.Checkpoint\(dir, pipe, opt\)") as e:
+        mpipar.Checkpoint(tmp_path / "ck", model, opt, topo=fake)
+    assert "\n" not in str(e.value)
+    mpipar.Checkpoint(tmp_path / "ck1", model, opt, topo=topo)      # pp = 1: the module is the whole model
+
+
+def test_zero_3_refuses_a_state_dict_outside_gathered():
+    """Under ZeRO stage 3 a model.state_dict() outside `with opt.gathered():` used to hold zeros
+    (each unit keeps only this replica's segment): refused with one line naming the fix; inside
+    gathered() it is the model's, and stays valid after the block."""
+    model = tiny()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = ShardedOptimizer(model, one_rank(), torch.optim.SGD, stage=3, lr=0.1)
+    for take in (model.state_dict, model[0].state_dict):
+        with pytest.raises(ConfigError, match=r"take the state dict inside `with opt\.gathered\(\):`") as e:
+            take()
+        assert "\n" not in str(e.value)
+    with opt.gathered():
+        got = model.state_dict()
+    close(got, want)

@@ -226,9 +226,18 @@ def find_and_load(world, root: Path, grid, coords, layers, model_keys, log, rest
         for gone in store.remove_newer(root, keep):
             log(f"checkpoint: removed {gone.name} (incomplete, newer than the checkpoint we resume from)")
     world.barrier()
-    if chosen[0] is None and rejected:
-        what = (f"no usable checkpoint in {root}: all {len(rejected)} were rejected (newest, {rejected[0].name}: "
-                f"{why_first}) and moved to {Path(root) / store.QUARANTINE}")
+    earlier = 0     # no checkpoint now, but an earlier run quarantined some: still nothing usable
+    if chosen[0] is None and not rejected:
+        qdir = Path(root) / store.QUARANTINE
+        n = len([p for p in qdir.iterdir()]) if world.rank == 0 and qdir.is_dir() else 0
+        earlier = int(world.bcast_(torch.tensor([n], dtype=torch.int64), 0)[0])
+    if chosen[0] is None and (rejected or earlier):
+        if rejected:
+            what = (f"no usable checkpoint in {root}: all {len(rejected)} were rejected (newest, {rejected[0].name}: "
+                    f"{why_first}) and moved to {Path(root) / store.QUARANTINE}")
+        else:
+            what = (f"no usable checkpoint in {root}: an earlier run rejected {earlier} and moved them to "
+                    f"{Path(root) / store.QUARANTINE} (the reasons are in their WHY-rank-*.txt)")
         if not restart_from_scratch:
             raise CheckpointError(f"{what}; to train from step 0 anyway pass {RESTART_FLAG} (your own loop: "
                                   f"mpipar.Checkpoint(..., restart_from_scratch=True)); the quarantined ones stay")

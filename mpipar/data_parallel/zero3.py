@@ -141,6 +141,8 @@ class ShardedParameters:
             self.hooks.append(m.register_forward_hook(self._after_forward(u)))
         for i, p in enumerate(params):
             self.hooks.append(p.register_post_accumulate_grad_hook(self._on_grad(i)))
+        for u, m in enumerate(self.modules):    # outside gathered() a unit's parameters are zero stand-ins
+            self.hooks.append(m.register_state_dict_pre_hook(self._before_state_dict(u)))
         self.begin_step(1)
 
     # -- layout ---------------------------------------------------------------------------------
@@ -228,6 +230,16 @@ class ShardedParameters:
                 self.free(u, hand_over=True)
 
     # -- hooks ----------------------------------------------------------------------------------
+    def _before_state_dict(self, u: int):
+        def hook(module, prefix, keep_vars):
+            if self.is_gathered[u] or _called_from_mpipar():
+                return      # mpipar's own code reads the segments itself (or only the keys, or the buffers)
+            raise ConfigError(f"ZeRO stage 3 keeps only this replica's segment of {type(module).__name__} "
+                              f"{prefix.rstrip('.') or 'model'}'s parameters outside `with opt.gathered():` "
+                              f"(a state_dict here would hold zeros): take the state dict inside "
+                              f"`with opt.gathered():`")
+        return hook
+
     def _before_forward(self, u: int):
         def hook(module, args):
             self.gather(u)
@@ -345,3 +357,12 @@ def collective(world, called: str):
                                   f"{', '.join(map(str, others))} of {world.name} called another collective: "
                                   f"{called} is collective, every rank of {world.name} must call it")
         yield
+
+
+def _called_from_mpipar() -> bool:
+    """Whether the first caller outside torch is mpipar's own code (not a test's or a user's)."""
+    import sys
+    f = sys._getframe(2)
+    while f is not None and f.f_globals.get("__name__", "").startswith("torch"):
+        f = f.f_back
+    return f is not None and f.f_globals.get("__name__", "").startswith("mpipar.")

@@ -95,6 +95,11 @@ class Checkpoint:
         if self.topo is None:
             from ..topology import init
             self.topo = init()
+        if self.pipe is None and self.topo.grid.pp > 1:   # each stage would save (and load) its stale copy
+            from ..errors import ConfigError
+            raise ConfigError(f"mpipar.Checkpoint was given a {type(model).__name__}, not the Pipeline, while the "
+                              f"grid has pp={self.topo.grid.pp} (resume would load another stage's stale weights): "
+                              f"give Checkpoint the Pipeline: mpipar.Checkpoint(dir, pipe, opt)")
         self.optimizer, self.scheduler, self.step_count = optimizer, scheduler, 0
         if self.pipe is not None:
             rankmap = self.pipe.rankmap
