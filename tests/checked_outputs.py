@@ -1,7 +1,7 @@
 """The "## Checked outputs" table of examples/README.md, the single source of every example's short
 form (ranks, flags, a metric and its expected value with a tolerance), and the checks of one short
-run's output: used by tests/mpi/cases_examples.py (every example, one mpirun job per rank count)
-and tests/test_examples.py (the table itself, and one example through `python -m mpipar.run`).
+run's output: used by tests/mpi/cases_examples.py (every example but OWN_JOB, one mpirun job per
+rank count) and tests/test_examples.py (the table itself, and OWN_JOB through `python -m mpipar.run`).
 
 Examples not in CUSTOM also train the same steps single-process (--compare): the largest
 train-loss gap it reports must be float rounding. pipeline-gcn-cora is the exception (its dropout
@@ -19,11 +19,17 @@ from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "examples" / "README.md"
 
-# Examples whose parity with single-process training is checked by their own test modules
-# (test_run, test_tensor, cases_transformer_runs, cases_graphs, cases_parity, test_async_ps, test_ppi):
-# here only their short form's output is checked, without --compare.
+# Examples whose parity with single-process training is checked by their own test modules (test_run,
+# cases_example_runs, cases_transformer_runs, cases_graphs, cases_parity, test_ppi): here only their
+# short form's output is checked, without --compare.
 CUSTOM = {"async-gcn-cora", "hybrid-dp-gnn-qm9", "mlp", "split-cnn", "tp-mlp", "tp-transformer",
           "transformer-split", "hybrid-gnn-qm9", "graphsage-ppi", "dp-graphsage-ppi"}
+SUMMARY = {   # what else a short form's summary line must say
+    "dp-graphsage-ppi": ("(pp=1 dp=2 tp=1)", "micro-F1", "SYNTHETIC", "graph partitioned over 2 replicas",
+                         "MiB per step per rank"),
+    "hybrid-gnn-qm9": ("(pp=2 dp=1 tp=1)", "test MAE", "baseline"),
+}
+OWN_JOB = "dp-cifar"   # run by tests/test_examples.py as a process of its own, so not again in cases_examples
 
 NOT_BITWISE = {"pipeline-gcn-cora"}   # dropout: each rank draws its own masks
 GAP = 1e-5                           # measured: 0 to 3.2e-7 over these runs
@@ -83,10 +89,14 @@ def argv_of(name: str, out: Path) -> list[str]:
 
 
 def check_short_form(name: str, stdout: str, out: Path) -> float:
-    """The run printed its summary, wrote metrics rows with a throughput, reached the table's
-    metric and (with --compare) stayed within float rounding of single-process training."""
+    """The run printed its summary (with what SUMMARY lists), wrote metrics rows with a throughput,
+    reached the table's metric and (with --compare) stayed within float rounding of single-process
+    training."""
     row = TABLE[name]
-    assert "summary:" in stdout, stdout[-2000:]
+    summary = next((ln for ln in stdout.splitlines() if ln.startswith("summary:")), None)
+    assert summary, stdout[-2000:]
+    missing = [needle for needle in SUMMARY.get(name, ()) if needle not in summary]
+    assert not missing, f"{name}: the summary line lacks {missing}: {summary}"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(r["samples_per_s"] > 0 for r in rows)
     got = metric_of(name, rows, stdout, row.metric)

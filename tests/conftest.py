@@ -24,9 +24,7 @@ QUICK_MODULES = {"test_layering", "test_packaging", "test_rankmap", "test_schedu
                  "test_devices", "test_examples", "test_guards"}
 NOT_QUICK = {   # the tests of those modules that launch jobs (the quick set's jobs: its QUICK cases)
     "test_resume_with_tensor_parallel_shards", "test_zero_stage2_resumes_bit_identical_and_on_another_dp_size",
-    "test_bad_input_ends_with_one_line", "test_local_sh_runs_an_example", "test_async_gcn_cora_example_compares_sync",
-    "test_tp_examples_keep_parity_and_write_curves", "test_tp_examples_reject_indivisible_sizes_with_one_line",
-    "test_an_example_runs_as_its_own_job",
+    "test_bad_input_ends_with_one_line", "test_local_sh_runs_an_example", "test_an_example_runs_as_its_own_job",
 }
 
 

@@ -1,8 +1,8 @@
 """async_ps: the staleness gate simulated in one process (bound, sync at k=0, no deadlock,
-protocol errors), the wire layout, flat parameters; then the example under mpirun. The multi-rank
-checks are tests/mpi/cases_async.py, run case by case by tests/test_mpi_cases.py."""
+protocol errors), the wire layout, flat parameters. The multi-rank checks are tests/mpi/cases_async.py
+(and the example against its synchronous run: cases_example_runs.py), run case by case by
+tests/test_mpi_cases.py."""
 import heapq
-import json
 import random
 
 import pytest
@@ -15,7 +15,6 @@ from mpipar.async_ps.protocol import Cmd, Roles, ShardLayout, command, parse_com
 from mpipar.async_ps.report import histogram_lines, time_to
 from mpipar.async_ps.training import AsyncPlan, check_plan, reporter_rank
 from mpipar.errors import ConfigError
-from mpirun import mpirun
 
 
 def simulate(k, durations, steps, seed=0):
@@ -150,17 +149,3 @@ def test_report_helpers():
     assert len(lines) == 3 and "staleness   1" in lines[1] and "75.0%" in lines[0]
     rows = [{"seconds": 1.0, "acc": 0.5}, {"seconds": 2.0, "acc": 0.8}]
     assert time_to(rows, "acc", 0.7) == 2.0 and time_to(rows, "acc", 0.9) is None
-
-
-def test_async_gcn_cora_example_compares_sync(tmp_path):
-    """The example (1 server + 2 workers, a straggler, --compare-sync): both runs, histogram,
-    summary, metrics rows (this replaces the generic example smoke test for it)."""
-    p = mpirun(3, "-m", "mpipar.run", "async-gcn-cora", "--epochs", "4", "--max-staleness", "3",
-               "--slow-rank", "2", "--slow-factor", "3", "--compare-sync", "--out", str(tmp_path), timeout=170)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    out = p.stdout
-    assert "k=0 (synchronous)" in out and "--- k=3:" in out and "sync vs async (k=3)" in out, out[-3000:]
-    assert "staleness   0 |" in out and "summary: async-gcn-cora on 3 ranks" in out
-    for name in ("metrics.jsonl", "sync_metrics.jsonl"):
-        rows = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
-        assert rows and all(r["samples_per_s"] > 0 for r in rows) and rows[-1]["final"]

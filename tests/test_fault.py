@@ -1,8 +1,9 @@
 """Killed ranks, end to end: the supervisor relaunches the job after a rank SIGKILLs itself at
-a random (seeded) step, also in the middle of a checkpoint write, and the final parameters are
-bit-equal to the fault-free run (also under ZeRO stage 3); an error a rank reports is not retried; with ULFM, a dead rank
-is survived without any relaunch. First, in one process: the fault flags and the supervisor's
-decisions and commands."""
+a random (seeded) step (under ZeRO stage 3), or in the middle of an async checkpoint write, and
+the final parameters are bit-equal to the fault-free run's; an error a rank reports is not
+retried; with ULFM, a dead rank is survived without any relaunch. Then, in one process: the fault
+flags and the supervisor's decisions and commands."""
+import json
 import os
 import signal
 import subprocess
@@ -43,59 +44,55 @@ def run(cmd, timeout, env=None):
     return proc.returncode, out, err
 
 
-def supervised(tmp, *flags, timeout=300):
+def supervised(tmp, *flags, np=4, timeout=300):
     """launch/supervise, as a user runs it, with this Python's venv (and so its MPI)."""
-    return run(["bash", "launch/supervise", "--np", "4", "--max-restarts", "2", "--",
+    return run(["bash", "launch/supervise", "--np", str(np), "--max-restarts", "2", "--",
                 "-m", "mpipar.run", *ARGV, "--checkpoint-dir", str(tmp / "ckpt"), "--out", str(tmp / "out"),
                 "--save-params", str(tmp / "params"), *flags], timeout, env={"MPIPAR_VENV": sys.prefix})
 
 
+# ZeRO stage 3: parameters, gradients and Adam's state sharded over the replicas (pp=2 x dp=2);
+# its checkpoint gathers the parameters on save, each replica keeps its segments on load
+ZERO3 = ["--zero", "3", "--grid", "pp=2,dp=2", "--balance", "4,4", "--microbatches", "2"]
+FAULTS = {   # id: (the job's flags, the fault; whether it must resume from a checkpoint, not step 0)
+    "killed-at-a-step-zero3": (ZERO3, ["--inject-fault", "random=13"], True),
+    "killed-mid-write-async": ([], ["--inject-fault", "random=12,phase=write", "--async-checkpoint"], False),
+}
+
+
 @pytest.fixture(scope="module")
 def fault_free(tmp_path_factory):
+    """Each job of FAULTS without its fault: {id: final parameters}, all run in turn in ONE job."""
     d = tmp_path_factory.mktemp("fault_free")
-    p = mpirun(4, "-m", "mpipar.run", *ARGV, "--checkpoint-dir", str(d / "ckpt"), "--out", str(d / "out"),
-               "--save-params", str(d / "params"), timeout=180)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    return params(d / "params")
+    lines = [json.dumps([*ARGV, *flags, "--checkpoint-dir", str(d / name / "ckpt"), "--out", str(d / name / "out"),
+                         "--save-params", str(d / name / "params")]) for name, (flags, _, _) in FAULTS.items()]
+    p = mpirun(4, str(MPI_DIR / "runs_in_turn.py"), *lines, timeout=240)
+    assert p.returncode == 0 and "ZeRO stage 3 over 2 replicas" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    return {name: params(d / name / "params") for name in FAULTS}
 
 
-@pytest.mark.parametrize("fault_flags", [["--inject-fault", "random=11"],
-                                         ["--inject-fault", "random=12,phase=write", "--async-checkpoint"]],
-                         ids=["killed-at-a-step", "killed-mid-write-async"])
-def test_killed_rank_relaunch_is_bit_equal(tmp_path, fault_free, fault_flags):
-    rc, out, err = supervised(tmp_path, *fault_flags)
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_killed_rank_relaunch_is_bit_equal(tmp_path, fault_free, name):
+    """A rank SIGKILLs itself at a random step (under ZeRO stage 3), or half-way through writing
+    an async checkpoint; the supervisor relaunches the job, which resumes from its newest good
+    checkpoint to the fault-free run's parameters, bit for bit."""
+    flags, fault_flags, resumes = FAULTS[name]
+    rc, out, err = supervised(tmp_path, *flags, *fault_flags)
     assert rc == 0, out[-3000:] + err[-3000:]
     assert "injected fault 0: SIGKILL" in err and RANK_DEATH.search(out + err)   # the launcher saw it die
-    assert "checkpoint: resumed from step-" in out or "starting from step 0" in out.split("launch 2")[1]
+    relaunched = out.split("launch 2")[1]
+    assert "checkpoint: resumed from step-" in relaunched or (not resumes and "starting from step 0" in relaunched), \
+        out[-3000:] + err[-2000:]
     assert "supervisor: launches=2 failures=1 recovered=1 recovery_rate=100% exit=0" in out
     assert "no rank left a done marker" not in out   # every rank marked its clean end
-    got = params(tmp_path / "params")
-    assert sorted(got) == sorted(fault_free)
-    for k in got:
-        assert torch.equal(got[k], fault_free[k]), k
-
-
-ZERO3 = ["--zero", "3", "--grid", "pp=2,dp=2", "--balance", "4,4", "--microbatches", "2"]
-
-
-def test_zero3_killed_rank_resumes_bit_equal(tmp_path):
-    """--zero 3 (parameters, gradients and Adam's state sharded over the replicas, pp=2 x dp=2):
-    a rank killed at a random step; the relaunch resumes from the checkpoint (parameters gathered
-    on save, each replica keeping its segments on load) to the fault-free run's parameters."""
-    p = mpirun(4, "-m", "mpipar.run", *ARGV, *ZERO3, "--checkpoint-dir", str(tmp_path / "free" / "ckpt"),
-               "--out", str(tmp_path / "free" / "out"), "--save-params", str(tmp_path / "free" / "params"), timeout=180)
-    assert p.returncode == 0 and "ZeRO stage 3 over 2 replicas" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
-    rc, out, err = supervised(tmp_path, *ZERO3, "--inject-fault", "random=13")
-    assert rc == 0, out[-3000:] + err[-3000:]
-    assert "injected fault 0: SIGKILL" in err and "checkpoint: resumed from step-" in out, out[-3000:] + err[-2000:]
-    want, got = params(tmp_path / "free" / "params"), params(tmp_path / "params")
+    got, want = params(tmp_path / "params"), fault_free[name]
     assert sorted(got) == sorted(want)
     for k in got:
         assert torch.equal(got[k], want[k]), k
 
 
 def test_a_reported_error_is_not_relaunched(tmp_path):
-    rc, out, err = supervised(tmp_path, "--inject-error", "rank=1,step=3", timeout=180)
+    rc, out, err = supervised(tmp_path, "--inject-error", "rank=1,step=3", np=2, timeout=180)
     assert rc != 0 and "RuntimeError: injected error at step 3" in err
     assert "not relaunching" in out and "launches=1 failures=0" in out
 

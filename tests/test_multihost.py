@@ -1,7 +1,8 @@
-"""mpirun --hostfile across three real "hosts" (network namespaces joined by a bridge, TCP only):
-training spreads over them and matches single-process training; cutting one host's cable
-mid-run (the kernel's default TCP timeouts) ends the job with mpipar's stall report within
-seconds under the supervisor, which relaunches it to the end, and leaves no process behind.
+"""mpirun --hostfile across three real "hosts" (network namespaces joined by a bridge, TCP only),
+in one supervised job: training spreads over them; cutting one host's cable mid-run (the kernel's
+default TCP timeouts) ends the job with mpipar's stall report within seconds, the supervisor
+relaunches it to the end, the losses of every epoch equal single-process training, and no
+process is left behind.
 
 Needs root (ip netns); skips with the reason otherwise, and fails under CI=true.
 """
@@ -35,39 +36,6 @@ def hosts(tmp_path):
         yield h
 
 
-def host_job(hosts, tmp_path, argv):
-    """`python -m mpipar.run ARGV` under mpirun started on the first host."""
-    return netns.HostJob(hosts, tmp_path, sum(SLOTS), ["-m", "mpipar.run", *argv],
-                         env={**ENV, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
-
-
-def test_training_spreads_over_three_hosts_and_matches_single_process(hosts, tmp_path):
-    from mpipar.app.run import parse
-    from mpipar.app.session import reference_rows
-
-    argv = ["mlp", "--epochs", "2", "--steps", "10", "--out", str(tmp_path / "out")]
-    t0 = time.monotonic()
-    job = host_job(hosts, tmp_path, argv)
-    rc = job.wait(170)
-    print(f"3-host run: exit {rc} after {time.monotonic() - t0:.1f} s")
-    assert rc == 0, job.report()
-    out = job.stdout()
-    assert "4 ranks on 3 host(s)" in out, out
-    table_hosts = re.findall(r"^\s+(\d+)\s+\d+\s+\d+\s+\d+\s+\d+\s+\S+\s+[\d.]+(?: [kMG])?\s+(\S+)$", out, re.M)
-    assert dict(table_hosts) == {"0": hosts.names[0], "1": hosts.names[0], "2": hosts.names[1], "3": hosts.names[2]}
-    assert "summary: mlp on 4 ranks" in out
-
-    # the run over TCP between hosts trains exactly like one process
-    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    args, example = parse(argv)
-    train, test = example.data(args)
-    ref = reference_rows(example, example.layers(args), train, test, args)
-    assert len(rows) == len(ref) == 2
-    for got, want in zip(rows, ref):
-        for key in ("train_loss", "test_loss"):
-            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=f"epoch {want['epoch']} {key}")
-
-
 class SupervisedHostJob(netns.HostJob):
     """`python -m mpipar.supervise` on the first host, starting mpirun over the hosts' hostfile."""
 
@@ -82,14 +50,20 @@ class SupervisedHostJob(netns.HostJob):
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full, cwd=cwd, start_new_session=True)
 
 
-def test_cut_link_ends_the_job_within_the_stall_timeout_and_the_supervisor_relaunches_it(hosts, tmp_path):
-    """The kernel's default tcp_retries2: mpirun alone would wait ~15 minutes on the cut-off host
-    after the ranks' stall reports and then exit 0. Under the supervisor the job ends, non-zero,
-    well within STALL + 30 s of the cut, is relaunched (the cable back in) and resumes from its
-    checkpoint to the end; no process is left on any host."""
-    argv = ["-m", "mpipar.run", "mlp", "--epochs", str(EPOCHS), "--steps", "5", "--stall-timeout", str(STALL),
-            "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "5", "--out", str(tmp_path / "out")]
-    job = SupervisedHostJob(hosts, tmp_path, sum(SLOTS), argv, {**ENV, "PYTHONPATH": str(ROOT)}, ROOT)
+def test_training_over_three_hosts_survives_a_cut_link_and_matches_single_process(hosts, tmp_path):
+    """4 ranks spread over the three hosts (TCP between them). The kernel's default tcp_retries2:
+    mpirun alone would wait ~15 minutes on the cut-off host after the ranks' stall reports and
+    then exit 0. Under the supervisor the job ends, non-zero, well within STALL + 30 s of the cut,
+    is relaunched (the cable back in) and resumes from its checkpoint to the end; every epoch's
+    losses, before the cut and after the resume, equal single-process training; no process is
+    left on any host."""
+    from mpipar.app.run import parse
+    from mpipar.app.session import reference_rows
+
+    run = ["mlp", "--epochs", str(EPOCHS), "--steps", "5", "--stall-timeout", str(STALL),
+           "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "5", "--out", str(tmp_path / "out")]
+    job = SupervisedHostJob(hosts, tmp_path, sum(SLOTS), ["-m", "mpipar.run", *run], {**ENV, "PYTHONPATH": str(ROOT)},
+                            ROOT)
     job.wait_for("epoch 2 ", timeout=170)           # under way on all three hosts, a checkpoint written
     victim = hosts.names[2]
     assert hosts.pids(victim), "no process on the third host before the cut"
@@ -114,6 +88,21 @@ def test_cut_link_ends_the_job_within_the_stall_timeout_and_the_supervisor_relau
     assert rc == 0 and "checkpoint: resumed from step-" in out.split("supervisor: launch 2")[1], job.report()
     assert "supervisor: launches=2 failures=1 recovered=1 recovery_rate=100% exit=0" in out, job.report()
     assert "no rank left a done marker" not in out, job.report()   # ranks on every host marked their end
+
+    # both launches spread over the hosts: ranks 0 and 1 on the first, 2 and 3 on one each
+    assert out.count("4 ranks on 3 host(s)") == 2, out
+    table_hosts = re.findall(r"^\s+(\d+)\s+\d+\s+\d+\s+\d+\s+\d+\s+\S+\s+[\d.]+(?: [kMG])?\s+(\S+)$", first, re.M)
+    assert dict(table_hosts) == {"0": hosts.names[0], "1": hosts.names[0], "2": hosts.names[1], "3": hosts.names[2]}
+
+    # the run over TCP between hosts, cut and resumed, trains exactly like one process
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    args, example = parse(run)
+    train, test = example.data(args)
+    ref = reference_rows(example, example.layers(args), train, test, args)
+    assert len(rows) == len(ref) == EPOCHS
+    for got, want in zip(rows, ref):
+        for key in ("train_loss", "test_loss"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=f"epoch {want['epoch']} {key}")
 
     # nothing survives on any host, including the one that was cut off
     deadline = time.monotonic() + 40

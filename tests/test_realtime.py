@@ -1,14 +1,11 @@
 """mpipar/realtime.py against a fake clock, where an infer of known duration makes every latency,
-queue length, throughput and deadline miss exact; then the two realtime examples on 2 ranks print
-a sane `serving:` line."""
-import re
-
+queue length, throughput and deadline miss exact. That the two realtime examples on 2 ranks print
+a sane `serving:` line: tests/mpi/cases_example_runs.py."""
 import numpy as np
 import pytest
 
 from mpipar.app import realtime
 from mpipar.app.realtime import FakeClock, arrival_times, serve, summarize, summarize_log
-from mpirun import mpirun
 
 
 def fake_server(arrivals, infer_s, **kw):
@@ -128,24 +125,3 @@ def test_summary_pools_servers_and_prints_one_line():
     assert s.line() == ("serving: poisson 300 req/s offered, 100 achieved, latency p50 4.0 ms p95 18.4 ms "
                         "p99 19.7 ms, 1/3 (33.3%) missed the 10 ms deadline, max queue 3")
     assert summarize([], [], 0.01, 100, 0).completed == 0
-
-
-# -- the examples on 2 ranks --------------------------------------------------------------------
-LINE = re.compile(r"serving: (\w+) (\S+) req/s offered, (\S+) achieved, latency p50 (\S+) ms p95 (\S+) ms "
-                  r"p99 (\S+) ms, (\d+)/(\d+) \((\S+)%\) missed the (\S+) ms deadline, max queue (\d+)")
-
-
-@pytest.mark.parametrize("name,grid", [("realtime-mp-accel", "pp=2 dp=1"), ("realtime-dp-accel", "pp=1 dp=2")])
-def test_example_serves_requests_on_2_ranks(tmp_path, name, grid):
-    p = mpirun(2, "-m", "mpipar.run", name, "--epochs", "1", "--steps", "3", "--requests", "100",
-               "--out", str(tmp_path), timeout=240)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("serving:")]
-    assert len(lines) == 1, p.stdout[-2000:]
-    m = LINE.match(lines[0])
-    assert m, lines[0]
-    process, offered, achieved, p50, p95, p99 = m.group(1), *map(float, m.group(2, 3, 4, 5, 6))
-    missed, total, deadline, queue = int(m.group(7)), int(m.group(8)), float(m.group(10)), int(m.group(11))
-    assert process == "poisson" and offered == 200 and total == 100 and deadline == 20, lines[0]
-    assert 0 < achieved < 2 * offered and 0 < p50 <= p95 <= p99 and 0 <= missed <= total and queue >= 1, lines[0]
-    assert f"({grid} tp=1)" in p.stdout and "per-batch latency p50" in p.stdout and "serving p99" in p.stdout

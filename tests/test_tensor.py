@@ -1,11 +1,11 @@
 """Tensor parallelism: sharding and init logic in one process. Every module's parity with its
 single-device twin on 2 and 4 ranks is tests/mpi/cases_tensor.py (one launch per size, run case
-by case by tests/test_mpi_cases.py)."""
+by case by tests/test_mpi_cases.py); the tp examples' parity and curves are
+tests/mpi/cases_example_runs.py, their refusal of indivisible sizes tests/mpi/cases_bad_input.py."""
 import pytest
 import torch
 from torch import nn
 
-from mpirun import mpirun
 from mpipar.errors import ConfigError
 from mpipar.tensor import (QKV, ColumnParallelLinear, ParallelMLP, ParallelSelfAttention, ReferenceTransformerLM,
                            RowParallelLinear, ShardedBatchNorm1d, ShardRule, TPGroup, TPTransformerLM, counter_init_,
@@ -110,23 +110,3 @@ def test_offline_group_refuses_to_communicate():
     g = TPGroup.offline(0, 2)
     with pytest.raises(RuntimeError, match="offline"):
         ColumnParallelLinear(4, 4, g, gather_output=True)(torch.ones(1, 4))
-
-
-@pytest.mark.parametrize("argv", [
-    ["tp-mlp", "--n-train", "640", "--n-test", "200", "--hidden", "128", "--epochs", "2", "--steps", "10"],
-    ["tp-transformer", "--max-number", "999", "--epochs", "2", "--d-model", "32", "--ff", "64"],
-])
-def test_tp_examples_keep_parity_and_write_curves(tmp_path, argv):
-    p = mpirun(2, "-m", "mpipar.run", *argv, "--out", str(tmp_path), timeout=170)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    assert "parity after 20 steps: tensor-parallel parameters equal single-process training" in p.stdout, p.stdout
-    assert "allreduce forward" in p.stdout and (tmp_path / "learning_curves.png").stat().st_size > 10_000
-
-
-@pytest.mark.parametrize("argv, needle", [   # (ColumnParallelLinear's message: cases_tensor.py)
-    (["tp-transformer", "--heads", "3", "--d-model", "48"], "ConfigError: ParallelSelfAttention num_heads is 3, "
-                                                             "not divisible by the tensor-parallel size tp=2"),
-])
-def test_tp_examples_reject_indivisible_sizes_with_one_line(tmp_path, argv, needle):
-    p = mpirun(2, "-m", "mpipar.run", *argv, "--out", str(tmp_path), timeout=60)
-    assert p.returncode != 0 and needle in p.stderr, p.stderr[-3000:]

@@ -9,7 +9,7 @@ the same bits; several plans in flight at once, as gradient buckets run them. Pr
 chose for each layout. Exits non-zero on failure.
 
 Usage: mpirun ... python tests/cluster/hier_checks.py [--expect-hier]   (auto must pick 'hier'
-on the whole World)
+on the whole World; tests/cluster/hier_stall.py runs these checks first)
 """
 import sys
 from pathlib import Path
@@ -28,7 +28,7 @@ from allreduce_refs import check_compressed, data, native, same_everywhere  # no
 torch.set_num_threads(1)
 world = World()
 failure.install(world.host, debug="--debug" in sys.argv)
-failure.start_watchdog(60, world.host)
+watchdog = failure.start_watchdog(60, world.host)
 
 
 def check(w, numel, dtype, op, algorithm="hier", salt=0):
@@ -182,4 +182,5 @@ def main():
         print(f"hier checks passed on {len(set(host_layout(world).host_of))} host(s)", flush=True)
 
 
-main()
+if __name__ == "__main__":
+    main()

@@ -1,21 +1,19 @@
-"""All-reduces of 1 MiB over the whole World forever (auto: hierarchical across the hosts), with
-the stall watchdog on: tests/test_hier_hosts.py cuts a host's cable mid-run and expects the
+"""hier_checks.py's checks first (so one job serves both tests of tests/test_hier_hosts.py), then
+all-reduces of 1 MiB over the whole World forever (auto: hierarchical across the hosts), with the
+stall watchdog lowered to STALL_SECONDS: the test cuts a host's cable mid-run and expects the
 watchdog's report, not a hang. Prints "running" once the first all-reduce is done everywhere.
 
-Usage: mpirun ... python tests/cluster/hier_stall.py STALL_SECONDS
+Usage: mpirun ... python tests/cluster/hier_stall.py STALL_SECONDS [--expect-hier]
 """
 import sys
 
 import torch
 
-from mpipar.comm import World, failure
-from mpipar.data_parallel import all_reduce
 from mpipar.data_parallel.reduce import grouped
+from hier_checks import all_reduce, main, watchdog, world   # this script's folder: World, watchdog (60 s)
 
-torch.set_num_threads(1)
-world = World()
-failure.install(world.host)
-failure.start_watchdog(float(sys.argv[1]), world.host)
+main()
+watchdog.timeout = float(sys.argv[1])
 x = torch.ones(2 ** 18)
 assert grouped(world), "the job must span hosts with several ranks on one (auto picks hier)"
 step = 0

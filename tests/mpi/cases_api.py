@@ -5,20 +5,27 @@ The cases (tests/mpi/api_case.py) cover every pipeline schedule, uneven micro-ba
 and uneven data-parallel shards (31 over 2) with a short last batch, pp x dp with a map-style
 Dataset read by DataLoader workers, pp x dp x tp with a user's own module holding column/row-
 parallel layers, and pp x dp under ZeRO stage 3 (pipe.make_optimizer). All cases of one rank count
-share one mpirun job (the 8-rank one, tests/mpi/cases_parity.py's); tests/test_api.py shows the
-tolerance would catch a wrong weighting."""
+share one mpirun job (the 8-rank one, tests/mpi/cases_parity.py's; the 1-rank one, a World of
+COMM_SELF in the 2-rank job); tests/test_api.py shows the tolerance would catch a wrong weighting."""
 import pytest
 
 from api_case import CASES, check
 import job
 
-NP = (1, 2, 4)     # the 8-rank case (pp x dp x tp, a user's TP module) shares cases_parity.py's 8-rank job
+NP = (2, 4)     # the 8-rank case (pp x dp x tp, a user's TP module) shares cases_parity.py's 8-rank job
 TIMEOUT = 240
 QUICK = {4: ("test_public_api_equals_single_process",)}
 
 
-@pytest.mark.parametrize("case", [c for c, spec in CASES.items() if spec[0] == job.size()])
+@pytest.mark.parametrize("case", [c for c, (ranks, *_) in CASES.items()
+                                  if ranks == job.size() or (ranks, job.size()) == (1, 2)])
 def test_public_api_equals_single_process(world, case):
+    if CASES[case][0] == 1:     # the 1-rank case in the 2-rank job (no job of its own): on rank 0's COMM_SELF
+        if world.rank == 0:
+            from mpi4py import MPI
+            from mpipar.comm import World
+            check(case, World(MPI.COMM_SELF, name="alone"))
+        return
     check(case, world)
 
 

@@ -41,6 +41,9 @@ BAD = {   # name: (ranks, argv, what the line says)
                               "chunks per rank on pp=2 needs"),
     "too few micro-batches": (2, ["mlp", "--schedule", "pipedream", "--microbatches", "1"],
                               "ConfigError: schedule pipedream: needs at least p=2 micro-batches per step (got 1)"),
+    "heads indivisible by tp": (2, ["tp-transformer", "--heads", "3", "--d-model", "48"],   # (ColumnParallelLinear's:
+                                "ConfigError: ParallelSelfAttention num_heads is 3, not divisible by the "   # cases_tensor)
+                                "tensor-parallel size tp=2"),
 }
 
 

@@ -1,7 +1,8 @@
 """comm/ on several ranks: every dtype and shape kind round-trips (blocking, non-blocking with a
 pre-posted receive, into a caller's buffer), shape and dtype mismatches name both ranks and both
-shapes, every wait goes through the wait board, split worlds translate ranks back to COMM_WORLD.
-Ranks 0 and 1 talk; any others only join the collectives."""
+shapes, every wait goes through the wait board, split worlds translate ranks back to COMM_WORLD,
+the library is asked whether it is CUDA-aware. Ranks 0 and 1 talk; any others only join the
+collectives."""
 import pytest
 import torch
 
@@ -10,7 +11,8 @@ from mpipar.errors import ShapeError
 
 NP = (2, 3)      # ranks 0 and 1 talk; on 3, rank 2 only joins the collectives
 TIMEOUT = 120
-QUICK = {2: ("test_blocking_send_recv_of_every_dtype_and_shape", "test_nonblocking_both_ways_into_a_preposted_receive")}
+QUICK = {2: ("test_blocking_send_recv_of_every_dtype_and_shape", "test_nonblocking_both_ways_into_a_preposted_receive",
+             "test_the_real_library_is_asked_about_cuda_once_mpi_has_started")}
 
 torch.set_num_threads(1)
 
@@ -108,3 +110,8 @@ def test_split_worlds_translate_ranks_back_to_comm_world(world):
 def test_hosts_in_rank_order(world):
     hosts = world.hosts()
     assert len(hosts) == world.size and hosts[world.rank] == world.host
+
+
+def test_the_real_library_is_asked_about_cuda_once_mpi_has_started(world):
+    """MPIX_Query_cuda_support of the MPI this job runs (MPICH exits if asked before MPI_Init)."""
+    assert world.cuda_support in (0, 1), world.cuda_support
