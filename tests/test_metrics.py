@@ -27,6 +27,16 @@ def test_rmse_is_the_root_of_the_mean_squared_error(batches):
     assert r["test_rmse"] == pytest.approx(math.sqrt((1 + 0 + 9 + 4) / 4)) and "test_mae" not in r
 
 
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_an_empty_shard_adds_nothing(task):
+    """A short last batch over many replicas leaves some shards empty: their mean loss is nan,
+    which must neither enter the epoch's mean nor count as a non-finite step (before, it stopped
+    the run: `mpipar.run mlp --grid dp=4 --batch-size 5`, the last batch 3 samples)."""
+    t = Tally(nn.MSELoss() if task == "regression" else nn.CrossEntropyLoss(), task)
+    t.add(torch.zeros(0, 2), torch.zeros(0, 2) if task == "regression" else torch.zeros(0, dtype=torch.long))
+    assert t.nonfinite == 0 and t.vector() == [0.0, 0.0, 0, 0]
+
+
 def test_mae_is_the_mean_absolute_error_and_an_l1_loss_has_no_rmse():
     r = row(nn.L1Loss())
     assert r["test_mae"] == pytest.approx((1 + 0 + 3 + 2) / 4) and "test_rmse" not in r

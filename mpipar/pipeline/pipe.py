@@ -402,12 +402,17 @@ class Pipeline:
         if self.streaming and update is None:
             raise ConfigError(f"schedule {self.schedule.name} updates the weights inside its lists; "
                               f"train it with mpipar.Trainer (or step(..., update=your optimizer step))")
-        n = len(x)
-        if global_n is None:
-            global_n = n if self.topo.grid.dp == 1 else int(self.topo.dp_world.allgather_floats([n]).sum())
+        n, m = len(x), self.microbatches
+        if self.topo.grid.dp > 1 and (global_n is None or self.zero == 3):
+            sizes = self.topo.dp_world.allgather_floats([n])[:, 0]
+            global_n = int(sizes.sum()) if global_n is None else global_n
+            if self.zero == 3:    # each micro-batch gathers the weights, a collective over the replicas: a
+                m = self.passes(int(sizes.min()))   # shard shorter than m would run fewer (a hang); the same
+        elif global_n is None:                      # count everywhere is the same sum of weighted losses
+            global_n = n
         self._check_zeroed()
         x, y = self.place(x, y)
-        xs, ys, weights = split_batch(x, y, self.microbatches, global_n)
+        xs, ys, weights = split_batch(x, y, m, global_n)
         if self.sharded is not None and not self.streaming:   # ZeRO stages 2, 3 reduce a gradient once its
             self.sharded.begin_step(len(xs))                   # passes are in
         total = [0.0]
@@ -416,7 +421,7 @@ class Pipeline:
                 on_output(out, ys[mb])
         else:
             def on_out(mb, out):
-                if self.loss_fn is not None:
+                if self.loss_fn is not None and len(ys[mb]):   # an empty shard's mean is nan: it adds nothing
                     total[0] += float(self.loss_fn(out.detach(), ys[mb])) * len(ys[mb])
         if self.recorder is not None:
             self.recorder.begin_step()

@@ -25,7 +25,10 @@ class Tally:
     @torch.no_grad()
     def add(self, out: torch.Tensor, y: torch.Tensor) -> None:
         """Classification targets equal to IGNORE (-100, as in CrossEntropyLoss) are not
-        counted: masked node classification passes the whole graph with unlabelled nodes."""
+        counted: masked node classification passes the whole graph with unlabelled nodes. An
+        empty shard (a short last batch over many replicas) adds nothing (its mean is nan)."""
+        if len(y) == 0:
+            return
         if self.task == "classification":
             valid = y != IGNORE
             n = int(valid.sum())

@@ -7,7 +7,10 @@ stages 1-3 through the Trainer, the GCN on Cora cut into sub-graphs, the QM9 GNN
 `python -m mpipar.run` as a process of its own is checked for parity by test_run, test_dp and
 test_pipeline."""
 import pytest
+import torch
+from torch import nn
 
+import mpipar
 from api_case import CASES as API_CASES, check as check_api
 from parity import check_saved, saving
 import job
@@ -71,3 +74,44 @@ def test_public_api_on_8_ranks_equals_single_process(world, case):
     """tests/mpi/cases_api.py's pp=2 x dp=2 x tp=2 case (a user's own TP module), in this file's
     8-rank job rather than one of its own."""
     check_api(case, world)
+
+
+@pytest.mark.mpi(min_size=3)
+def test_zero3_with_shards_shorter_than_the_microbatches_equals_single_process(world):
+    """Pipeline(data_parallel=zero 3) on dp=N (3, 4, 8), microbatches=4, 101 samples in batches of 24:
+    the last batch's shards (3 ranks: 2/2/1) hold fewer samples than micro-batches, unevenly. Each micro-batch
+    gathers the weights (a collective over the replicas), so every replica runs the same number:
+    before, the replicas ran 2/2/1 and hung. RMSprop with momentum, float64."""
+    topo = mpipar.init(grid="dp", stall_timeout=20, world=world)     # a regression: a StallError, not a hang
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 24), nn.SiLU(), nn.Linear(24, 1))
+        ref = nn.Sequential(nn.Linear(5, 24), nn.SiLU(), nn.Linear(24, 1))
+        ref.load_state_dict(model.state_dict())
+        g = torch.Generator().manual_seed(1)
+        x_all, y_all = torch.randn(101, 5, generator=g), torch.randn(101, 1, generator=g)
+        pipe = mpipar.Pipeline(model, topo, microbatches=4, loss_fn=nn.L1Loss(),
+                               data_parallel=mpipar.DataParallelOptions(zero=3))
+        opt = pipe.make_optimizer(torch.optim.RMSprop, lr=1e-3, momentum=0.5, alpha=0.9)
+        ropt = torch.optim.RMSprop(ref.parameters(), lr=1e-3, momentum=0.5, alpha=0.9)
+        mine, theirs = [], []
+        for (x, y), (fx, fy) in zip(mpipar.batches((x_all, y_all), 24, topo), mpipar.batches((x_all, y_all), 24)):
+            opt.zero_grad()
+            pipe.step(x, y)
+            opt.step()
+            mine.append(pipe.global_loss())
+            ropt.zero_grad()
+            loss = nn.functional.l1_loss(ref(fx), fy)
+            loss.backward()
+            ropt.step()
+            theirs.append(loss.item())
+        assert len(mine) == 5 and len(x) < 4      # the last step's shard was shorter than the micro-batches
+        with opt.gathered():
+            got = {k: v.clone() for k, v in pipe.state_dict().items()}
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(got[k], v, msg=lambda m: f"rank {world.rank}: {k}: {m}")
+        torch.testing.assert_close(mine, theirs)
+    finally:
+        torch.set_default_dtype(dtype)
