@@ -149,11 +149,15 @@ def test_vocabulary_round_trip():
         vocab.encode("a~b")
 
 
-def test_example_refuses_pp_with_one_line():
+def test_example_spreads_the_blocks_over_the_stages_and_refuses_more_stages_than_blocks():
     from mpipar.app import registry
     example = registry.load("gpt-shakespeare")
-    with pytest.raises(ConfigError, match=r"--grid pp=2,dp=1: .*#31.*--grid dp=2,tp=2"):
-        example.layers(argparse.Namespace(grid="pp=2,dp=1"))
+    args = argparse.Namespace(grid="pp=8", n_layer=4)
+    assert [example.split(args, n) for n in (1, 2, 3, 4)] == [
+        [], ["blocks.2"], ["blocks.1", "blocks.2"], ["blocks.1", "blocks.2", "blocks.3"]]
+    with pytest.raises(ConfigError, match=r"--grid pp=8: 8 pipeline stages for 4 blocks .*at most pp=4") as e:
+        example.split(args, 8)
+    assert "\n" not in str(e.value)
 
 
 def test_trainer_progress_line_counts_the_steps_since_the_last():

@@ -14,6 +14,10 @@ class Example:
     name: str
     summary: str
     layers: Callable[[argparse.Namespace], list] | None = None          # -> list[LayerSpec]
+    # or the whole model as an nn.Module, which Pipeline traces and cuts (any pp): (args, tp group or
+    # None) -> the module, or under tp > 1 its tensor-parallel twin holding this rank's shard
+    model: Callable[[argparse.Namespace, object], nn.Module] | None = None
+    split: Callable[[argparse.Namespace, int], list] | None = None     # with model: (args, stages) -> cut before
     data: Callable[[argparse.Namespace], tuple] | None = None           # -> (train Split, test Split)
     loss: Callable[[], nn.Module] | None = None
     optimizer: Callable[[Iterable[nn.Parameter], argparse.Namespace], object] | None = None

@@ -6,9 +6,10 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
-from ..model import check_unique
+from ..model import check_unique, layer_seed
 from ..rankmap import Grid, RankMap, human
 from ..topology import Topology, share_cores
 from ..train.trainer import TrainConfig, Trainer, parse_inject
@@ -52,11 +53,27 @@ def train_config(example, args) -> TrainConfig:
                        on_nonfinite=args.on_nonfinite, nonfinite_limit=args.nonfinite_limit)
 
 
+def build_model(example, args, group=None) -> nn.Module:
+    """An example's nn.Module (Example.model) from the seed a first LayerSpec gets: the same on every
+    rank and in the single-process reference; `group` (tp > 1): this rank's shard of it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(layer_seed(args.seed, 0))
+        return example.model(args, group).to(getattr(args, "device_", "cpu"))
+
+
 def build_trainer(topo, rankmap, example, specs, args, log=print):
-    """The Pipeline and Trainer an example asks for, from the command line's flags."""
-    from ..pipeline.pipe import DataParallelOptions, Pipeline
-    pipe = Pipeline(specs, topo, loss_fn=example.loss(), schedule=args.schedule, microbatches=args.microbatches,
-                    rankmap=rankmap, recompute=args.recompute, seed=args.seed,
+    """The Pipeline and Trainer an example asks for, from the command line's flags. An example's
+    nn.Module is built whole on every rank, and Pipeline traces it and cuts it before the example's
+    split (--balance time, the default) or by --balance (params, layers, sizes: of the traced units)."""
+    from ..pipeline.pipe import DataParallelOptions, Pipeline, virtual_stages
+    model, cut = specs, {"rankmap": rankmap}
+    if example.model is not None:
+        from ..tensor.group import TPGroup
+        model = build_model(example, args, TPGroup(topo.tp_world) if topo.grid.tp > 1 else None)
+        cut = ({"split": example.split(args, virtual_stages(args.schedule, topo.grid.pp))}
+               if args.balance.kind == "time" else {"balance": args.balance})
+    pipe = Pipeline(model, topo, loss_fn=example.loss(), schedule=args.schedule, microbatches=args.microbatches,
+                    recompute=args.recompute, seed=args.seed, **cut,
                     timeline=args.timeline, device=getattr(args, "device_", "cpu"),
                     data_parallel=DataParallelOptions(args.bucket_mb, args.allreduce, args.dp_check_every,
                                                         args.grad_compress, args.zero))
@@ -121,7 +138,8 @@ def reference_model(example, specs, train, args, on_epoch=None, two_bw: bool = F
     """The example trained single-process (train/reference.py) with the flags' settings."""
     from ..model import build_full
     from ..train.reference import train_reference
-    model = build_full(specs, args.seed, getattr(args, "device_", "cpu"))
+    device = getattr(args, "device_", "cpu")
+    model = build_model(example, args) if example.model else build_full(specs, args.seed, device)
     opt = example.optimizer([p for p in model.parameters() if p.requires_grad], args)
     sched = example.lr_scheduler(opt, args) if example.lr_scheduler and not two_bw else None
     return train_reference(model, example.loss(), opt, train, train_config(example, args), sched, on_epoch, two_bw)
@@ -160,13 +178,14 @@ def run_example(world, example, args) -> dict:
     if example.main is not None:
         return example.main(args, world, log)
     grid = Grid.parse(args.grid, world.size)
-    specs = example.layers(args)
-    check_unique(specs)
-    if grid.tp > 1 and not any(s.tp for s in specs):
-        raise ConfigError(f"--grid {args.grid}: example {example.name} has no tensor-parallel layers, "
-                          f"so tp must be 1 (examples with them: mlp, tp-mlp, tp-transformer)")
-    if args.balance.kind != "time":   # validate the map before loading any data
-        partition(world, specs, args, grid, None)
+    specs = example.layers(args) if example.model is None else None   # a module: Pipeline cuts it (build_trainer)
+    if specs is not None:
+        check_unique(specs)
+        if grid.tp > 1 and not any(s.tp for s in specs):
+            raise ConfigError(f"--grid {args.grid}: example {example.name} has no tensor-parallel layers, "
+                              f"so tp must be 1 (examples with them: mlp, tp-mlp, tp-transformer)")
+        if args.balance.kind != "time":   # validate the map before loading any data
+            partition(world, specs, args, grid, None)
     train, test = example.data(args)
     per_replica = min(args.batch_size, len(train)) // grid.dp
     if args.microbatches > max(per_replica, 1):
@@ -174,11 +193,11 @@ def run_example(world, example, args) -> dict:
                           f"data-parallel replica here ({example.name}: {len(train)} training sample(s), "
                           f"--batch-size {args.batch_size}, dp={grid.dp}), so at most {max(per_replica, 1)} "
                           f"micro-batch(es)")
-    stages, balance = partition(world, specs, args, grid, train, log)
-    rankmap = RankMap(grid, stages)
+    stages, balance = partition(world, specs, args, grid, train, log) if specs is not None else (None, None)
     topo = Topology.build(world, grid)
 
-    trainer = build_trainer(topo, rankmap, example, specs, args, log)
+    trainer = build_trainer(topo, RankMap(grid, stages) if specs is not None else None, example, specs, args, log)
+    rankmap = trainer.pipe.rankmap
     if example.on_trainer:
         example.on_trainer(trainer, args)
     mine = sum(p.numel() for p in trainer.module.parameters())

@@ -373,11 +373,16 @@ class Pipeline:
         """This rank's layers under the single-process model's names (a traced module's own
         state-dict keys); with tp > 1 the shards are gathered (a collective over tp: every tp rank
         calls it)."""
-        if self.traced is not None:
-            return self.traced.state_dict(self.units())
         if self.tp_group is not None:
             from ..tensor.sharding import gather_full_state_dict
-            return gather_full_state_dict(self.module, self.tp_group)
+            if self.traced is None:
+                return gather_full_state_dict(self.module, self.tp_group)
+            whole = {}                    # a traced module: each unit's shards gathered, the model's names
+            for unit in self.units():
+                whole.update(gather_full_state_dict(unit, self.tp_group))
+            return {k: v for k, v in whole.items() if k in self.traced.keys}
+        if self.traced is not None:
+            return self.traced.state_dict(self.units())
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
     # -- training -------------------------------------------------------------------------

@@ -1,15 +1,16 @@
 """Examples run longer than their short form, with checks of their own, in the 2- and 3-rank jobs
 of tests/test_mpi_cases.py (each was a job of its own: N ranks' start of torch saved): the
 tensor-parallel examples' parity line and curves, the realtime examples' `serving:` line,
-async-gcn-cora against its synchronous run. Each case parses the command line as
-`python -m mpipar.run` does and runs it on this job's World; rank 0 checks what every rank
-printed and what the run wrote."""
+async-gcn-cora against its synchronous run, gpt-shakespeare pipelined (its module cut by
+Pipeline). Each case parses the command line as `python -m mpipar.run` does and runs it on this
+job's World; rank 0 checks what every rank printed and what the run wrote."""
 import json
 import re
 
 import pytest
 
 import job
+from checked_outputs import GAP
 
 NP = (2, 3)
 TIMEOUT = 240
@@ -50,11 +51,26 @@ def async_compares_sync(out, printed):
         assert rows and all(r["samples_per_s"] > 0 for r in rows) and rows[-1]["final"]
 
 
+def pipelined_gpt(out, printed):
+    """gpt-shakespeare --grid pp=2: the blocks spread over the stages (the tied head on the last),
+    progress lines, validation and a generated sample, and single-process training's losses."""
+    assert re.search(r"^ +0 +0 +0 +0 +0 +tok_emb\.\.blocks_0 ", printed, re.M), printed[:2000]
+    assert re.search(r"^ +1 +1 +0 +0 +1 +blocks_1\.\.head ", printed, re.M), printed[:2000]
+    assert re.search(r"^step 6/8  train loss [0-9.]+  [0-9,]+ tokens/s  ETA", printed, re.M), printed[-2000:]
+    assert "generated (40 characters" in printed and "validation loss" in printed, printed[-2000:]
+    gap = re.search(r"largest train-loss gap to single process: (\S+)\)", printed)
+    assert gap and float(gap.group(1)) < GAP, printed[-2000:]
+
+
 RUNS = {   # name: (ranks, argv, check(the --out folder, what every rank printed))
     "tp-mlp": (2, ["tp-mlp", "--n-train", "640", "--n-test", "200", "--hidden", "128", "--epochs", "2", "--steps", "10"],
                tensor_parallel_parity_and_curves),
     "tp-transformer": (2, ["tp-transformer", "--max-number", "999", "--epochs", "2", "--d-model", "32", "--ff", "64"],
                        tensor_parallel_parity_and_curves),
+    "gpt-shakespeare-pp2": (2, ["gpt-shakespeare", "--grid", "pp=2", "--epochs", "2", "--steps", "4", "--warmup", "2",
+                                "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "16",
+                                "--val-windows", "24", "--log-every", "2", "--sample-chars", "40", "--compare"],
+                            pipelined_gpt),
     "realtime-mp-accel": (2, ["realtime-mp-accel", "--epochs", "1", "--steps", "3", "--requests", "100"],
                           serves_requests("pp=2 dp=1")),
     "realtime-dp-accel": (2, ["realtime-dp-accel", "--epochs", "1", "--steps", "3", "--requests", "100"],

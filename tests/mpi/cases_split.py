@@ -4,7 +4,10 @@ blocks or by the balance, and trained 20 steps (float64) on pp=2, on pp=4 with e
 (m=8; PipeDream-2BW m=4, against its own delayed reference), and on pp=2 x dp=2 and pp=2 x tp=2:
 on every rank each parameter (the tied one under both of its names) equals single-process
 training, the reported losses too, and after every step (2BW: after its stream) the tied parameter
-is bit-identical on every rank holding it. The global norm counts it once; ZeRO with it is refused."""
+is bit-identical on every rank holding it. On 8 ranks (pp=2 x dp=2 x tp=2) the same for mpipar's own
+tensor-parallel GPT (mpipar.tensor.gpt, its layers kept whole by the trace: their forwards
+communicate) against its single-process twin. The global norm counts the tied parameter once; ZeRO
+with it is refused."""
 import pytest
 import torch
 
@@ -12,9 +15,12 @@ import job
 import mpipar
 from mpipar.comm.world import allgather
 from mpipar.errors import ConfigError
+from mpipar.tensor.gpt import GPT, ReferenceGPT
+from mpipar.tensor.group import TPGroup
+from mpipar.tensor.sharding import shard_layer
 from split_gpt import adam, batch, gpt, lm_loss, sgd, train_single
 
-NP = (2, 4)
+NP = (2, 4, 8)         # 8: in the job of cases_parity.py's 8-rank cases
 TIMEOUT = 180
 STEPS = 20
 
@@ -41,8 +47,9 @@ def reference(optimizer, two_bw: bool):
 
 
 def check_tie(world, tied, holders, when: str) -> None:
+    """The holders' copies are bit-identical (`holders`: lists of ranks holding the same copy)."""
     copies = allgather(world, tied.detach())
-    assert all(torch.equal(copies[r], copies[holders[0]]) for r in holders), f"{when}: tied copies differ"
+    assert all(torch.equal(copies[r], copies[same[0]]) for same in holders for r in same), f"{when}: tied copies differ"
 
 
 @pytest.mark.parametrize("case", [c for c, spec in CASES.items() if spec[0] == job.size()])
@@ -56,6 +63,7 @@ def test_a_users_gpt_pipelined_equals_single_process(world, case):
     holds = any(q is tied for q in pipe.parameters())
     holders = [r for r, h in enumerate(world.allgather_floats([holds])[:, 0]) if h]
     assert len(holders) == 2 * topo.grid.dp * topo.grid.tp, holders      # first and last stage, each replica
+    holders = [holders]
     losses, d, D = [], topo.dp_rank, topo.grid.dp
     for step in range(STEPS):
         x, y = batch(step)
@@ -81,9 +89,54 @@ def test_a_users_gpt_pipelined_equals_single_process(world, case):
         assert losses == [None] * STEPS
 
 
+TP_DIMS = (16, 8, 2, 2, 16)   # vocabulary (a multiple of tp), context, blocks, heads, width
+
+
+def twin() -> ReferenceGPT:
+    """The single-process GPT (float64, seed 0) that mpipar's tensor-parallel GPT is sharded from."""
+    torch.manual_seed(0)
+    return ReferenceGPT(*TP_DIMS).double()
+
+
+@pytest.mark.mpi(min_size=8)
+def test_the_tensor_parallel_gpt_on_pp_dp_tp_equals_single_process(world):
+    """pp=2 x dp=2 x tp=2: GPT's TPTransformerBlocks, vocabulary-parallel embedding and tied
+    column-parallel head stay whole in the trace; every parameter (gathered over tp, the tied one
+    under both names) and every reported loss equal the twin's single-process training, and each
+    shard of the tied weight is bit-identical on its two stages and two replicas after every step."""
+    topo = mpipar.init(grid="pp=2,dp=2,tp=2", stall_timeout=0, world=world)
+    group = TPGroup(topo.tp_world)
+    model = shard_layer(GPT(*TP_DIMS, group=group).double(), twin(), group)      # this rank's shard
+    pipe = mpipar.Pipeline(model, topo, loss_fn=lm_loss, schedule="1f1b", microbatches=2, split=["blocks.1"])
+    opt = adam(pipe.parameters())
+    holds = any(q is model.tok_emb.weight for q in pipe.parameters())
+    where = world.allgather_floats([holds, topo.tp_rank])
+    holders = [[r for r in range(8) if where[r, 0] and where[r, 1] == t] for t in range(2)]
+    assert [len(h) for h in holders] == [4, 4], holders      # per tp shard: first and last stage, each replica
+    losses, d = [], topo.dp_rank
+    for step in range(STEPS):
+        x, y = batch(step)
+        opt.zero_grad()
+        pipe.step(x.tensor_split(2)[d], y.tensor_split(2)[d])
+        opt.step()
+        losses.append(pipe.global_loss())
+        check_tie(world, model.tok_emb.weight, holders, f"step {step}")
+    ref = twin()
+    want_losses = train_single(ref, adam, STEPS)
+    want, mine = ref.state_dict(), pipe.state_dict()
+    assert mine and set(mine) <= set(want) and "tok_emb.weight" in want and "head.weight" in want, sorted(mine)
+    for k, v in mine.items():
+        torch.testing.assert_close(v, want[k], msg=lambda m: f"{k}: {m}")
+    assert topo.pp_world.allgather_floats([len(mine)]).sum() == len(want)
+    if pipe.is_last:
+        torch.testing.assert_close(losses, want_losses)
+    else:
+        assert losses == [None] * STEPS
+
+
 @pytest.mark.mpi(min_size=4)
 def test_zero_with_a_parameter_tied_across_stages_is_refused_on_every_rank(world):
-    topo = mpipar.init(grid="pp=2,dp=2", stall_timeout=0, world=world)
+    topo = mpipar.init(grid=f"pp=2,dp={world.size // 2}", stall_timeout=0, world=world)
     with pytest.raises(ConfigError, match=r"--zero 1 shards gradients .* GPT has a parameter that units on several "
                                           r"pipeline ranks use \(tied weights\).*use zero=0 with it") as e:
         mpipar.Pipeline(gpt(), topo, loss_fn=lm_loss, data_parallel=mpipar.DataParallelOptions(zero=1))

@@ -81,24 +81,38 @@ def windows(ids: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.as_strided((n, block), (1, 1)), ids[1:].as_strided((n, block), (1, 1))
 
 
-def load_shakespeare(block_size: int = 64, data_dir=None, val_windows: int = 1024) -> tuple[Split, Split]:
+TAIL = 0.1   # val_split="tail": the last 10% of every work (nanoGPT's split of one text, per work)
+
+
+def load_shakespeare(block_size: int = 64, data_dir=None, val_windows: int = 1024,
+                     val_split: str = "works") -> tuple[Split, Split]:
     """(train, validation) Splits of int64 [N, block_size] (x, y); meta: vocab (CharVocab), the works
-    of each split, block_size. val_windows=0: every non-overlapping window of the held-out works.
+    of each split, block_size. val_windows=0: every non-overlapping window of the validation text.
+    val_split "works": the HELD_OUT works; "tail": the last 10% of every work, whose first 90%
+    trains (the same plays on both sides, as nanoGPT's split of tinyshakespeare -- an easier test).
     Loaded once per process for the same arguments."""
-    key = (DATASET, str(data_dir_for(DATASET, data_dir)), block_size, val_windows)
-    return cached(key, lambda: _load(block_size, data_dir, val_windows))
+    if val_split not in ("works", "tail"):
+        raise fail(DATASET, f"validation split {val_split!r}", "use 'works' (held-out works) or 'tail'")
+    key = (DATASET, str(data_dir_for(DATASET, data_dir)), block_size, val_windows, val_split)
+    return cached(key, lambda: _load(block_size, data_dir, val_windows, val_split))
 
 
-def _load(block: int, data_dir, val_windows: int) -> tuple[Split, Split]:
+def _load(block: int, data_dir, val_windows: int, val_split: str = "works") -> tuple[Split, Split]:
     works = read_works(data_dir)
     train_works, val_works = split_works(works)
     where = data_dir_for(DATASET, data_dir) / "texts"
-    if not val_works or not train_works:
+    vocab = CharVocab("".join(works.values()))
+    if val_split == "tail":
+        cut = {w: len(t) - int(len(t) * TAIL) for w, t in works.items()}
+        train_ids = vocab.encode("".join(t[:cut[w]] for w, t in works.items()))
+        val_ids = vocab.encode("".join(t[cut[w]:] for w, t in works.items()))
+        train_works, val_works = list(works), [f"the last {TAIL:.0%} of each of the {len(works)} works"]
+    elif not val_works or not train_works:
         raise fail(DATASET, f"{where} holds {len(train_works)} training and {len(val_works)} validation works "
                             f"(validation: {', '.join(HELD_OUT)})", "give it some of those and some others")
-    vocab = CharVocab("".join(works.values()))
-    train_ids = vocab.encode("".join(works[w] for w in train_works))
-    val_ids = vocab.encode("".join(works[w] for w in val_works))
+    else:
+        train_ids = vocab.encode("".join(works[w] for w in train_works))
+        val_ids = vocab.encode("".join(works[w] for w in val_works))
     whole = (len(val_ids) - 1) // block
     if len(train_ids) <= block or whole < 1:
         raise fail(DATASET, f"{where}: too little text for windows of {block} characters", "lower --block-size")
@@ -106,9 +120,9 @@ def _load(block: int, data_dir, val_windows: int) -> tuple[Split, Split]:
     starts = torch.linspace(0, whole - 1, n_val).round().long().unique() * block
     pick = starts[:, None] + torch.arange(block)
     x, y = windows(train_ids, block)
+    held = f"{len(val_works)} held-out works ({', '.join(val_works)})" if val_split == "works" else val_works[0]
     meta = {"vocab": vocab, "block_size": block, "train_works": train_works, "val_works": val_works}
     note = (f"Shakespeare, character level (Project Gutenberg texts; vocabulary {len(vocab)} characters): "
             f"training {len(train_works)} works, {len(train_ids):,} characters (every window of {block}); "
-            f"validation {len(val_works)} held-out works ({', '.join(val_works)}), {len(pick)} windows of "
-            f"{block} spread over their {len(val_ids):,} characters")
+            f"validation {held}, {len(pick)} windows of {block} spread over their {len(val_ids):,} characters")
     return Split(x, y, note, meta), Split(val_ids[pick], val_ids[pick + 1], note, meta)
