@@ -5,7 +5,7 @@ import sys
 
 import mpipar.bench as pkg
 
-ALIASES = {"async": "async_ps", "allreduce-hosts": "allreduce_hosts", "dp-step": "dp_step"}   # names that cannot be module names
+ALIASES = {"async": "async_ps", "allreduce-hosts": "allreduce_hosts", "dp-step": "dp_step", "dp-gpt": "dp_gpt"}   # names that cannot be module names
 
 
 def names() -> list[str]:
