@@ -14,8 +14,12 @@ the model's forward once backward runs through its output (samples.SampleCounter
 forward without no_grad does not count; the samples run along `batch_dim` of the forward's first
 tensor, 0 unless given, which a sequence-first RNN must be), with or without mpipar.batches; with several backward
 passes a step (gradient accumulation) each pass must be split over the replicas like the whole
-batch, or the sync refuses. op='sum' instead sums: for callers that weight each replica's loss by
-its share themselves (Pipeline does).
+batch, or the sync refuses. A token-level loss -- a mean cross entropy / NLL over the output whose
+targets hold ignored ones (padding) or that has class weights -- divides by counted targets, not
+samples: a pass whose backward runs through one is weighed by that count (the output is a
+samples.WatchedOutput that sees the loss), so the step is the mean over the global batch's counted
+targets, as in one process. op='sum' instead sums: for callers that weight each replica's loss by
+its share themselves (Pipeline does), e.g. a loss summed over tokens divided by the global count.
 
 Refused with one line, because they would silently differ from one process: a gradient changed
 between backward and the sync (clip_grad_norm_ on a replica's local gradient: call dp.finish(),
@@ -65,13 +69,13 @@ class DataParallel:
                               f"or 'sum' (each replica's loss already weighted by its share of the global batch)")
         dp_world = getattr(dp_world, "dp_world", dp_world)   # a Topology: its replicas' World
         self.module, self.world, self.check_every = module, dp_world, check_every
-        self.counter = counter = SampleCounter(module, batch_dim=batch_dim) if op == "mean" else None
+        self.counter = counter = SampleCounter(module, batch_dim=batch_dim, losses=True) if op == "mean" else None
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad and not is_partitioned(p)]
         self.params = {id(p) for _, p in named}
         self.buckets = GradBuckets(dp_world, [p for _, p in named], bucket_mb, op, overlap,
                                    names=[n for n, _ in named], background=background, algorithm=algorithm,
                                    wire=wire_dtype(grad_compress),
-                                   samples=(lambda: counter.passes) if counter else None)
+                                   samples=counter.weights if counter else None)
         self.steps = 0
         self.wrapped = weakref.WeakKeyDictionary()   # optimizer -> self.steps when it last stepped
         broadcast_state(module, dp_world)

@@ -7,9 +7,11 @@ optimizer wrapper, with a logging forward on one rank that must not count; gradi
 exact when its passes split like the batch and refused when not; a step on unsynced gradients
 refused on every rank; a diverged replica and a
 gradient arriving after its bucket left are reported; replicas built differently raise the
-layout error on every rank. (That such an error ends the whole job with one line:
+layout error on every rank; token-level losses over padded sequences (a mean over each replica's
+counted targets) exact, and two such losses over different counts in one pass refused. (That such an error ends the whole job with one line:
 tests/test_dp.py with tests/mpi/dp_mismatch.py.)"""
 import functools
+import io
 
 import pytest
 import torch
@@ -247,4 +249,93 @@ def test_a_step_on_unsynced_gradients_is_refused_on_every_rank(world):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))   # nothing stepped
     dp.finish()
     opt.step()                                                   # synced: the step goes through
+    dp.remove()
+
+
+V, T = 11, 7   # a tiny language model's vocabulary and sequence length
+
+
+def token_lm() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(V, 16), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, V)).double()
+
+
+def padded_tokens(pad: int):
+    """Global batches (UNEVEN) of sequences of random length, targets past the length = pad."""
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for b in UNEVEN:
+        x, y = torch.randint(1, V, (b, T), generator=g), torch.randint(1, V, (b, T), generator=g)
+        y[torch.arange(T) >= torch.randint(1, T, (b, 1), generator=g)] = pad   # at least the last one
+        data.append((x, y))
+    return data
+
+
+TOKEN_LOSSES = {   # each a mean over this replica's counted targets, written as users write it
+    "functional, pad 0": (0, lambda out, y: nn.functional.cross_entropy(out.reshape(-1, V), y.reshape(-1),
+                                                                        ignore_index=0)),
+    "module, pad -100": (-100, lambda out, y: nn.CrossEntropyLoss()(out.transpose(1, 2), y)),
+    "nll, class weights": (-100, lambda out, y: nn.NLLLoss(weight=torch.linspace(0.5, 2, V, dtype=torch.float64))(
+        out.log_softmax(-1).flatten(0, 1), y.flatten())),
+}
+
+
+@pytest.mark.parametrize("form", TOKEN_LOSSES)
+def test_a_token_level_loss_over_padding_is_exact(world, form):
+    """A cross entropy over padded sequences averages over each replica's counted (non-ignored)
+    targets, which differ between replicas (and shards are uneven, 2/2/1/1): DataParallel sees
+    the loss on the model's output and weighs the replicas by those counts, so SGD with momentum
+    ends where one process ends, whose loss is the mean over the global batch's counted targets."""
+    pad, token_loss = TOKEN_LOSSES[form]
+    ref = token_lm()
+    opt = sgd(ref)
+    for x, y in padded_tokens(pad):
+        opt.zero_grad()
+        token_loss(ref(x), y).backward()
+        opt.step()
+    model = token_lm()
+    dp = DataParallel(model, world, bucket_mb=0.004)
+    opt = dp.optimizer(sgd(model))
+    for x, y in padded_tokens(pad):
+        x, y = x.tensor_split(world.size)[world.rank], y.tensor_split(world.size)[world.rank]
+        opt.zero_grad()
+        loss = token_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        assert type(loss) is torch.Tensor and isinstance(loss.item(), float), type(loss)
+    for (name, a), want in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, want, msg=lambda m: f"{form}: {name}: {m}")
+    dp.check_replicas()
+    dp.remove()
+
+
+def test_two_token_losses_over_different_counts_are_refused(world):
+    """A pass through two losses that average over different counts of targets (a padded token
+    loss plus a per-sequence one) has no one weight per replica: refused on every rank."""
+    model = token_lm()
+    dp = DataParallel(model, world)
+    opt = dp.optimizer(sgd(model))
+    x, y = padded_tokens(0)[0]
+    x, y = x.tensor_split(world.size)[world.rank], y.tensor_split(world.size)[world.rank]
+    out = model(x)
+    (nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=0)
+     + nn.functional.cross_entropy(out[:, 0], y[:, 0])).backward()
+    with pytest.raises(ConfigError, match=r"different counts of targets.*op='sum'"):
+        opt.step()
+    dp.remove()
+
+
+def test_the_watched_output_reads_as_a_plain_tensor(world):
+    """What a user does with the model's output under DataParallel (print it, format it, save
+    and load it with weights_only, numpy) is what one process gets."""
+    model = token_lm()
+    dp = DataParallel(model, world)
+    x = torch.randint(1, V, (2, T))
+    out, plain = model(x), token_lm()(x)
+    assert type(out) is not torch.Tensor                      # else the rest proves nothing
+    assert repr(out.detach()) == repr(plain.detach()) and f"{out[0, 0, 0]:.6f}" == f"{plain[0, 0, 0]:.6f}"
+    saved = io.BytesIO()
+    torch.save(out.detach(), saved)
+    assert type(torch.load(io.BytesIO(saved.getvalue()), weights_only=True)) is torch.Tensor
+    assert (out.detach().numpy() == plain.detach().numpy()).all() and out.argmax(-1).tolist() == plain.argmax(-1).tolist()
     dp.remove()
