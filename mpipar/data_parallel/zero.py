@@ -17,7 +17,14 @@ order on every replica; a bucket whose gradients are not all there yet (a parame
 this replica) waits for the step, zeros standing in.
 
 Only elementwise optimizers are sharded (their step on a slice equals the slice of their step);
-others are refused with one line. Clipping by the global norm is exact in exact arithmetic:
+others are refused with one line. The inner optimizer steps one piece of the segment per
+parameter (views of it), so that a parameter no replica has a gradient for in a step (an
+auxiliary head used every other step) gets .grad None and is skipped as torch skips it: no update,
+its momentum, weight decay and step count untouched (the flags ride on the step's exchange; a
+replica without a gradient where another has one counts as zeros). ShardedOptimizer is a torch
+Optimizer whose param_groups are the inner one's: torch's LR schedulers drive its steps.
+
+Clipping by the global norm is exact in exact arithmetic:
 the squared norms of the owned segments are summed over the replicas (and over `norm_worlds`,
 e.g. the pipeline's other stages) before scaling: clip with step(clip=...), not torch's
 clip_grad_norm_, which is refused: every stage refuses a gradient changed in place between backward
@@ -39,6 +46,7 @@ sums (op 'sum'), as the Pipeline weights its micro-batches' losses by their shar
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from contextlib import nullcontext
 
 import torch
@@ -64,8 +72,22 @@ def gathered(optimizer, write_back: bool = False):
     return optimizer.gathered(write_back) if isinstance(optimizer, ShardedOptimizer) else nullcontext()
 
 
-class ShardedOptimizer:
-    """`optimizer(shard, **kwargs)` stepping this replica's segment of the flat parameters.
+def state_layout(optimizer, kwargs, dtype) -> dict:
+    """The state `optimizer` keeps per parameter, by one step of a probe (a vector of 2): its keys
+    in torch's order, each a vector for a per-element one, else a value of its type -- what every
+    replica needs to write a state_dict, whichever parameters it holds."""
+    probe = torch.zeros(2, dtype=dtype, requires_grad=True)
+    opt = optimizer([probe], **kwargs)
+    probe.grad = torch.zeros_like(probe)
+    opt.step()
+    return dict(opt.state[probe])
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """`optimizer(pieces, **kwargs)` stepping this replica's segment of the flat parameters, one
+    piece per parameter it holds a stretch of: torch's optimizer then skips, as unsharded, a
+    parameter that no replica has a gradient for in a step (its state and step count untouched).
+    A torch Optimizer to torch's LR schedulers: `param_groups` are the ones the step reads.
 
     `params`: the model (an nn.Module: stage 3's units default to its children) or its
     parameters; `dp_world`: a Topology (its dp replicas) or a World. `op`, the gradient
@@ -123,8 +145,7 @@ class ShardedOptimizer:
             self.writes = self.sharded.writes
             self.flat = self.grad = None
             self.shard = nn.Parameter(self.sharded.data)
-            self.inner = optimizer([self.shard], **kwargs)
-            self.zero_grad()
+            self._inner(optimizer, kwargs)
             return
         total = sum(p.numel() for p in self.params)
         self.flat = torch.zeros(total, dtype=self.params[0].dtype)
@@ -139,14 +160,41 @@ class ShardedOptimizer:
         self.segment = segment_of(total, dp_world.size, dp_world.rank)
         a, b = self.segment
         self.shard = nn.Parameter(self.flat[a:b])      # shares the flat vector's storage
-        self.inner = optimizer([self.shard], **kwargs)
         self.writes = GradientWrites()   # torch's clip_grad_norm_ before step() would clip a replica's own gradient
         if stage == 2:
             self._buckets(bucket_mb)
         else:
-            self.hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: self.writes.note(i, p.grad))
+            self.hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: self._noted(i, p))
                           for i, p in enumerate(self.params)]
+        self._inner(optimizer, kwargs)
+
+    def _inner(self, optimizer, kwargs) -> None:
+        """The optimizer of this replica's pieces (views of its shard; a replica holding none steps
+        an empty stand-in for parameter 0), and what torch's LR schedulers need of an Optimizer."""
+        self.pieces = self._pieces() or [(0, 0, 0, 0)]
+        self.slices = [nn.Parameter(self.shard.data[lo:hi]) for _, _, lo, hi in self.pieces]
+        self.inner = optimizer(self.slices, **kwargs)
+        self.defaults = self.inner.defaults
+        for hooks in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
+                      "load_state_dict_post"):
+            setattr(self, f"_optimizer_{hooks}_hooks", OrderedDict())
+        self._patch_step_function()
+        self.layout = state_layout(optimizer, kwargs, self.shard.dtype)
+        self.vectors = [k for k, v in self.layout.items() if isinstance(v, torch.Tensor) and v.dim() == 1]
+        # which parameters had a gradient this step (backward's hooks, or .grad at the reduction),
+        # and which keep a .grad across a zero_grad(set_to_none=False), as torch's do
+        self.had = self.sharded.had if self.sharded is not None else [False] * len(self.params)
+        self.touched, self.kept = [False] * len(self.params), [False] * len(self.params)
         self.zero_grad()
+
+    def _noted(self, i: int, p: torch.Tensor) -> None:
+        """Stage 1: backward accumulated into parameter i's gradient."""
+        self.touched[i] = True
+        self.writes.note(i, p.grad)
+
+    def add_param_group(self, param_group) -> None:
+        raise ConfigError("ShardedOptimizer flattens the parameters it was built with into one vector: it takes "
+                          "no param group later; build it over all of them")
 
     @classmethod
     def like(cls, optimizer, params, topo, stage: int = 1, units=None) -> "ShardedOptimizer":
@@ -182,9 +230,14 @@ class ShardedOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Stage 1: each .grad becomes a zeroed view of the flat gradient (backward accumulates
-        into it in place; `set_to_none` is ignored). Stage 2: .grad None, the owned sum zeroed.
-        The samples counted start again (a step skipped after backward leaves its own behind)."""
+        into it in place). Stages 2, 3: .grad None, the owned sum zeroed. Either way a parameter
+        counts as without a gradient until backward reaches it, unless `set_to_none` is False
+        and it had one before (torch's zeroed .grad, which steps). The samples counted start
+        again (a step skipped after backward leaves its own behind)."""
         self.count = None
+        self.touched = [False] * len(self.params)
+        if set_to_none:
+            self.kept = [False] * len(self.params)
         if self.counter is not None:
             self.counter.reset()
         if self.stage == 1:
@@ -253,6 +306,7 @@ class ShardedOptimizer:
         scratch = torch.zeros(hi - lo, dtype=self.flat.dtype)
         for i in self.buckets[k]:
             p = self.params[i]
+            self.had[i] = p.grad is not None
             if p.grad is not None:
                 scratch[self.offsets[i] - lo:self.offsets[i] - lo + p.numel()].copy_(p.grad.reshape(-1))
             p.grad = self.reduced[i]              # its memory goes back now, not at the step
@@ -279,41 +333,67 @@ class ShardedOptimizer:
             all_gather(self.world, whole)
         return [whole[at:at + p.numel()].view_as(p) for p, at in zip(self.params, self.offsets)]
 
-    def _mine(self, per_param: list[torch.Tensor]) -> torch.Tensor:
-        """The inverse of _whole: this replica's shard of per-parameter tensors."""
-        if self.sharded is not None:
-            return self.sharded.mine(per_param)
-        return torch.cat([t.reshape(-1) for t in per_param])[self.segment[0]:self.segment[1]]
-
     def state_dict(self) -> dict:
         """torch's optimizer state_dict for the whole parameter list, as if unsharded (collective
-        over the replicas: every segment's state is all-gathered). A checkpoint written from it
-        resumes on any number of replicas, with or without ZeRO."""
-        inner = self.inner.state_dict()
-        mine = inner["state"].get(0, {})
-        n = self.shard.numel()
+        over the replicas: every segment's state is all-gathered, and each parameter's scalars,
+        e.g. Adam's step, come from a replica holding a piece of it). A parameter no step has had
+        a gradient for has no state, as in torch. A checkpoint written from it resumes on any
+        number of replicas, with or without ZeRO."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        n = len(self.params)
+        numbers = [k for k, v in self.layout.items()
+                   if k not in self.vectors and isinstance(v, (torch.Tensor, int, float))]
+        row = [0.0] * (n * (1 + len(numbers)))      # per parameter: has state, then each number
+        vectors = {key: torch.zeros(self.shard.numel(), dtype=self.shard.dtype) for key in self.vectors}
+        for (i, _, lo, hi), piece in zip(self.pieces, self.slices):
+            st = self.inner.state.get(piece)
+            if st:
+                row[i] = 1.0
+                for j, key in enumerate(numbers):
+                    row[(1 + j) * n + i] = float(st[key])
+                for key, vector in vectors.items():
+                    vector[lo:hi] = st[key]
         with collective(self.world, "ShardedOptimizer.state_dict()"):
-            full = {key: self._whole(mine[key]) for key in sorted(k for k, v in mine.items()
-                                                                 if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == n)}
+            rows = self.world.allgather_floats(row) if self.world.size > 1 else [row]
+            whole = {key: self._whole(vector) for key, vector in vectors.items()}
         state = {}
-        for i in range(len(self.params)):
-            state[i] = {k: (full[k][i].clone() if k in full else
-                            (v.clone() if isinstance(v, torch.Tensor) else v)) for k, v in mine.items()}
-        group = {k: v for k, v in inner["param_groups"][0].items() if k != "params"}
-        return {"state": state if mine else {}, "param_groups": [{**group, "params": list(range(len(self.params)))}]}
+        for i in range(n):
+            holder = next((r for r in rows if r[i]), None)
+            if holder is None:
+                continue
+            state[i] = {}
+            for key, like in self.layout.items():
+                if key in whole:
+                    state[i][key] = whole[key][i].clone()
+                elif key in numbers:
+                    value = holder[(1 + numbers.index(key)) * n + i]
+                    state[i][key] = (torch.tensor(value, dtype=like.dtype) if isinstance(like, torch.Tensor)
+                                     else type(like)(value))
+                else:
+                    state[i][key] = like
+        group = {k: v for k, v in self.inner.param_groups[0].items() if k != "params"}
+        sd = {"state": state, "param_groups": [{**group, "params": list(range(n))}]}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            sd = hook(self, sd) or sd
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
-        """The inverse of state_dict: this replica keeps its segment of each per-parameter state."""
-        states = [sd["state"].get(i) for i in range(len(self.params))]
+        """The inverse of state_dict: each piece keeps its stretch of its parameter's per-element state."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            sd = hook(self, sd) or sd
         group = {k: v for k, v in sd["param_groups"][0].items() if k != "params"}
-        mine = {}
-        if all(st is not None for st in states) and states:
-            for key, v in states[0].items():
-                if isinstance(v, torch.Tensor) and v.shape == self.params[0].shape and v.dim() > 0:
-                    mine[key] = self._mine([st[key] for st in states]).clone()
-                else:
-                    mine[key] = v
-        self.inner.load_state_dict({"state": {0: mine} if mine else {}, "param_groups": [{**group, "params": [0]}]})
+        state = {}
+        for k, (i, start, lo, hi) in enumerate(self.pieces):
+            st = sd["state"].get(i)
+            if st:     # each piece its own copy of the scalars (Adam's step counts in place)
+                state[k] = {key: (v.reshape(-1)[start:start + hi - lo].clone()
+                                  if isinstance(v, torch.Tensor) and v.dim() and v.shape == self.params[i].shape
+                                  else v.clone() if isinstance(v, torch.Tensor) else v) for key, v in st.items()}
+        groups = [{**group, "params": list(range(len(self.pieces)))}]
+        self.inner.load_state_dict({"state": state, "param_groups": groups})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def _pieces(self) -> list[tuple[int, int, int, int]]:
         """(parameter index, where in the flattened parameter, lo, hi): the stretches [lo, hi)
@@ -341,16 +421,14 @@ class ShardedOptimizer:
         [start, values] or a scalar}}, "shapes": {name: shape}, "groups": hyperparameters}.
         A checkpoint stores these from every replica; checkpoint/restart.merge_shards puts them
         back together."""
-        inner = self.inner.state_dict()
-        mine = inner["state"].get(0, {})
-        n = self.shard.numel()
-        vectors = {k for k, v in mine.items() if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == n}
         params, state = {}, {}
-        for i, start, lo, hi in self._pieces():
-            name = names[i]
-            params[name] = [start, self.shard.detach()[lo:hi]]
-            state[name] = {k: ([start, v[lo:hi]] if k in vectors else v) for k, v in mine.items()}
-        group = {k: v for k, v in inner["param_groups"][0].items() if k != "params"}
+        for (i, start, lo, hi), piece in zip(self.pieces, self.slices):
+            if lo == hi:
+                continue            # the stand-in of a replica holding no piece
+            params[names[i]] = [start, self.shard.detach()[lo:hi]]
+            state[names[i]] = {k: ([start, v] if k in self.vectors else v)
+                               for k, v in self.inner.state.get(piece, {}).items()}
+        group = {k: v for k, v in self.inner.param_groups[0].items() if k != "params"}
         return {"params": params, "state": state, "groups": [{**group, "params": list(names)}],
                 "shapes": {names[i]: list(p.shape) for i, p in enumerate(self.params)}}
 
@@ -396,11 +474,13 @@ class ShardedOptimizer:
             while self.next_bucket < len(self.buckets):     # buckets backward left incomplete, in order
                 self._reduce(self.next_bucket)
             return [self.owned]
-        for p, at in zip(self.params, self.offsets):
+        for i, (p, at) in enumerate(zip(self.params, self.offsets)):
             dst = self.grad[at:at + p.numel()]
+            ours = p.grad is not None and p.grad.data_ptr() == dst.data_ptr()
+            self.had[i] = p.grad is not None and (self.touched[i] or not ours)
             if p.grad is None:
                 dst.zero_()
-            elif p.grad.data_ptr() != dst.data_ptr():   # not our view
+            elif not ours:
                 dst.copy_(p.grad.reshape(-1))
         return [self.grad]
 
@@ -449,13 +529,18 @@ class ShardedOptimizer:
             grad.mul_(count)
         mine = reduce_scatter(self.world, grad) if self.stage == 1 and self.world.size > 1 else grad
         square = float(mine.double().pow(2).sum())
+        had = [float(h or k) for h, k in zip(self.had, self.kept)]   # on some replica: the others' count as 0
         if self.weighted:                            # the sum of n_r x gradient, over N
-            rows = self.world.allgather_floats(pass_row(passes) + [square])
-            total = checked_passes(rows[:, :-1], self.world, "ShardedOptimizer")
+            row = pass_row(passes)
+            rows = self.world.allgather_floats(row + [square] + had)
+            total = checked_passes(rows[:, :len(row)], self.world, "ShardedOptimizer")
             mine.div_(total)
-            square = float(rows[:, -1].sum()) / total ** 2
+            square = float(rows[:, len(row)].sum()) / total ** 2
+            had = rows[:, len(row) + 1:].sum(axis=0)
         elif self.world.size > 1:
-            square = float(self.world.allreduce_native(torch.tensor([square], dtype=torch.float64))[0])
+            got = self.world.allreduce_native(torch.tensor([square] + had, dtype=torch.float64))
+            square, had = float(got[0]), got[1:]
+        self.kept = [bool(h) for h in had]
         squares = torch.tensor([square], dtype=torch.float64)
         for w in self.norm_worlds:
             if w.size > 1:
@@ -463,9 +548,11 @@ class ShardedOptimizer:
         norm = math.sqrt(float(squares[0]))
         if clip > 0 and norm > clip:
             mine.mul_(clip / (norm + 1e-6))
-        self.shard.grad = mine
+        for (i, _, lo, hi), piece in zip(self.pieces, self.slices):   # None: torch's optimizer skips it
+            piece.grad = mine[lo:hi] if self.kept[i] else None
         self.inner.step()
-        self.shard.grad = None
+        for piece in self.slices:
+            piece.grad = None
         if self.world.size > 1 and self.stage != 3:      # stage 3 gathers a unit when it is used
             all_gather(self.world, self.flat)
         return norm

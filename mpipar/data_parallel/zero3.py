@@ -119,6 +119,7 @@ class ShardedParameters:
         self.full = [torch.zeros(n, dtype=dtype) for n in self.sizes]
         self.stand_in = [torch.zeros(1, dtype=dtype).expand(p.shape) for p in params]
         self.reduced = [ReducedGrad(p) for p in params]       # .grad once reduced, until the step
+        self.had = [False] * len(params)      # whether each had a gradient at its reduction (the last step's)
         self.writes = GradientWrites()      # gradients not reduced yet: changed in place (a clip) before the step?
         self.is_gathered = [True] * len(self.members)
         with torch.no_grad():
@@ -289,6 +290,7 @@ class ShardedParameters:
         scratch = torch.zeros(self.sizes[u], dtype=self.data.dtype)
         for i in self.members[u]:
             p = self.params[i]
+            self.had[i] = p.grad is not None
             if p.grad is not None:
                 scratch[self.offset[i]:self.offset[i] + p.numel()].copy_(p.grad.reshape(-1))
             p.grad = self.reduced[i]
@@ -324,14 +326,6 @@ class ShardedParameters:
             for i in members:
                 out[i] = full[self.offset[i]:self.offset[i] + self.params[i].numel()].view(self.params[i].shape)
         return out
-
-    def mine(self, per_param: list[torch.Tensor]) -> torch.Tensor:
-        """The inverse of `whole`: this replica's segments of per-parameter tensors."""
-        parts = []
-        for u, members in enumerate(self.members):
-            a, b = self.segments[u]
-            parts.append(torch.cat([per_param[i].reshape(-1) for i in members])[a:b])
-        return torch.cat(parts)
 
     def remove(self) -> None:
         """Hooks off and the shared buffer freed (collective)."""

@@ -9,7 +9,9 @@ never reaches and a branch some replicas or steps skip (stage 2's buckets, stage
 incomplete by backward, reduced at the step); each replica holds 1/N of Adam's state; a
 non-elementwise optimizer is refused; stage 3's gathered() names itself as a collective, and a
 state_dict taken inside it saves and loads; gradient accumulation exact when each pass splits
-over the replicas like the batch, refused when not (or when its passes were declared in rounds). Adam's parity runs are float64 (`parity_dtype`).
+over the replicas like the batch, refused when not (or when its passes were declared in rounds);
+a head used every other step skipped as torch skips a parameter without a gradient (weights and
+state_dict); torch's LR schedulers on a ShardedOptimizer. Adam's parity runs are float64 (`parity_dtype`).
 (The Pipeline's ZeRO, which sums its own weighted losses: cases_parity.py, cases_api.py.)"""
 from contextlib import contextmanager
 
@@ -207,9 +209,10 @@ def test_a_parameter_backward_never_reaches_equals_single_process(world, stage, 
     on some replicas, incomplete on others; stage 2 only, as stage 3 gathers a unit collectively)
     or on even steps only, on every replica: `out`'s buckets are reduced during backward, the
     unused layer's stay incomplete and hold back every one after them (the rest of the model)
-    until the step, which must still reduce them all and step them. The reference steps every
-    parameter with a zero gradient where backward gave none, as ZeRO does (zeros standing in).
-    float64: nothing but a wrong sum moves a parameter past the tolerance."""
+    until the step, which must still reduce them all and step them. The reference is one process
+    (torch's Adam skips a parameter whose .grad is None: the unused layer, and `side` on odd steps;
+    a replica without a gradient where another has one counts as zeros). float64: nothing but a
+    wrong sum moves a parameter past the tolerance."""
     steps = 8
 
     def takes_side(step, r):
@@ -238,8 +241,7 @@ def test_a_parameter_backward_never_reaches_equals_single_process(world, stage, 
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
     per = B // world.size
     for step, (x, y) in enumerate(data):
-        for p in ref.parameters():
-            p.grad = torch.zeros_like(p)
+        ref_opt.zero_grad()
         for r in range(world.size):
             loss(ref, x[r * per:(r + 1) * per], y[r * per:(r + 1) * per], takes_side(step, r)).backward()
         ref_opt.step()
@@ -382,3 +384,87 @@ def test_a_step_skipped_after_backward_leaves_no_samples_behind(world, stage):
     with opt.gathered():
         for (name, want), have in zip(ref.state_dict().items(), model.state_dict().values()):
             torch.testing.assert_close(have, want, msg=lambda m: f"stage {stage}: {name}: {m}")
+
+
+class AuxHead(nn.Module):
+    """A body with a head used every step and an auxiliary head used every other step (a multi-task loop)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head, self.aux = nn.Sequential(nn.Linear(6, 16), nn.Tanh()), nn.Linear(16, 2), nn.Linear(16, 1)
+        self.double()
+
+    def forward(self, x, with_aux: bool):
+        h = self.body(x)
+        return self.head(h), (self.aux(h) if with_aux else None)
+
+
+def aux_loss(model, x, y, with_aux):
+    out, a = model(x, with_aux)
+    return nn.functional.mse_loss(out, y) + (0.5 * nn.functional.mse_loss(a, y[:, :1]) if with_aux else 0)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("opt_cls, kw", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=0.1)),
+                                         (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1))], ids=["sgd", "adam"])
+def test_a_head_used_every_other_step_equals_single_process(world, stage, opt_cls, kw):
+    """ShardedOptimizer(model, world, ...) on a model whose auxiliary head has a gradient on odd
+    steps only (global batches of 10, uneven shards; float64): torch's optimizer skips a parameter
+    whose .grad is None -- no update, no momentum, no weight decay, no Adam step counted -- and so
+    must every stage. The weights and the optimizer's state_dict (after the first step: none yet
+    for the head) equal one process's, on every rank."""
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(10, 6, generator=g, dtype=torch.float64), torch.randn(10, 2, generator=g, dtype=torch.float64))
+            for _ in range(6)]
+    ref, model = AuxHead(), AuxHead()
+    ref_opt = opt_cls(ref.parameters(), **kw)
+    opt = ShardedOptimizer(model, world, opt_cls, stage=stage, **kw)
+    for step, (x, y) in enumerate(data):
+        ref_opt.zero_grad()
+        aux_loss(ref, x, y, step % 2 == 1).backward()
+        ref_opt.step()
+        opt.zero_grad()
+        aux_loss(model, x.tensor_split(world.size)[world.rank], y.tensor_split(world.size)[world.rank],
+                 step % 2 == 1).backward()
+        opt.step()
+        if step == 0:
+            assert set(opt.state_dict()["state"]) == set(ref_opt.state_dict()["state"]) == {0, 1, 2, 3}
+    torch.testing.assert_close(opt.state_dict()["state"], ref_opt.state_dict()["state"])
+    with opt.gathered():
+        for (name, want), have in zip(ref.state_dict().items(), model.state_dict().values()):
+            torch.testing.assert_close(have, want, msg=lambda m: f"stage {stage}: {name}: {m}")
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("schedule", ["step", "lambda"])
+def test_torch_lr_schedulers_drive_a_sharded_optimizer_as_torchs(world, stage, schedule):
+    """torch's StepLR and LambdaLR built on a ShardedOptimizer (a torch Optimizer whose
+    param_groups are the ones its step reads) change the learning rate of its steps as they do a
+    torch optimizer's: weights and learning rates equal one process's (float64, SGD with momentum)."""
+    def scheduler(opt):
+        if schedule == "step":
+            return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.3)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 12, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64))
+            for _ in range(6)]
+    ref, model = mlp().double(), mlp().double()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    opt = ShardedOptimizer(model, world, torch.optim.SGD, stage=stage, lr=0.05, momentum=0.9)
+    ref_sched, sched = scheduler(ref_opt), scheduler(opt)
+    for x, y in data:
+        ref_opt.zero_grad()
+        loss_of(ref, x, y).backward()
+        ref_opt.step()
+        ref_sched.step()
+        opt.zero_grad()
+        loss_of(model, x.tensor_split(world.size)[world.rank], y.tensor_split(world.size)[world.rank]).backward()
+        opt.step()
+        sched.step()
+        assert sched.get_last_lr() == ref_sched.get_last_lr()
+    assert ref_sched.get_last_lr()[0] < 0.05 / 2       # the schedule acted
+    with opt.gathered():
+        for (name, want), have in zip(ref.state_dict().items(), model.state_dict().values()):
+            torch.testing.assert_close(have, want, msg=lambda m: f"stage {stage}, {schedule}: {name}: {m}")
