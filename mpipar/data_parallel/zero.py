@@ -122,8 +122,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                   "averaged, counted on the model's forward: pass the model itself "
                                   "(ShardedOptimizer(model, topo, ...)) or units=, or op='sum' if each replica's "
                                   "loss is already weighted by its share of the global batch")
-            self.counter = (SampleCounter(module, batch_dim=batch_dim) if module is not None
-                            else SampleCounter(units[0], units[-1], batch_dim=batch_dim))
+            self.counter = (SampleCounter(module, batch_dim=batch_dim, losses=True) if module is not None
+                            else SampleCounter(units[0], units[-1], batch_dim=batch_dim, losses=True))
             broadcast_state(module if module is not None else nn.ModuleList(units), dp_world)
         seen: set[int] = set()
         self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
@@ -222,10 +222,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """op 'mean' over several replicas: gradients are weighted by their sample counts."""
         return self.counter is not None and self.world.size > 1
 
-    def _weight(self) -> int:
-        """This replica's samples this step (read once a step: every reduction weighs the same)."""
+    def _weight(self) -> float:
+        """This replica's weight this step, its samples or the targets its token-level loss counted
+        (samples.py; read once a step: every reduction weighs the same)."""
         if self.count is None:
-            self.count = self.counter.n
+            self.count = sum(self.counter.weights())
         return self.count
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -494,10 +495,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 f"ShardedOptimizer stage {self.stage}: {self.names[stray]} has a gradient that no reduction took: "
                 f"backward ran after this step's reductions were done (no opt.zero_grad() since the last step, "
                 f"which arms them): call opt.zero_grad() before each step's backward")
-        if self.weighted and self.count is not None and self.count != self.counter.n:
+        if self.weighted and self.count is not None and self.count != sum(self.counter.weights()):
             raise ConfigError(
-                f"ShardedOptimizer stage {self.stage} weighed this replica's gradients by its {self.count} samples "
-                f"counted when backward reduced the first of them, but the step had {self.counter.n}: its backward "
+                f"ShardedOptimizer stage {self.stage} weighed this replica's gradients by its {self.count:g} samples "
+                f"counted when backward reduced the first of them, but the step had {sum(self.counter.weights()):g}: its backward "
                 f"passes ran in rounds of opt.begin_step(...); declare them all before the first: "
                 f"opt.begin_step(passes)")
         drop_reduced(self.params)
@@ -519,7 +520,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.stage != 1:
             self._check_reduced()
         count, self.count = (self._weight() if self.weighted else 0), None
-        passes = list(self.counter.passes) if self.counter is not None else []
+        passes = self.counter.weights() if self.counter is not None else []
         if self.counter is not None:
             self.counter.reset()
         if getattr(self, "skipping", False):

@@ -468,3 +468,44 @@ def test_torch_lr_schedulers_drive_a_sharded_optimizer_as_torchs(world, stage, s
     with opt.gathered():
         for (name, want), have in zip(ref.state_dict().items(), model.state_dict().values()):
             torch.testing.assert_close(have, want, msg=lambda m: f"stage {stage}, {schedule}: {name}: {m}")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_token_level_loss_over_padding_equals_single_process(world, stage):
+    """A cross entropy over padded sequences (ignore_index=0) averages over each replica's counted
+    targets: ShardedOptimizer, like DataParallel, sees that loss on the model's output and weighs
+    the replicas by those counts (global batches of 9 and 7, uneven shards; SGD with momentum,
+    linear in the gradient; float64)."""
+    vocab, length = 11, 7
+
+    def lm():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(vocab, 16), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, vocab)).double()
+
+    def data():
+        g = torch.Generator().manual_seed(1)
+        for b in (9, 7, 9):
+            x, y = torch.randint(1, vocab, (b, length), generator=g), torch.randint(1, vocab, (b, length), generator=g)
+            y[torch.arange(length) >= torch.randint(1, length, (b, 1), generator=g)] = 0
+            yield x, y
+
+    def loss(out, y):
+        return nn.functional.cross_entropy(out.reshape(-1, vocab), y.reshape(-1), ignore_index=0)
+
+    kw = dict(lr=0.5, momentum=0.9)
+    ref = lm()
+    ref_opt = torch.optim.SGD(ref.parameters(), **kw)
+    for x, y in data():
+        ref_opt.zero_grad()
+        loss(ref(x), y).backward()
+        ref_opt.step()
+    model = lm()
+    opt = ShardedOptimizer(model, world, torch.optim.SGD, stage=stage, **kw)
+    for x, y in data():
+        opt.zero_grad()
+        loss(model(x.tensor_split(world.size)[world.rank]), y.tensor_split(world.size)[world.rank]).backward()
+        opt.step()
+    with opt.gathered():
+        got = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, want in ref.state_dict().items():
+        torch.testing.assert_close(got[name], want, msg=lambda m: f"stage {stage}: {name}: {m}")
