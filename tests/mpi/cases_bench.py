@@ -43,6 +43,29 @@ def pipeline(out):
         assert measured > 0 and ideal > 0, row
 
 
+def pipeline_gpt(out):
+    """Both pipelines ran the same work (equal step-0 losses) and the ratio is the times' own."""
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["gpipe"], ["1f1b"])]
+    assert [r[0] for r in rows] == ["gpipe", "1f1b"], out
+    for r in rows:
+        ours_loss, torch_loss = float(r[r.index("ours") + 1]), float(r[r.index("torch") + 1])
+        assert abs(ours_loss - torch_loss) <= 1e-5 * ours_loss, r       # (6 decimals printed)
+        ours_ms, torch_ms = float(r[r.index("ms/step") - 1]), float(r[r.index("ms/step", r.index("ms/step") + 1) - 1])
+        assert abs(float(r[r.index("ours/theirs") + 1]) - ours_ms / torch_ms) <= 0.01, r
+    assert "verdict: step time ours/theirs" in out, out
+
+
+def dp_gpt(out):
+    """Three phases measured, and each printed ratio is the medians' own."""
+    rate = {line.split()[0]: float(line.split("tokens/s")[0].split()[-1].replace(",", ""))
+            for line in out.splitlines() if "tokens/s  (rounds:" in line}
+    assert set(rate) == {"single", "ceiling", "dp"} and all(v > 0 for v in rate.values()), out
+    ratios = dict(zip(*[iter(next(line for line in out.splitlines() if "dp/single" in line).split())] * 2))
+    for name, (a, b) in {"dp/single": ("dp", "single"), "dp/ceiling": ("dp", "ceiling"),
+                         "ceiling/single": ("ceiling", "single")}.items():
+        assert abs(float(ratios[name].rstrip("x")) - rate[a] / rate[b]) <= 0.01, (name, out)
+
+
 def dp_step(out):
     row = next(line for line in out.splitlines() if line.startswith("local "))
     times = dict(zip(row.split()[0::2], map(float, row.split()[1::2])))
@@ -77,6 +100,9 @@ BENCHES = {   # name: (ranks, `python -m mpipar.bench` arguments, check of what 
                     "--batch-size", "8"], balance),
     "zero": (2, ["zero", "--width", "64", "--depth", "2", "--steps", "2", "--warmup", "1"], zero),
     "allreduce": (3, ["allreduce", "--sizes", "1K,64K,1M", "--rounds", "2", "--no-gloo"], allreduce),
+    "dp-gpt": (2, ["dp_gpt", "--steps", "2", "--warmup", "1", "--rounds", "1", "--batch", "4"], dp_gpt),
+    "pipeline-gpt": (2, ["pipeline", "--part", "gpt", "--gpt-ms", "2", "--gpt-batch", "4", "--rounds", "1",
+                         "--iters", "2"], pipeline_gpt),
     "pipeline": (4, ["pipeline", "--part", "a", "--schedules", "1f1b,zb", "--ms", "4", "--tf", "1", "--tb", "2",
                      "--repeats", "1"], pipeline),
 }
