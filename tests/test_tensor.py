@@ -2,14 +2,19 @@
 single-device twin on 2 and 4 ranks is tests/mpi/cases_tensor.py (one launch per size, run case
 by case by tests/test_mpi_cases.py); the tp examples' parity and curves are
 tests/mpi/cases_example_runs.py, their refusal of indivisible sizes tests/mpi/cases_bad_input.py."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
+from mpipar.comm import World
+from mpipar.data_parallel import DataParallel
 from mpipar.errors import ConfigError
 from mpipar.tensor import (QKV, ColumnParallelLinear, ParallelMLP, ParallelSelfAttention, ReferenceTransformerLM,
                            RowParallelLinear, ShardedBatchNorm1d, ShardRule, TPGroup, TPTransformerLM, counter_init_,
                            gather_state_dict, reference_mlp, shard_state_dict, tp_plan)
+from mpipar.tensor.clip import ShardedGrad, ShardedGradNormError
 from mpipar.tensor.group import CommCounter
 
 
@@ -110,3 +115,75 @@ def test_offline_group_refuses_to_communicate():
     g = TPGroup.offline(0, 2)
     with pytest.raises(RuntimeError, match="offline"):
         ColumnParallelLinear(4, 4, g, gather_output=True)(torch.ones(1, 4))
+
+
+# -- torch's norm of a sharded gradient (this rank's slice only) is refused ----------------------
+
+def sharded_and_replicated(group):
+    """A column-parallel layer (sharded) and a Linear after it (replicated), with a backward that
+    needs no communication: the input does not require grad, so copy_to_tp's backward never runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ColumnParallelLinear(4, 8, group), nn.Linear(8 // group.size, 3))
+    model(torch.randn(5, 4)).square().sum().backward()
+    return model
+
+
+def test_torch_norms_of_sharded_gradients_are_refused_naming_clip_grad_norm_tp(tmp_path):
+    model = sharded_and_replicated(TPGroup.offline(0, 2))
+    col, lin = model
+    assert type(col.weight.grad) is ShardedGrad and type(col.bias.grad) is ShardedGrad
+    assert type(lin.weight.grad) is torch.Tensor      # replicated: plain
+    for norm in (lambda: nn.utils.clip_grad_norm_(model.parameters(), 0.1),
+                 lambda: nn.utils.clip_grad_norm_(model.parameters(), 0.1, foreach=True),
+                 lambda: nn.utils.get_total_norm([p.grad for p in model.parameters()]),
+                 lambda: col.weight.grad.norm(), lambda: torch.norm(col.weight.grad),
+                 lambda: torch.linalg.norm(col.weight.grad), lambda: torch.linalg.vector_norm(col.bias.grad)):
+        with pytest.raises(ShardedGradNormError, match=r"only this rank's shard.*clip_grad_norm_tp\(model, max_norm"):
+            norm()
+    nn.utils.clip_grad_norm_(lin.parameters(), 1e9)   # replicated gradients alone: torch's own, as ever
+    # everything else sees a plain tensor and gives plain ones, with the values of plain gradients
+    g = col.weight.grad
+    assert type(g * 2) is torch.Tensor and type(g.detach()) is torch.Tensor and torch.equal(g * 2, g.detach() * 2)
+    torch.save(g, tmp_path / "g.pt")
+    assert torch.equal(torch.load(tmp_path / "g.pt", weights_only=True), g.detach())
+    nn.utils.clip_grad_value_(model.parameters(), 0.5)
+    assert type(g) is ShardedGrad and float(g.detach().abs().max()) <= 0.5
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), lambda ps: torch.optim.Adam(ps, lr=0.1)])
+def test_optimizers_step_sharded_gradients_as_plain_ones(make):
+    guarded = sharded_and_replicated(TPGroup.offline(0, 2))
+    plain = copy.deepcopy(guarded)
+    for p, q in zip(guarded.parameters(), plain.parameters()):
+        q.grad = p.grad.detach().clone()
+    for m in (guarded, plain):
+        make(m.parameters()).step()
+    for p, q in zip(guarded.parameters(), plain.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_sharded_gradients_stay_guarded_through_deepcopy_meta_init_and_data_parallel():
+    group = TPGroup.offline(0, 2)
+    copied = copy.deepcopy(sharded_and_replicated(group))    # new parameters, without hooks
+    copied.zero_grad()
+    copied(torch.randn(5, 4)).sum().backward()
+    with torch.device("meta"):
+        meta = nn.Sequential(ColumnParallelLinear(4, 8, group), nn.Linear(4, 3))
+    meta.to_empty(device="cpu")
+    meta(torch.randn(5, 4)).sum().backward()
+    dp = DataParallel(copied, World.alone())                   # finish() points .grad at its buckets
+    copied.zero_grad()
+    copied(torch.randn(5, 4)).sum().backward()
+    dp.finish()
+    for model in (copied, meta):
+        assert type(model[0].weight.grad) is ShardedGrad and type(model[1].weight.grad) is torch.Tensor
+        with pytest.raises(ShardedGradNormError):
+            nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    dp.buckets.remove()
+
+
+def test_tp1_gradients_are_plain():
+    """One tp rank holds the whole tensor: torch's norm is right there."""
+    model = sharded_and_replicated(TPGroup.offline(0, 1))
+    assert type(model[0].weight.grad) is torch.Tensor
+    nn.utils.clip_grad_norm_(model.parameters(), 0.1)

@@ -390,7 +390,9 @@ class GradBuckets:
             for i, off, u in zip(b.members, b.offsets, used):
                 p = self.params[i]
                 g = b.flat[off:off + p.numel()].view_as(p)
-                p.grad = (g if p.is_cpu else g.to(p.device, non_blocking=True)) if u else None
+                g = g if p.is_cpu else g.to(p.device, non_blocking=True)
+                kind = type(p.grad)    # a layer's own gradient type stays (tensor parallel's ShardedGrad)
+                p.grad = (g if kind in (torch.Tensor, type(None)) else g.as_subclass(kind)) if u else None
         self.active = False
 
     def remove(self) -> None:

@@ -12,7 +12,8 @@ slice of the neurons of every layer.
     embedding.py    VocabParallelEmbedding: an embedding table split by vocabulary rows
     gpt.py          nanoGPT's model (head tied to the embedding) and its stock-PyTorch twin
     sharding.py     which slice of each full tensor a rank holds: state dicts cut and put back together
-    clip.py         clipping by the norm of the full model's gradient under tensor parallelism
+    clip.py         clipping by the norm of the full model's gradient under tensor parallelism (torch's
+                    norms of a sharded gradient, this rank's slice only, are refused)
 """
 from .attention import ParallelSelfAttention
 from .embedding import VocabParallelEmbedding

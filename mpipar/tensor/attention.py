@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .clip import refuse_local_norms
 from .group import TPGroup, divisible
 from .linear import RowParallelLinear
 from .mappings import copy_to_tp
@@ -33,6 +34,7 @@ class ParallelSelfAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * local, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * local)) if bias else None
         self.shard_rules = {"in_proj_weight": QKV, "in_proj_bias": QKV} if bias else {"in_proj_weight": QKV}
+        refuse_local_norms(self)
         self.out_proj = RowParallelLinear(embed_dim, embed_dim, group, bias=bias)
         nn.init.xavier_uniform_(self.in_proj_weight)   # local stand-in; counter_init_ gives parity
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .clip import refuse_local_norms
 from .group import TPGroup, divisible
 from .mappings import reduce_from_tp
 from .sharding import COLUMN
@@ -28,6 +29,7 @@ class VocabParallelEmbedding(nn.Embedding):
         self.full_embeddings, self.group = num_embeddings, group
         self.first = group.rank * local
         self.shard_rules = {"weight": COLUMN}
+        refuse_local_norms(self)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if self.group.size == 1:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .clip import refuse_local_norms
 from .group import TPGroup, divisible
 from .mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
 from .sharding import COLUMN, ROW
@@ -28,6 +29,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype)) if bias else None
         self.shard_rules = {"weight": COLUMN, "bias": COLUMN} if bias else {"weight": COLUMN}
+        refuse_local_norms(self)
         fallback_init_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,6 +55,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.shard_rules = {"weight": ROW}
+        refuse_local_norms(self)
         fallback_init_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

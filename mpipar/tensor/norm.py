@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .clip import refuse_local_norms
 from .group import TPGroup, divisible
 from .sharding import COLUMN
 
@@ -23,3 +24,4 @@ class ShardedBatchNorm1d(nn.BatchNorm1d):
         self.full_features, self.group = num_features, group
         self.shard_rules = {n: COLUMN for n in ("weight", "bias", "running_mean", "running_var")
                             if getattr(self, n, None) is not None}
+        refuse_local_norms(self)

@@ -10,7 +10,7 @@ from mpipar.errors import ConfigError
 from mpipar.tensor import (GPT, ColumnParallelLinear, ParallelMLP, ParallelSelfAttention, ReferenceTransformerLM,
                            ReferenceGPT, RowParallelLinear, TPGroup, TPTransformerBlock, TPTransformerLM, counter_init_,
                            gather_full_state_dict, reference_block, reference_mlp, shard_state_dict, tp_plan)
-from mpipar.tensor.clip import clip_grad_norm_tp
+from mpipar.tensor.clip import ShardedGradNormError, clip_grad_norm_tp
 
 NP = (2, 4)
 TIMEOUT = 180
@@ -214,6 +214,29 @@ def test_gpt_tp(group):
     train_parity(group, "GPT", make(), ReferenceGPT(v, T, L, NH, E),
                  lambda s: (seqs[s * 4:(s + 1) * 4, :-1], seqs[s * 4:(s + 1) * 4, 1:]),
                  lambda logits, y: xent(logits.reshape(-1, v), y.reshape(-1)), 20, 3e-3)
+
+
+def test_torch_clip_of_a_tp_model_is_refused_and_clip_grad_norm_tp_is_the_full_norm(group):
+    """A user's own model (column, row, then replicated LayerNorm and head): torch's clip_grad_norm_
+    would take each rank's shards for the whole gradient; it is refused on every rank, gradients
+    untouched, and clip_grad_norm_tp clips by the single-process model's norm."""
+    ref = nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, O), nn.LayerNorm(O), nn.Linear(O, 3)).double()
+    tp = nn.Sequential(ColumnParallelLinear(D, H, group), nn.GELU(), RowParallelLinear(H, O, group), nn.LayerNorm(O),
+                       nn.Linear(O, 3)).double()
+    counter_init_(ref, 4)
+    counter_init_(tp, 4, group)
+    x = randn(B, D, seed=9).double()
+    for m in (tp, ref):
+        m(x).square().sum().backward()
+    before = [p.grad.detach().clone() for p in tp.parameters()]
+    with pytest.raises(ShardedGradNormError, match="clip_grad_norm_tp"):
+        nn.utils.clip_grad_norm_(tp.parameters(), 1e-3)
+    assert all(torch.equal(p.grad, g) for p, g in zip(tp.parameters(), before))
+    close(clip_grad_norm_tp(tp, 1e-3, group), float(nn.utils.clip_grad_norm_(ref.parameters(), 1e-3)))
+    full = {n: p.grad for n, p in ref.named_parameters()}
+    mine = shard_state_dict(full, tp_plan(tp), group.rank, group.size)
+    for n, p in tp.named_parameters():
+        close(p.grad.detach(), mine[n], msg=lambda m: f"clipped gradient of {n}: {m}")
 
 
 # -- errors at construction, on every rank -----------------------------------------------------
