@@ -88,29 +88,23 @@ def jobs(cluster, tmp_path_factory):
         "preempted": preempted_after_epoch_1(cluster, submit(
             "preempted", "fault-tolerant.sbatch", "mlp", *PREEMPTED, "--checkpoint-every", "5",
             "--checkpoint-dir", str(base / "preempted-checkpoints"), sbatch=["-N1", "-n2"])),
-        "preempted-term": preempted_after_epoch_1(cluster, submit(
-            "preempted-term", "fault-tolerant.sbatch", "mlp", *PREEMPTED, "--checkpoint-every", "5",
-            "--checkpoint-dir", str(base / "term-checkpoints"), sbatch=["-N1", "-n2"]), everyone=True),
         "hostfile": Job(cluster.submit("-N1", "-n3", f"--output={base}/hostfile.log", "--wrap",
                                        f"{sys.executable} {ROOT}/hostfiles/from_slurm.py", env=user_env(), cwd=base),
                         base / "hostfile.log", base),
     }
 
 
-def preempted_after_epoch_1(cluster, job: Job, everyone: bool = False) -> Job:
+def preempted_after_epoch_1(cluster, job: Job) -> Job:
     """In the background, as the job runs: once its first epoch is done, SLURM's warning signal to
     the batch shell (what `#SBATCH --signal=B:USR1@120` sends before the time limit; scancel sends
-    it now), or with `everyone` SIGTERM to every process of the job (the batch shell, the
-    supervisor, mpirun and each rank: what SLURM sends at the time limit or a preemption);
-    once the job has requeued itself, its start without SLURM's ~2 minutes' hold."""
+    it now); once the job has requeued itself, its start without SLURM's ~2 minutes' hold."""
     def watch():
         deadline = time.monotonic() + JOB_TIMEOUT
         while "epoch 1 " not in (job.log.read_text(errors="replace") if job.log.exists() else ""):
             if time.monotonic() > deadline or cluster.job(job.id).get("JobState") not in ("PENDING", "RUNNING"):
                 return
             time.sleep(0.2)
-        how = ["--signal=TERM", "--full"] if everyone else ["--signal=USR1", "--batch"]
-        cluster.run("scancel", *how, str(job.id), check=False)
+        cluster.run("scancel", "--signal=USR1", "--batch", str(job.id), check=False)
         while time.monotonic() < deadline:
             info = cluster.job(job.id)
             if info.get("Restarts", "0") != "0" and info.get("JobState") in ("RUNNING", "COMPLETED", "FAILED",
@@ -185,34 +179,9 @@ def test_a_preempted_job_checkpoints_requeues_itself_and_resumes_to_the_same_met
     assert "supervisor: preempted (SIGUSR1): the job wrote a checkpoint and stopped; exit 75" in log, log[-3000:]
     assert f"mpipar job {job.id}: preempted; its checkpoint is written: requeueing it" in log, log[-3000:]
     assert "checkpoint: resumed from step-" in log.split("requeueing it")[1], log[-3000:]
-    same_metrics(job.metrics(), uninterrupted(tmp_path))
-
-
-def test_sigterm_to_every_process_of_the_job_checkpoints_requeues_and_resumes_to_the_same_metrics(
-        cluster, jobs, tmp_path):
-    """SIGTERM to every process of the job at once (scancel --full: the batch shell, the supervisor,
-    Open MPI's mpirun and both ranks), as at SLURM's time limit: mpirun, started by the supervisor
-    with SIGTERM blocked, does not kill the ranks 0.25 s later; the ranks finish their step, write
-    a checkpoint and exit 75; the job requeues itself and ends with an uninterrupted run's metrics."""
-    job = jobs["preempted-term"]
-    log = completed(cluster, job)
-    assert "supervisor: preempted (SIGUSR1): the job wrote a checkpoint and stopped; exit 75" in log or \
-        "supervisor: preempted (SIGTERM): the job wrote a checkpoint and stopped; exit 75" in log, log[-3000:]
-    assert f"mpipar job {job.id}: preempted; its checkpoint is written: requeueing it" in log, log[-3000:]
-    assert "checkpoint: resumed from step-" in log.split("requeueing it")[1], log[-3000:]
-    same_metrics(job.metrics(), uninterrupted(tmp_path))
-
-
-UNINTERRUPTED = {}
-
-
-def uninterrupted(tmp_path) -> list[dict]:
-    """The metrics of the PREEMPTED run under plain mpirun, uninterrupted (run once, for both tests)."""
-    if not UNINTERRUPTED:
-        direct = mpirun(2, "-m", "mpipar.run", "mlp", *PREEMPTED, "--out", str(tmp_path), timeout=170)
-        assert direct.returncode == 0, direct.stderr[-3000:]
-        UNINTERRUPTED["rows"] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    return UNINTERRUPTED["rows"]
+    direct = mpirun(2, "-m", "mpipar.run", "mlp", *PREEMPTED, "--out", str(tmp_path), timeout=170)
+    assert direct.returncode == 0, direct.stderr[-3000:]
+    same_metrics(job.metrics(), [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()])
 
 
 def test_hostfile_from_slurm_allocation(cluster, jobs):
