@@ -100,7 +100,9 @@ def check_identical(world, tensors: Sequence[torch.Tensor], what: str) -> None:
         raise ReplicaMismatchError(
             f"data-parallel replicas diverged: {what} on rank(s) {', '.join(map(str, bad))} differ "
             f"from rank {world.world_rank_of(0)} (checksums {int(sums[0])} vs "
-            f"{', '.join(str(int(sums[r])) for r in range(world.size) if sums[r] != sums[0])})")
+            f"{', '.join(str(int(sums[r])) for r in range(world.size) if sums[r] != sums[0])}): every replica must "
+            f"step alike -- a learning rate or scheduler of its own (e.g. ReduceLROnPlateau fed the replica's own "
+            f"loss: feed it the global loss), an update or a parameter change made on some ranks only")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -368,8 +370,10 @@ class GradBuckets:
             if b.handle is not None and not b.handle.done:
                 b.handle.progress()
 
-    def finish(self) -> None:
-        """Start any bucket backward left incomplete, wait for all, point grads at the results."""
+    def finish(self, extra: Sequence[float] = ()):
+        """Start any bucket backward left incomplete, wait for all, point grads at the results.
+        `extra`: numbers every replica's row of the sample counts' exchange carries too; their
+        rows come back (None where no exchange was needed: op 'sum', one replica)."""
         self.writes.check(self.params, self.names.__getitem__, "call dp.finish() first, then clip")
         if self.thread:
             self.thread.drain()
@@ -380,8 +384,12 @@ class GradBuckets:
                 self._launch(b, background=False)
         for b in self.buckets:
             b.handle.wait()
+        extra_rows = None
         if self.samples is not None and self.buckets:   # the sum of n_r x gradient, over N
-            total = checked_passes(self.world.allgather_floats(pass_row(self.counts)), self.world, "DataParallel")
+            row = pass_row(self.counts)
+            rows = self.world.allgather_floats(row + list(extra))
+            total = checked_passes(rows[:, :len(row)], self.world, "DataParallel")
+            extra_rows = rows[:, len(row):]
             for b in self.buckets:
                 b.grads.div_(total)
         self.counts, self.unreduced = None, False
@@ -394,6 +402,7 @@ class GradBuckets:
                 kind = type(p.grad)    # a layer's own gradient type stays (tensor parallel's ShardedGrad)
                 p.grad = (g if kind in (torch.Tensor, type(None)) else g.as_subclass(kind)) if u else None
         self.active = False
+        return extra_rows
 
     def remove(self) -> None:
         """Unhook from the parameters and release the buckets' scratch buffers."""

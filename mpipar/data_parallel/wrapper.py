@@ -24,7 +24,9 @@ its share themselves (Pipeline does), e.g. a loss summed over tokens divided by 
 Refused with one line, because they would silently differ from one process: a gradient changed
 between backward and the sync (clip_grad_norm_ on a replica's local gradient: call dp.finish(),
 then clip), and BatchNorm normalising by the batch (training mode), which each replica would do
-over its own shard alone (freeze it with .eval(), or local_batchnorm=True accepts that).
+over its own shard alone (freeze it with .eval(), or local_batchnorm=True accepts that). Replicas
+that drift apart (a scheduler fed each replica's own loss) are stopped at the next check: every
+`check_every` syncs (100; 0: never) the parameters and reduced gradients must be bit-identical.
 
     dp = DataParallel(model, topo)                          # a Topology (its dp sub-world) or any World
     opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.1))   # step() syncs first
@@ -58,7 +60,7 @@ class UnsyncedGradientsError(ConfigError):
 
 class DataParallel:
     def __init__(self, module: nn.Module, dp_world, bucket_mb: float = DEFAULT_BUCKET_MB,
-                 op: str = "mean", check_every: int = 0, overlap: bool = True, background: bool = True,
+                 op: str = "mean", check_every: int = 100, overlap: bool = True, background: bool = True,
                  algorithm: str = "auto", grad_compress: str | None = None, local_batchnorm: bool = False,
                  batch_dim: int | None = None):
         self.batchnorms = [] if local_batchnorm else [
@@ -118,13 +120,15 @@ class DataParallel:
         as gradient accumulation does in one process)."""
         self.buckets.begin_step(backward_passes)
 
-    def finish(self) -> None:
+    def finish(self, _hyper=None) -> None:
         """Call after backward, before optimizer.step(): gradients are then the global batch's
         mean (op 'mean'; 'sum': summed) on every replica. Collective."""
         self.refuse_batch_statistics()
         if not self.buckets.active:
             self.buckets.begin_step(1)
-        self.buckets.finish()
+        rows = self.buckets.finish(_hyper[2] if _hyper else ())
+        if _hyper:
+            check_hyperparameters(self.world, *_hyper, rows)
         if self.counter:
             self.counter.reset()
         if self.check_every and self.steps % self.check_every == 0:
@@ -149,17 +153,55 @@ class DataParallel:
         return any(id(p) in self.params for group in opt.param_groups for p in group["params"])
 
     def before_step(self, opt) -> None:
-        """A wrapped optimizer syncs first; any step on gradients still unsynced is refused."""
+        """A wrapped optimizer syncs first (its hyperparameters compared over the replicas in the
+        same exchange); any step on gradients still unsynced is refused."""
         if opt in self.wrapped:
             if self.wrapped[opt] == self.steps:      # no finish() since its last step
-                self.finish()
+                self.finish((opt, *hyperparameters(opt)))
             self.wrapped[opt] = self.steps
+        elif self._steps_on(opt) and not self.buckets.unreduced:   # after the user's own dp.finish()
+            check_hyperparameters(self.world, opt, *hyperparameters(opt), None)
         if self.buckets.unreduced and self._steps_on(opt):
             raise UnsyncedGradientsError(
                 f"{type(opt).__name__}.step() would apply gradients that were never "
                 f"synchronised over the {self.world.size} data-parallel replica(s) on {self.world.name}, so they "
                 f"would drift apart: call dp.finish() after backward, or let the optimizer do it: "
                 f"opt = dp.optimizer(torch.optim.{type(opt).__name__}(...))")
+
+
+def hyperparameters(opt) -> tuple[list[str], list[float]]:
+    """(names, values) of the numbers in an optimizer's param groups (lr, momentum, betas, ...)."""
+    names, values = [], []
+    for g, group in enumerate(opt.param_groups):
+        for key in sorted(k for k in group if k != "params"):
+            v = group[key]
+            items = v if isinstance(v, (tuple, list)) else (v,)
+            for j, x in enumerate(items):
+                if isinstance(x, torch.Tensor) and x.numel() == 1:
+                    x = x.item()
+                if isinstance(x, (int, float)) and not isinstance(x, bool):
+                    names.append(f"{key}{f'[{j}]' if len(items) > 1 else ''}" + (f" (group {g})" if g else ""))
+                    values.append(float(x))
+    return names, values
+
+
+def check_hyperparameters(world, opt, names, values, rows) -> None:
+    """Refuse replicas about to step with different hyperparameters (a scheduler fed each replica's
+    own loss: ReduceLROnPlateau): the same reduced gradient would move them apart. `rows`: every
+    replica's values (None: exchanged here, one small all-gather)."""
+    if world.size == 1 or not values:
+        return
+    if rows is None:
+        rows = world.allgather_floats(values)
+    for r in range(1, world.size):
+        differ = [i for i in range(len(values)) if rows[r, i] != rows[0, i]]
+        if differ:
+            i = differ[0]
+            raise ConfigError(
+                f"{type(opt).__name__}.step() on data-parallel replicas with different hyperparameters: "
+                f"{names[i]}={rows[0, i]:g} on rank {world.world_rank_of(0)}, {rows[r, i]:g} on rank "
+                f"{world.world_rank_of(r)}: every replica must step alike, or they drift apart: feed schedulers "
+                f"the global loss (e.g. sched.step(loss_all_reduced)), not each replica's own")
 
 
 LIVE: "weakref.WeakSet[DataParallel]" = weakref.WeakSet()

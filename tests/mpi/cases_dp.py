@@ -339,3 +339,43 @@ def test_the_watched_output_reads_as_a_plain_tensor(world):
     assert type(torch.load(io.BytesIO(saved.getvalue()), weights_only=True)) is torch.Tensor
     assert (out.detach().numpy() == plain.detach().numpy()).all() and out.argmax(-1).tolist() == plain.argmax(-1).tolist()
     dp.remove()
+
+
+@pytest.mark.parametrize("sync", ["wrapped", "finish"])
+def test_replicas_stepping_with_their_own_learning_rates_are_refused(world, sync):
+    """A scheduler fed each replica's own loss (ReduceLROnPlateau) gives the replicas their own
+    learning rates, and the same reduced gradient then moves them apart: the step is refused on
+    every rank, naming the hyperparameter (wrapped: compared in the sync's own exchange)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    dp = DataParallel(model, world)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01 * (1 + (world.rank == 1)))   # rank 1 its own lr
+    opt = dp.optimizer(opt) if sync == "wrapped" else opt
+    nn.functional.mse_loss(model(torch.ones(2, 4)), torch.zeros(2, 2)).backward()
+    if sync == "finish":
+        dp.finish()
+    with pytest.raises(ConfigError, match=r"different hyperparameters: lr=0.01 on rank 0, 0.02 on rank 1"):
+        opt.step()
+    dp.remove()
+
+
+def test_replicas_that_drift_apart_are_stopped_by_the_default_check(world):
+    """A parameter changed on one rank only (between steps, outside any optimizer) leaves the
+    replicas apart for good: by default DataParallel compares their bits every 100 syncs, so the
+    job stops on every rank instead of training on."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    dp = DataParallel(model, world)
+    opt = dp.optimizer(torch.optim.SGD(model.parameters(), lr=0.01))
+    x, y = torch.ones(2, 4), torch.zeros(2, 2)
+    steps = 0
+    with pytest.raises(ReplicaMismatchError, match="every replica must step alike"):
+        for steps in range(101):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            if steps == 5 and world.rank == 1:
+                with torch.no_grad():
+                    model.bias.add_(1e-3)
+    assert steps == 100, steps        # the first check after the replicas parted: sync 100
+    dp.remove()
