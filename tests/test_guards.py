@@ -265,6 +265,12 @@ LOSS_CASES = {   # loss, targets, micro-batches, what the refusal says (None: tr
     "partial-ignore_index": (functools.partial(F.cross_entropy, ignore_index=2), lambda: with_ignored() % 3, 4,
                              r"CrossEntropyLoss with targets equal to ignore_index=2"),    # -100 % 3: class 2
     "sequences-unlike": (token_mean, lambda: sequences(alike=False), 4, r"loss function token_mean" + FIX),
+    "padding-zero": (lambda out, y: F.cross_entropy(out, y, ignore_index=0), lambda: with_ignored() % 3, 4,
+                     r"loss function <lambda> takes a mean cross entropy / NLL with ignore_index=0"),  # hidden in the function
+    "class-weights": (lambda out, y: F.cross_entropy(out, y, weight=torch.tensor([1.0, 2.0, 3.0])),
+                      lambda: with_ignored() % 3, 4, r"loss function <lambda> takes a mean cross entropy / NLL with class weights"),
+    "padding-zero-one-micro-batch": (lambda out, y: F.cross_entropy(out, y, ignore_index=0), lambda: with_ignored() % 3, 1,
+                                     None),
     "mean-over-all": (mean_over_all, with_ignored, 4, None),
     "labels-minus-one": (signs, lambda: torch.where(with_ignored() == 1, 1, -1), 4, None),
     "one-micro-batch": (lambda out, y: F.cross_entropy(out, y), with_ignored, 1, None),

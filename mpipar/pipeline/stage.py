@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import weakref
 from dataclasses import dataclass, field
 
@@ -114,6 +115,51 @@ def mean_over_samples(loss_fn, out, target) -> bool:
     return True
 
 
+INNER_CLASS_LOSS = weakref.WeakKeyDictionary()   # plain function -> (ignore_index, weighted) of its mean CE / NLL
+
+
+class _LossSpy(torch.Tensor):
+    """An output (and all computed from it) that notes each cross entropy / NLL taken on it."""
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **kwargs)
+        if func in CLASS_LOSSES:
+            cls.seen.append(inspect.signature(func).bind(*args, **kwargs))
+            return result
+        if func in torch.overrides.get_default_nowrap_functions():
+            return result
+        return torch._tensor._convert(result, cls)
+
+
+def inner_class_loss(loss_fn, out, target) -> tuple[int, bool] | None:
+    """(ignore_index, with class weights) of the mean cross entropy / NLL a plain loss function
+    takes on its output (None: it takes none, or sums), read once per function by running it on
+    a watching view of the output: a function can hide `ignore_index=0` (padding), which the
+    targets' values do not show."""
+    try:
+        return INNER_CLASS_LOSS[loss_fn]
+    except (KeyError, TypeError):
+        pass
+    _LossSpy.seen = []
+    with torch.no_grad():
+        loss_fn(out.detach().as_subclass(_LossSpy), target)
+    found = None
+    for call in _LossSpy.seen:
+        call.apply_defaults()
+        a = call.arguments
+        legacy = a.get("size_average") is not None or a.get("reduce") is not None
+        if a.get("reduction", "mean") == "mean" and not legacy:
+            found = (int(a.get("ignore_index", -100)), a.get("weight") is not None)
+    _LossSpy.seen = []
+    with contextlib.suppress(TypeError):
+        INNER_CLASS_LOSS[loss_fn] = found
+    return found
+
+
 def check_mean_loss(loss_fn, out, target, whole: bool = False) -> None:
     """Refuse a loss that is not a plain mean over samples: Pipeline weighs each micro-batch's
     loss by its share of the samples, which equals one process's loss only for such a mean (a sum,
@@ -129,6 +175,20 @@ def check_mean_loss(loss_fn, out, target, whole: bool = False) -> None:
     ignored, alike = (counted_alike(given, target >= 0 if plain else target != loss_fn.ignore_index) if ignoring
                       else (False, False))
     ignored = ignored and not whole and not alike
+    if plain and indices and isinstance(out, torch.Tensor):
+        inner = inner_class_loss(given, out, target)
+        if inner is not None and (inner[0] >= 0 or inner[1]):   # e.g. ignore_index=0: padding the values do not show
+            padded, alike = counted_alike(given, target != inner[0])
+            if (padded and not whole and not alike) or (inner[1] and not whole):
+                name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+                what = ("class weights (a mean weighted by the targets' classes)" if inner[1] else
+                        f"ignore_index={inner[0]}, which this micro-batch's samples hold different numbers of")
+                raise ConfigError(
+                    f"the loss function {name} takes a mean cross entropy / NLL with {what}: a mean over its "
+                    f"counted targets, not over samples, which Pipeline needs (it weighs each micro-batch's loss "
+                    f"by its share of the samples): return a mean over samples, e.g. F.cross_entropy(out, y, "
+                    f"reduction='sum') / y.numel() with the ignored targets' losses zeroed, or train with one "
+                    f"micro-batch and one replica")
     if plain:
         if ignored and not mean_over_samples(loss_fn, out, target):
             name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
