@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 GAP = re.compile(r"largest train-loss gap to single process: ([0-9.e+-]+|nan)")
 
+GPT = ["--epochs", "2", "--steps", "5", "--val-windows", "64", "--sample-chars", "20", "--log-every", "0"]
 CHECKS = [   # name, ranks, argv (short runs: parity needs steps, not epochs)
     ("mlp", 2, ["mlp", "--schedule", "1f1b", "--microbatches", "4", "--epochs", "2", "--steps", "10"]),
     ("pipeline-cifar", 4, ["pipeline-cifar", "--schedule", "1f1b", "--microbatches", "8", "--balance", "layers",
@@ -32,6 +33,9 @@ CHECKS = [   # name, ranks, argv (short runs: parity needs steps, not epochs)
     ("tp-mlp", 2, ["tp-mlp", "--grid", "pp=1,dp=1,tp=2", "--epochs", "1", "--steps", "10"]),
     ("transformer-split", 2, ["transformer-split", "--amp", "fp16", "--schedule", "1f1b", "--microbatches", "4",
                               "--balance", "layers", "--epochs", "1", "--steps", "10"]),
+    # a user's GPT nn.Module (tied head) cut by Pipeline's trace: nanoGPT's CPU size, 10 steps
+    ("gpt-pp2", 2, ["gpt-shakespeare", *GPT, "--grid", "pp=2"]),
+    ("gpt-pp2xdp2", 4, ["gpt-shakespeare", *GPT, "--grid", "pp=2,dp=2"]),
 ]
 
 
