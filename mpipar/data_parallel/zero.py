@@ -56,7 +56,7 @@ from ..errors import ConfigError
 from .buckets import GradientWrites
 from .samples import SampleCounter, checked_passes, pass_row
 from .reduce import all_gather, reduce_scatter, segment_of
-from .wrapper import broadcast_state
+from .wrapper import broadcast_state, check_hyperparameters, hyperparameters
 from .zero3 import ReducedGrad, ShardedParameters, collective, drop_reduced
 
 BUCKET_MB = 25   # stage 2: gradients reduced per bucket of about this many MiB
@@ -531,14 +531,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         mine = reduce_scatter(self.world, grad) if self.stage == 1 and self.world.size > 1 else grad
         square = float(mine.double().pow(2).sum())
         had = [float(h or k) for h, k in zip(self.had, self.kept)]   # on some replica: the others' count as 0
+        names, values = hyperparameters(self.inner)   # every replica must step with the same ones
         if self.weighted:                            # the sum of n_r x gradient, over N
             row = pass_row(passes)
-            rows = self.world.allgather_floats(row + [square] + had)
+            rows = self.world.allgather_floats(row + [square] + had + values)
             total = checked_passes(rows[:, :len(row)], self.world, "ShardedOptimizer")
+            check_hyperparameters(self.world, self.inner, names, values, rows[:, len(row) + 1 + len(had):])
             mine.div_(total)
             square = float(rows[:, len(row)].sum()) / total ** 2
-            had = rows[:, len(row) + 1:].sum(axis=0)
+            had = rows[:, len(row) + 1:len(row) + 1 + len(had)].sum(axis=0)
         elif self.world.size > 1:
+            check_hyperparameters(self.world, self.inner, names, values, None)
             got = self.world.allreduce_native(torch.tensor([square] + had, dtype=torch.float64))
             square, had = float(got[0]), got[1:]
         self.kept = [bool(h) for h in had]

@@ -509,3 +509,18 @@ def test_a_token_level_loss_over_padding_equals_single_process(world, stage):
         got = {k: v.clone() for k, v in model.state_dict().items()}
     for name, want in ref.state_dict().items():
         torch.testing.assert_close(got[name], want, msg=lambda m: f"stage {stage}: {name}: {m}")
+
+
+@pytest.mark.parametrize("op", ["mean", "sum"])
+def test_replicas_stepping_with_their_own_learning_rates_are_refused(world, op):
+    """A scheduler fed each replica's own loss gives the replicas their own learning rates: the
+    sharded step is refused on every rank, naming the hyperparameter ('mean': compared in the
+    step's own exchange; 'sum': one small all-gather)."""
+    model = mlp()
+    opt = ShardedOptimizer(model, world, torch.optim.SGD, op=op, lr=0.01)
+    for group in opt.param_groups:
+        group["lr"] = 0.01 * (1 + (world.rank == 1))          # rank 1 its own lr
+    x, y = next(batches())
+    loss_of(model, x.tensor_split(world.size)[world.rank], y.tensor_split(world.size)[world.rank]).backward()
+    with pytest.raises(ConfigError, match=r"different hyperparameters: lr=0.01 on rank 0, 0.02 on rank 1"):
+        opt.step()
