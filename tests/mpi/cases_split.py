@@ -98,26 +98,28 @@ def twin() -> ReferenceGPT:
     return ReferenceGPT(*TP_DIMS).double()
 
 
-@pytest.mark.mpi(min_size=8)
+@pytest.mark.mpi(min_size=4)
 def test_the_tensor_parallel_gpt_on_pp_dp_tp_equals_single_process(world):
-    """pp=2 x dp=2 x tp=2: GPT's TPTransformerBlocks, vocabulary-parallel embedding and tied
-    column-parallel head stay whole in the trace; every parameter (gathered over tp, the tied one
-    under both names) and every reported loss equal the twin's single-process training, and each
-    shard of the tied weight is bit-identical on its two stages and two replicas after every step."""
-    topo = mpipar.init(grid="pp=2,dp=2,tp=2", stall_timeout=0, world=world)
+    """pp=2 x tp=2 (4 ranks) and pp=2 x dp=2 x tp=2 (8): GPT's TPTransformerBlocks, vocabulary-parallel
+    embedding and tied column-parallel head stay whole in the trace; every parameter (gathered over
+    tp, the tied one under both names) and every reported loss equal the twin's single-process
+    training, and each shard of the tied weight is bit-identical on its two stages (and replicas)
+    after every step."""
+    topo = mpipar.init(grid="pp=2,tp=2" if world.size == 4 else "pp=2,dp=2,tp=2", stall_timeout=0, world=world)
     group = TPGroup(topo.tp_world)
     model = shard_layer(GPT(*TP_DIMS, group=group).double(), twin(), group)      # this rank's shard
     pipe = mpipar.Pipeline(model, topo, loss_fn=lm_loss, schedule="1f1b", microbatches=2, split=["blocks.1"])
     opt = adam(pipe.parameters())
     holds = any(q is model.tok_emb.weight for q in pipe.parameters())
     where = world.allgather_floats([holds, topo.tp_rank])
-    holders = [[r for r in range(8) if where[r, 0] and where[r, 1] == t] for t in range(2)]
-    assert [len(h) for h in holders] == [4, 4], holders      # per tp shard: first and last stage, each replica
+    holders = [[r for r in range(world.size) if where[r, 0] and where[r, 1] == t] for t in range(2)]
+    D = topo.grid.dp
+    assert [len(h) for h in holders] == [2 * D, 2 * D], holders   # per tp shard: first and last stage, each replica
     losses, d = [], topo.dp_rank
     for step in range(STEPS):
         x, y = batch(step)
         opt.zero_grad()
-        pipe.step(x.tensor_split(2)[d], y.tensor_split(2)[d])
+        pipe.step(x.tensor_split(D)[d], y.tensor_split(D)[d])
         opt.step()
         losses.append(pipe.global_loss())
         check_tie(world, model.tok_emb.weight, holders, f"step {step}")
