@@ -1,13 +1,11 @@
 """Failure discipline: any rank's error ends the whole job at once with one line naming the
 rank, the user's file and line where the error started, and the cause, printed once however many
-ranks fail alike; a stall watchdog turns a silent hang into the same kind of report, and names
-within seconds a rank that ended its program while the others still wait for it (Departures).
+ranks fail alike; a stall watchdog turns a silent hang into the same kind of report.
 
 Without this, one rank raising while its peers block in a receive hangs the job forever.
 """
 from __future__ import annotations
 
-import atexit
 import os
 import re
 import site
@@ -16,20 +14,16 @@ import sysconfig
 import threading
 import time
 import traceback
-import types
 import zlib
 
 import numpy as np
 
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-from ..errors import ConfigError, MpiparError, StallError
-from . import mpi
-from .mpi import MPI, at_finalize
+from ..errors import ConfigError, MpiparError
+from .mpi import MPI
 
 from .waits import BOARD
 
-_state = {"host": None, "debug": False, "notes": None, "steps": 0, "depth": 0, "left": False}
+_state = {"host": None, "debug": False, "notes": None}
 
 HOLD_SECONDS = 0.3    # how long a failing rank listens for ranks failing alike before it prints
 QUIET_SECONDS = 2.0   # how long it waits for a lower rank that failed alike to print (a ConfigError,
@@ -137,10 +131,10 @@ class Notes:
         self.heard: dict[int, tuple[int, int]] = {}   # rank -> its latest (kind, key)
         self.sent: list = []                           # (buffer, request): alive until the abort
 
-    def tell(self, kind: int, key: int, tag: int = 0, to=None) -> None:
+    def tell(self, kind: int, key: int) -> None:
         buf = np.array([kind, key], dtype=np.int64)
-        self.sent += [(buf, self.comm.Isend(buf, dest=r, tag=tag))
-                      for r in (range(self.comm.Get_size()) if to is None else to) if r != self.rank]
+        self.sent += [(buf, self.comm.Isend(buf, dest=r, tag=0))
+                      for r in range(self.comm.Get_size()) if r != self.rank]
 
     def listen(self) -> None:
         status = MPI.Status()
@@ -213,118 +207,8 @@ def install(host: str, debug: bool = False) -> None:
     if _state["notes"] is None and MPI.Is_initialized():
         comm = MPI.COMM_WORLD.Dup()
         _state["notes"] = Notes(comm.Get_rank(), comm)
-        register_optimizer_step_pre_hook(_step_begins)
-        register_optimizer_step_post_hook(_step_ends)
-        atexit.register(leave)   # registered after MPI's own finalize at exit: runs before it
-        at_finalize(leave)       # an explicit finalize (after its collectives: no announcing then)
     sys.excepthook = lambda t, e, tb: report_and_abort(e)
     threading.excepthook = lambda a: report_and_abort(a.exc_value)
-
-
-# -- a rank that leaves while the others still wait for it -------------------------------------
-
-def _step_begins(optimizer, args, kwargs) -> None:
-    _state["depth"] += 1
-
-
-def _step_ends(optimizer, args, kwargs) -> None:
-    """Counts outermost steps: an optimizer that steps another inside (ZeRO's) is one step."""
-    _state["depth"] -= 1
-    _state["steps"] += _state["depth"] == 0
-
-
-_talking = threading.Lock()   # the watchdog's notes and leaving: no MPI call of its after finalize
-
-
-def leave() -> None:
-    """At exit: tell every rank that this one has left, after how many optimizer steps (not after
-    losing a peer: ULFM's survivors skip the finalize, and a send to the dead rank may fail)."""
-    with _talking:
-        notes = _state["notes"]
-        if notes is None or _state["left"] or not MPI.Is_initialized() or MPI.Is_finalized():
-            return
-        _state["left"] = True
-        if mpi._finalize_at_exit:
-            notes.tell(Departures.LEFT, _state["steps"], tag=Departures.TAG)
-
-
-class Departures:
-    """Once a rank has left (its program ended: at exit it says so, LEFT), every rank still here
-    tells the others when it has been stuck in one wait for STUCK seconds (WAITING) and when that
-    wait ends (RUNNING). When all of them have waited DEADLOCK seconds since, no message can come
-    any more (the ranks that left send none): the job stops with one line naming who left and
-    after how many steps (replicas that ran different numbers of steps: seconds, not the stall
-    timeout). Only the watchdog thread listens here (tag 1; failures are tag 0)."""
-    TAG, LEFT, WAITING, RUNNING = 1, 1, 2, 3
-    STUCK, DEADLOCK = 0.5, 2.0
-
-    def __init__(self, notes: Notes):
-        self.notes, self.size = notes, notes.comm.Get_size()
-        self.left: dict[int, int] = {}        # rank -> its optimizer steps
-        self.waiting: dict[int, float] = {}   # rank -> when it said it is stuck
-        self.told = (None, 0.0)               # (the wait this rank said it is stuck in, when)
-
-    def listen(self, now: float) -> None:
-        status = MPI.Status()
-        while self.notes.comm.Iprobe(MPI.ANY_SOURCE, self.TAG, status):
-            buf = np.empty(2, dtype=np.int64)
-            src = status.Get_source()
-            self.notes.comm.Recv(buf, src, self.TAG)
-            if buf[0] == self.LEFT:
-                self.left[src] = int(buf[1])
-            if buf[0] == self.WAITING:
-                self.waiting[src] = now
-            else:
-                self.waiting.pop(src, None)
-
-    def stuck(self, w, waited: float, now: float) -> bool:
-        """Whether every rank still here (this one in `w`, waited `waited` s) waits for good."""
-        with _talking:
-            return not _state["left"] and self._stuck(w, waited, now)
-
-    def _stuck(self, w, waited: float, now: float) -> bool:
-        self.listen(now)
-        if not self.left:
-            return False
-        if w is None or waited < self.STUCK:
-            if self.told[0] is not None:
-                self._tell(self.RUNNING)
-                self.told = (None, 0.0)
-            return False
-        if self.told[0] is not w:
-            self._tell(self.WAITING)
-            self.told = (w, now)
-        here = [r for r in range(self.size) if r != self.notes.rank and r not in self.left]
-        return all(now - since >= self.DEADLOCK for since in [self.told[1]] + [self.waiting.get(r, now) for r in here])
-
-    def _tell(self, kind: int) -> None:
-        self.notes.tell(kind, 0, tag=self.TAG, to=[r for r in range(self.size) if r not in self.left])
-
-    def error(self, w) -> StallError:
-        """The line, placed where the main thread waits (the user's call that waits)."""
-        counts = sorted(set(self.left.values()))
-        steps = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
-        who = f"rank{'s' * (len(self.left) > 1)} {_spans(sorted(self.left))}"
-        exc = StallError(
-            f"{who} left after {steps} optimizer steps while this rank, after {_state['steps']}, waits for "
-            f"{waited_for(w)}, which will never come: every rank must make the same collective calls, so every "
-            f"replica must run the same number of steps (use mpipar.batches, which gives every replica a batch "
-            f"each step, even an empty one)")
-        return exc.with_traceback(stack_of(threading.main_thread().ident))
-
-
-def waited_for(w) -> str:
-    """e.g. "RECV ACT mb=7 from rank 3", "ALLREDUCE on dp from the other ranks"."""
-    return w.describe() + (f" rank {w.peer}" if w.peer >= 0 else " from the other ranks")
-
-
-def stack_of(thread_id: int) -> types.TracebackType | None:
-    """A thread's current stack as a traceback (outermost first), for `place` and debug prints."""
-    frame, tb = sys._current_frames().get(thread_id), None
-    while frame is not None:
-        tb = types.TracebackType(tb, frame, frame.f_lasti, frame.f_lineno)
-        frame = frame.f_back
-    return tb
 
 
 class Watchdog(threading.Thread):
@@ -352,16 +236,13 @@ class Watchdog(threading.Thread):
 
     def run(self) -> None:
         rank = MPI.COMM_WORLD.Get_rank()
-        departures = Departures(_state["notes"]) if _state["notes"] is not None else None
         while True:
             time.sleep(self.poll)
-            now = time.monotonic()
-            w, waited = self.overdue(now)
-            if departures is not None and departures.stuck(w, waited, now):
-                report_and_abort(departures.error(w), 3)
+            w, waited = self.overdue(time.monotonic())
             if waited > self.timeout:
+                peer = f" rank {w.peer}" if w.peer >= 0 else " from the other ranks"
                 sys.stderr.write(
-                    f"rank {rank} ({self.host}): StallError: waited {waited:.0f} s for {waited_for(w)} "
+                    f"rank {rank} ({self.host}): StallError: waited {waited:.0f} s for {w.describe()}{peer} "
                     f"(--stall-timeout {self.timeout:g}); aborting the job\n")
                 sys.stderr.flush()
                 time.sleep(FORWARD_SECONDS)      # as report_and_abort: let the launcher forward it
