@@ -111,6 +111,9 @@ def preempted_after_epoch_1(cluster, job: Job) -> Job:
                                                                              "CANCELLED", "TIMEOUT"):
                 return          # the requeued job runs (or ended): not while it passes through REQUEUED
             if info.get("Reason") == "BeginTime":
+                # not in the second of the requeue: slurmd revoked the killed run's credential then, and
+                # refuses a launch whose credential is no newer ("Job credential revoked": FAILED, seen in CI)
+                time.sleep(2.0)
                 cluster.run("scontrol", "update", f"JobId={job.id}", "StartTime=now", check=False)
             time.sleep(0.2)
     threading.Thread(target=watch, name="preempt-watcher", daemon=True).start()
