@@ -47,9 +47,14 @@ class WatchedOutput(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
         if func in LOSSES:
-            cls.counter.note_loss(args, kwargs, out)
+            cls.on_loss(func, args, kwargs, out)
             return out
         return out if func in NO_WRAP else torch._tensor._convert(out, cls)
+
+    @classmethod
+    def on_loss(cls, func, args, kwargs, loss: torch.Tensor) -> None:
+        """A cross entropy / NLL was taken on the output: its count goes to the counter."""
+        cls.counter.note_loss(args, kwargs, loss)
 
     def plain(self) -> torch.Tensor:
         with torch._C.DisableTorchFunctionSubclass():

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from ..comm.messages import describe
 from ..comm.tags import Kind, tag
+from ..data_parallel.samples import WatchedOutput
 from ..errors import ConfigError, ShapeError
 
 
@@ -118,21 +119,13 @@ def mean_over_samples(loss_fn, out, target) -> bool:
 INNER_CLASS_LOSS = weakref.WeakKeyDictionary()   # plain function -> (ignore_index, weighted) of its mean CE / NLL
 
 
-class _LossSpy(torch.Tensor):
-    """An output (and all computed from it) that notes each cross entropy / NLL taken on it."""
+class _LossSpy(WatchedOutput):
+    """An output (and all computed from it) that notes each cross entropy / NLL call taken on it."""
     seen: list = []
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        with torch._C.DisableTorchFunctionSubclass():
-            result = func(*args, **kwargs)
-        if func in CLASS_LOSSES:
-            cls.seen.append(inspect.signature(func).bind(*args, **kwargs))
-            return result
-        if func in torch.overrides.get_default_nowrap_functions():
-            return result
-        return torch._tensor._convert(result, cls)
+    def on_loss(cls, func, args, kwargs, loss) -> None:
+        cls.seen.append(inspect.signature(func).bind(*args, **kwargs))
 
 
 def inner_class_loss(loss_fn, out, target) -> tuple[int, bool] | None:
